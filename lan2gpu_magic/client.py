@@ -1,0 +1,402 @@
+"""A connection to one worker: handshake, heartbeats, and running cells.
+
+``Client.run(code, namespace)`` is the whole pipeline for scripts and
+benchmarks (capture, serialize, submit, apply); the ``%%lan2gpu`` magic calls
+the same steps, choosing the worker first.
+
+Liveness (Paranoid Pirate style): while waiting for a cell, the client sends a
+heartbeat every interval and expects to hear from the worker's service (which
+answers even while a cell is busy) within ``liveness`` intervals, plus the time
+an announced large result needs at ``min_bandwidth``; otherwise it raises
+:class:`WorkerLost`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from worker_kernel.protocol import messages as m
+from worker_kernel.protocol.errors import (
+    ConnectionClosed,
+    Lan2GPUError,
+    MessageRejected,
+    VersionMismatch,
+    WorkerLost,
+    WorkerUnreachable,
+)
+from worker_kernel.protocol.keys import load_key
+from worker_kernel.protocol.messages import Message, new_id
+from worker_kernel.protocol.serialize import Payload, dump_values
+from worker_kernel.protocol.versions import check_compatible, local_versions
+
+from . import capture, results
+from .capture import CellPlan
+from .results import RunResult
+from .tracebacks import register_source
+from .transport import Transport
+
+_FRESH = 1.0  # skip the pre-flight ping if the worker spoke this recently
+_CANCEL_WAIT = 5.0  # after an interrupt, how long to wait for the worker's answer
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker said about itself in the handshake."""
+
+    name: str
+    address: str
+    instance: str
+    versions: dict[str, str]
+    capabilities: dict[str, Any]
+    heartbeat: float
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def simulator(self) -> bool:
+        return bool(self.capabilities.get("simulator"))
+
+    @property
+    def gpus(self) -> list[dict[str, Any]]:
+        return list(self.capabilities.get("gpus", []))
+
+    def describe(self) -> str:
+        gpus = ", ".join(f"GPU{g['index']} {g['name']}" for g in self.gpus) or "no GPU"
+        return f"{self.name} ({self.address}, {gpus})"
+
+
+def _write(stream_name: str, text: str) -> None:
+    stream = sys.stderr if stream_name == "stderr" else sys.stdout
+    stream.write(text)
+    stream.flush()
+
+
+def _print_display(data: dict[str, Any], metadata: dict[str, Any]) -> None:
+    print(data.get("text/plain", "<display>"))
+
+
+@dataclass
+class OutputHandlers:
+    """Where a running cell's live output goes (defaults: this process's stdout)."""
+
+    stream: Callable[[str, str], None] = _write
+    display: Callable[[dict[str, Any], dict[str, Any]], None] = _print_display
+    status: Callable[[str, dict[str, Any]], None] = field(default=lambda kind, content: None)
+
+
+@dataclass(frozen=True)
+class ExecuteRequest:
+    """A cell ready to send: its code, what to send and bring back, where it runs."""
+
+    code: str
+    plan: CellPlan
+    session: str
+    timeout: float | None = None
+    filename: str = ""
+    line_offset: int = 0
+
+
+class Client:
+    """A connection to one worker. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        key: bytes | None = None,
+        key_file: str | os.PathLike[str] | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        connect_timeout: float = 10.0,
+        liveness: int = 3,
+        min_bandwidth: float = 10e6,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.address = address
+        self.key_file = Path(key_file).expanduser() if key_file else None
+        self.id = new_id()
+        self.session = f"{socket.gethostname()}:{os.getpid()}:{self.id[:8]}"
+        self.liveness = liveness
+        self.min_bandwidth = min_bandwidth
+        self._clock = clock
+        self._last_heard = float("-inf")
+        self._cells = 0
+        self.transport = Transport(
+            address, key if key is not None else load_key(key_file), context=context
+        )
+        try:
+            self.info = self._handshake(connect_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.transport.closed else "connected"
+        return f"<lan2gpu Client {self.info.name} {self.address} {state}>"
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    # -- request/reply --------------------------------------------------------
+
+    def _message(self, kind: str, content: dict[str, Any] | None = None, **kw: Any) -> Message:
+        to = kw.pop("to", None)
+        if to is None:
+            to = self.info.instance if hasattr(self, "info") else ""
+        return Message(kind=kind, content=content or {}, to=to, **kw)
+
+    def _request(self, msg: Message, reply_kinds: set[str], timeout: float) -> Message:
+        """Send ``msg`` and wait for its reply; other messages are dropped."""
+        self.transport.send(msg)
+        deadline = self._clock() + timeout
+        while True:
+            remaining = deadline - self._clock()
+            if remaining <= 0:
+                raise WorkerUnreachable(
+                    f"worker at {self.address} did not answer within {timeout:g} s; is it "
+                    "running (`python -m worker_kernel --help`), and is the address right? "
+                    "Raise the limit with connect_timeout=/--timeout."
+                )
+            reply = self.transport.recv(remaining)
+            if reply is None:
+                continue
+            self._last_heard = self._clock()
+            if reply.parent != msg.id:
+                continue
+            if reply.kind == m.ERROR:
+                self._raise_error(reply)
+            if reply.kind in reply_kinds:
+                return reply
+
+    def _raise_error(self, reply: Message) -> None:
+        code = str(reply.content.get("code", ""))
+        reason = str(reply.content.get("reason", "unknown error"))
+        if code == "version":
+            raise VersionMismatch(reason)
+        raise MessageRejected(f"worker at {self.address}: {reason}")
+
+    def _handshake(self, timeout: float) -> WorkerInfo:
+        hello = self._message(
+            m.HELLO,
+            {"client": self.id, "host": socket.gethostname(), "versions": local_versions()},
+            to="",
+        )
+        c = self._request(hello, {m.WELCOME}, timeout).content
+        warnings = check_compatible(local_versions(), dict(c["versions"]), f"worker {c['worker']}")
+        return WorkerInfo(
+            name=str(c["worker"]),
+            address=self.address,
+            instance=str(c["instance"]),
+            versions=dict(c["versions"]),
+            capabilities=dict(c["capabilities"]),
+            heartbeat=float(c.get("heartbeat", 1.0)),
+            warnings=tuple(warnings) + tuple(c.get("warnings", [])),
+        )
+
+    def ping(self, timeout: float = 5.0, expect_bytes: int = 0) -> float:
+        """Round-trip time to the worker's service, in seconds.
+
+        If the worker restarted since the handshake, shake hands again first.
+        """
+        t0 = self._clock()
+        try:
+            self._request(self._message(m.PING, {"expect_bytes": expect_bytes}), {m.PONG}, timeout)
+        except MessageRejected:
+            self.info = self._handshake(timeout)
+            t0 = self._clock()
+            self._request(self._message(m.PING, {"expect_bytes": expect_bytes}), {m.PONG}, timeout)
+        return self._clock() - t0
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        """The worker's queues, running cells and sessions."""
+        return self._request(self._message(m.STATUS), {m.STATUS_REPLY}, timeout).content
+
+    def close_session(self, session: str | None = None, timeout: float = 10.0) -> int:
+        """Stop the session's executor on the worker (frees its GPU memory)."""
+        msg = self._message(m.CLOSE_SESSION, {"session": session or self.session})
+        return int(self._request(msg, {m.STATUS_REPLY}, timeout).content.get("closed", 0))
+
+    # -- running cells ----------------------------------------------------------
+
+    def execute(
+        self,
+        request: ExecuteRequest,
+        payload: Payload,
+        handlers: OutputHandlers | None = None,
+    ) -> RunResult:
+        """Send a planned cell with its serialized inputs; stream output; return results."""
+        handlers = handlers or OutputHandlers()
+        if self._clock() - self._last_heard > _FRESH:
+            # Fail fast before uploading, re-handshake after a worker restart, and
+            # tell the worker how much is coming so it keeps heartbeating us.
+            self.ping(expect_bytes=payload.nbytes)
+        plan = request.plan
+        msg = self._message(
+            m.EXECUTE,
+            {
+                "code": request.code,
+                "filename": request.filename,
+                "line_offset": request.line_offset,
+                "inputs": payload.entries,
+                "outputs": list(plan.outputs),
+                "required": sorted(plan.required),
+                "always": sorted(plan.always),
+                "deletes": list(plan.deletes),
+                "timeout": request.timeout,
+            },
+            buffers=payload.frames,
+            session=request.session,
+        )
+        self.transport.send(msg)
+        reply = self._wait(msg.id, handlers)
+        return results.parse_result(reply, plan, request.timeout)
+
+    def _wait(self, cell_id: str, handlers: OutputHandlers) -> Message:
+        heartbeat = self.info.heartbeat
+        last_heard = self._clock()
+        next_beat = last_heard + heartbeat
+        allowance = 0.0
+        cancel_deadline: float | None = None
+        while True:
+            try:
+                now = self._clock()
+                limit = last_heard + self.liveness * heartbeat + allowance
+                wake = min(next_beat, limit, cancel_deadline or limit)
+                reply = self.transport.recv(max(0.0, wake - now))
+                now = self._clock()
+                if reply is not None:
+                    last_heard = self._last_heard = now
+                    if reply.parent == cell_id:
+                        if reply.kind == m.RESULT:
+                            if cancel_deadline is not None:
+                                self._report_cancel(reply, handlers)
+                                raise KeyboardInterrupt
+                            return reply
+                        if reply.kind == m.ERROR:
+                            self._raise_error(reply)
+                        allowance = self._dispatch(reply, handlers, allowance)
+                if now >= next_beat:
+                    self.transport.send(self._message(m.HEARTBEAT))
+                    next_beat = now + heartbeat
+                if cancel_deadline is not None and now >= cancel_deadline:
+                    raise KeyboardInterrupt
+                if now > last_heard + self.liveness * heartbeat + allowance:
+                    raise WorkerLost(
+                        f"worker {self.info.name} ({self.address}) stopped answering: no "
+                        f"heartbeat for {now - last_heard:.1f} s while the cell was in flight. "
+                        "The cell's result is lost; check that the worker is running and "
+                        "reachable, then run the cell again."
+                    )
+            except KeyboardInterrupt:
+                if cancel_deadline is not None:
+                    raise
+                # Ask the worker to stop the cell, then wait briefly for it to confirm.
+                self.transport.send(self._message(m.CANCEL, {"cell": cell_id}))
+                cancel_deadline = self._clock() + _CANCEL_WAIT
+                last_heard = self._clock()
+
+    def _report_cancel(self, reply: Message, handlers: OutputHandlers) -> None:
+        if reply.content.get("session_lost"):
+            handlers.stream(
+                "stderr",
+                f"lan2gpu: the cell did not stop in time on worker {self.info.name}; its "
+                "executor was killed and the session's variables there are lost.\n",
+            )
+
+    def _dispatch(self, msg: Message, handlers: OutputHandlers, allowance: float) -> float:
+        c = msg.content
+        if msg.kind == m.STREAM:
+            handlers.stream(str(c.get("name", "stdout")), str(c.get("text", "")))
+        elif msg.kind == m.DISPLAY:
+            handlers.display(dict(c.get("data", {})), dict(c.get("metadata", {})))
+        elif msg.kind == m.TRANSFER:
+            allowance = float(c.get("bytes", 0)) / self.min_bandwidth
+            handlers.status(msg.kind, c)
+        elif msg.kind in (m.QUEUED, m.STARTED):
+            handlers.status(msg.kind, c)
+        return allowance
+
+    def run(
+        self,
+        code: str,
+        namespace: MutableMapping[str, Any] | None = None,
+        *,
+        inputs: str | list[str] | None = None,
+        outputs: str | list[str] | None = None,
+        session: str | None = None,
+        timeout: float | None = None,
+        handlers: OutputHandlers | None = None,
+        hidden: Mapping[str, Any] | None = None,
+        update_namespace: bool = True,
+    ) -> RunResult:
+        """Run ``code`` on this worker as if it ran locally in ``namespace``.
+
+        Names the code reads are sent from ``namespace``; names it binds come back
+        into it (unless ``update_namespace=False``). Returns a :class:`RunResult`
+        (``.outputs``, ``.value`` of a last expression, ``.stats``). Raises
+        :class:`RemoteExecutionError` if the code raised on the worker.
+        """
+        ns: MutableMapping[str, Any] = {} if namespace is None else namespace
+        self._cells += 1
+        filename = f"<lan2gpu-cell-{self.id[:6]}-{self._cells}>"
+        plan = capture.plan_cell(
+            code, ns, hidden=hidden, inputs=inputs, outputs=outputs, filename=filename
+        )
+        payload, _ = dump_values({name: ns[name] for name in plan.inputs})
+        request = ExecuteRequest(
+            code=code,
+            plan=plan,
+            session=session or self.session,
+            timeout=timeout,
+            filename=filename,
+        )
+        register_source(filename, code)
+        result = self.execute(request, payload, handlers)
+        if update_namespace:
+            results.apply(result, ns, warn=lambda line: print(line, file=sys.stderr))
+        return result
+
+    def close(self) -> None:
+        """Close the connection. Idempotent; the worker keeps the session until idle."""
+        self.transport.close()
+
+
+def connect(
+    address: str,
+    *,
+    key_file: str | os.PathLike[str] | None = None,
+    key: bytes | None = None,
+    connect_timeout: float = 10.0,
+) -> Client:
+    """Connect to a worker and shake hands.
+
+    ``key_file`` defaults to ``$LAN2GPU_KEY_FILE`` or ``~/.config/lan2gpu/key``.
+    Raises :class:`WorkerUnreachable` if nothing answers within ``connect_timeout``.
+    """
+    return Client(address, key=key, key_file=key_file, connect_timeout=connect_timeout)
+
+
+__all__ = [
+    "Client",
+    "ConnectionClosed",
+    "ExecuteRequest",
+    "Lan2GPUError",
+    "OutputHandlers",
+    "RunResult",
+    "WorkerInfo",
+    "connect",
+]

@@ -1,0 +1,46 @@
+"""Notebook-side settings, as a traitlets ``Configurable``.
+
+Set them in ``ipython_config.py`` / ``jupyter_server_config.py``
+(``c.Lan2GPU.workers = ["tcp://10.0.0.7:7340"]``) or live with
+``%config Lan2GPU.connect_timeout = 30``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from traitlets import Bool, Float, List, Unicode, default
+from traitlets.config import Configurable
+
+from .pool import workers_from_env
+
+
+class Lan2GPU(Configurable):
+    workers = List(
+        Unicode(),
+        help="Worker addresses (tcp://HOST:PORT). Default: $LAN2GPU_WORKERS, comma-separated.",
+    ).tag(config=True)
+    key_file = Unicode(
+        help="Shared key file. Default: $LAN2GPU_KEY_FILE, else ~/.config/lan2gpu/key."
+    ).tag(config=True)
+    embedded_worker = Bool(
+        True,
+        help="Start a local worker on 127.0.0.1 (CUDA simulator without a GPU) when no "
+        "worker is configured.",
+    ).tag(config=True)
+    connect_timeout = Float(10.0, help="Seconds to wait for a worker's handshake.").tag(config=True)
+    default_timeout = Float(
+        0.0, help="Default --timeout for %%lan2gpu cells, in seconds (0: no limit)."
+    ).tag(config=True)
+
+    @default("workers")
+    def _default_workers(self) -> list[str]:
+        return workers_from_env()
+
+    @default("key_file")
+    def _default_key_file(self) -> str:
+        return os.environ.get("LAN2GPU_KEY_FILE", "")
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)

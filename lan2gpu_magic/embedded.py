@@ -1,0 +1,100 @@
+"""A local worker started on demand, so a notebook works with no setup at all.
+
+It listens on 127.0.0.1 only, uses a throwaway key made on the fly, simulates
+CUDA when this machine has no GPU, and stops with the notebook's kernel (the
+worker also watches this process and exits if it dies).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import IO
+
+from worker_kernel.protocol.errors import WorkerUnreachable
+from worker_kernel.protocol.keys import generate_key_file
+
+
+class EmbeddedWorker:
+    """Owns one ``python -m worker_kernel`` subprocess and its temporary directory."""
+
+    def __init__(self, *, simulate: str = "auto", start_timeout: float = 120.0) -> None:
+        self._simulate = simulate
+        self._start_timeout = start_timeout
+        self._dir: Path | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+        self.address = ""
+        self.key_file: Path | None = None
+
+    def start(self) -> str:
+        """Start the worker and return its address once it listens."""
+        if self._process is not None:
+            return self.address
+        self._dir = Path(tempfile.mkdtemp(prefix="lan2gpu-embedded-"))
+        self.key_file = generate_key_file(self._dir / "key")
+        ready = self._dir / "ready.json"
+        log_path = self._dir / "worker.log"
+        log = open(log_path, "wb")  # noqa: SIM115 - owned until close()
+        self._log = log
+        self._process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "worker_kernel",
+                "--bind",
+                "tcp://127.0.0.1:*",
+                "--key-file",
+                str(self.key_file),
+                "--simulate",
+                self._simulate,
+                "--name",
+                "local",
+                "--ready-file",
+                str(ready),
+                "--parent-pid",
+                str(os.getpid()),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + self._start_timeout
+        while not ready.exists():
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                self.close()
+                raise WorkerUnreachable(
+                    "the local worker did not start "
+                    f"(within {self._start_timeout:.0f} s); its log says:\n{tail}"
+                )
+            time.sleep(0.05)
+        self.address = str(json.loads(ready.read_text())["address"])
+        return self.address
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def close(self) -> None:
+        """Stop the worker (SIGTERM, then SIGKILL) and remove its files. Idempotent."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None

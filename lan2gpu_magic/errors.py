@@ -1,0 +1,68 @@
+"""The lan2gpu error tree (defined with the protocol, shared by both sides).
+
+::
+
+    Lan2GPUError
+    ├── ConfigurationError        your setup: a bad option, key file or address
+    ├── NoWorkerAvailable         nothing known matches what the cell asked for
+    ├── TransportError            the network path
+    │   ├── WorkerUnreachable     no answer to the handshake
+    │   ├── WorkerLost            heartbeats stopped while waiting ("it broke")
+    │   └── ConnectionClosed      the client was closed ("you closed it")
+    ├── ProtocolError             a message failed a check
+    │   ├── AuthenticationError   wrong key / bad signature
+    │   ├── VersionMismatch       the two sides cannot understand each other
+    │   └── MessageRejected       malformed, replayed, stale, too large, misaddressed
+    ├── SerializationError        a value could not be pickled or unpickled (names it)
+    └── WorkerError               the worker answered, but the cell did not complete
+        ├── RemoteExecutionError  the cell raised; carries the remote traceback
+        ├── ExecutionTimeout      --timeout passed
+        ├── ExecutionCancelled    interrupted or cancelled
+        └── ExecutorDied          the executor process died; session state is lost
+"""
+
+from __future__ import annotations
+
+from worker_kernel.protocol.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ConnectionClosed,
+    ExecutionCancelled,
+    ExecutionTimeout,
+    ExecutorDied,
+    Lan2GPUError,
+    MessageRejected,
+    NoWorkerAvailable,
+    ProtocolError,
+    RemoteExecutionError,
+    RemoteFrame,
+    RemoteTraceback,
+    SerializationError,
+    TransportError,
+    VersionMismatch,
+    WorkerError,
+    WorkerLost,
+    WorkerUnreachable,
+)
+
+__all__ = [
+    "AuthenticationError",
+    "ConfigurationError",
+    "ConnectionClosed",
+    "ExecutionCancelled",
+    "ExecutionTimeout",
+    "ExecutorDied",
+    "Lan2GPUError",
+    "MessageRejected",
+    "NoWorkerAvailable",
+    "ProtocolError",
+    "RemoteExecutionError",
+    "RemoteFrame",
+    "RemoteTraceback",
+    "SerializationError",
+    "TransportError",
+    "VersionMismatch",
+    "WorkerError",
+    "WorkerLost",
+    "WorkerUnreachable",
+]

@@ -1,0 +1,138 @@
+"""Steps 6-7: turn a ``result`` message into values (or an error), then a namespace.
+
+A result that is not ``ok`` becomes the matching :class:`WorkerError`. Outputs
+are unpickled one name at a time: a value that cannot be loaded here (a module
+that exists only on the worker, say) is skipped with a one-line warning unless
+it was asked for with ``--out``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker_kernel.protocol.errors import (
+    ExecutionCancelled,
+    ExecutionTimeout,
+    ExecutorDied,
+    RemoteExecutionError,
+    RemoteTraceback,
+    SerializationError,
+    WorkerError,
+)
+from worker_kernel.protocol.messages import Message
+from worker_kernel.protocol.serialize import load_values, loads
+
+from .capture import CellPlan
+from .tracebacks import render
+
+
+@dataclass
+class RunResult:
+    """What a cell produced on the worker."""
+
+    worker: str
+    outputs: dict[str, Any] = field(default_factory=dict)
+    deleted: tuple[str, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)
+    value: Any = None
+    has_value: bool = False
+    value_repr: dict[str, Any] | None = None  # MIME bundle of an unpicklable value
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [
+            f"lan2gpu: `{name}` stays on the worker: {reason}"
+            for name, reason in self.skipped.items()
+        ]
+
+
+def _error(msg: Message, worker: str, timeout: float | None) -> WorkerError:
+    c = msg.content
+    status = str(c.get("status"))
+    lost = bool(c.get("session_lost"))
+    state = (
+        "The session's variables on the worker are lost (the next cell starts a fresh "
+        "executor); the notebook's variables are untouched."
+        if lost
+        else "The session on the worker is intact."
+    )
+    reason = str(c.get("reason") or "")
+    if status == "error" and "error" in c:
+        remote = RemoteTraceback.from_json(dict(c["error"]))
+        lines = tuple(render(remote, worker))
+        message = f"{remote.ename}: {remote.evalue} (raised on worker {worker})"
+        return RemoteExecutionError(message, worker, remote, lines)
+    if status == "timeout":
+        limit = f" of {timeout:g} s" if timeout else ""
+        return ExecutionTimeout(
+            f"the cell ran past its --timeout{limit} on worker {worker} and was stopped"
+            f"{'; ' + reason if reason else ''}. {state} Raise --timeout if it needs longer.",
+            worker,
+            lost,
+        )
+    if status == "cancelled":
+        return ExecutionCancelled(
+            f"the cell was cancelled on worker {worker}{'; ' + reason if reason else ''}. {state}",
+            worker,
+            lost,
+        )
+    return ExecutorDied(
+        f"worker {worker}: {reason or 'the executor failed'}. {state} If this repeats, "
+        "the cell may be crashing the process (a segfault or running out of memory); "
+        "the worker's log has details.",
+        worker,
+        True,
+    )
+
+
+def parse_result(msg: Message, plan: CellPlan, timeout: float | None = None) -> RunResult:
+    """Values from an ``ok`` result; raise the matching WorkerError otherwise."""
+    c = msg.content
+    worker = str(c.get("worker", "?"))
+    if c.get("status") != "ok":
+        raise _error(msg, worker, timeout)
+    entries = list(c.get("outputs", []))
+    used = sum(int(e["nframes"]) for e in entries)
+    outputs, failed = load_values(entries, msg.buffers[:used])
+    result = RunResult(
+        worker=worker,
+        outputs=outputs,
+        deleted=tuple(str(n) for n in c.get("deleted", [])),
+        skipped={str(k): str(v) for k, v in dict(c.get("skipped", {})).items()},
+        stats=dict(c.get("stats", {})),
+    )
+    for name, reason in failed.items():
+        if name in plan.required:
+            raise SerializationError(
+                f"output `{name}` came back from worker {worker} but cannot be loaded here: "
+                f"{reason}. Install what it needs in this environment, or leave it out of --out.",
+                name,
+            )
+        result.skipped[name] = f"it cannot be loaded here: {reason}"
+    value = c.get("value")
+    if value:
+        try:
+            result.value = loads(msg.buffers[used : used + int(value["nframes"])])
+            result.has_value = True
+        except Exception as exc:  # unpickling imports modules; show the repr instead
+            result.skipped["<cell value>"] = f"{type(exc).__name__}: {exc}"
+    elif c.get("value_repr"):
+        result.value_repr = dict(c["value_repr"])
+    return result
+
+
+def apply(
+    result: RunResult,
+    namespace: MutableMapping[str, Any],
+    warn: Callable[[str], None] | None = None,
+) -> None:
+    """Put the outputs into ``namespace`` as if the cell had run locally."""
+    namespace.update(result.outputs)
+    for name in result.deleted:
+        namespace.pop(name, None)
+    if warn is not None:
+        for line in result.warnings:
+            warn(line)

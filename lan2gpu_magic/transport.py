@@ -1,0 +1,124 @@
+"""Step 4: the socket to one worker. The only place the notebook side touches zmq.
+
+A blocking DEALER socket with polls against deadlines, so it works inside a
+running Jupyter kernel without an event loop of its own. ZeroMQ errors are
+translated here, once, into the lan2gpu error tree.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+
+import zmq
+
+from worker_kernel.protocol.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    ConnectionClosed,
+    MessageRejected,
+    ProtocolError,
+    TransportError,
+    VersionMismatch,
+)
+from worker_kernel.protocol.messages import REJECT, Message
+from worker_kernel.protocol.wire import Limits, Wire
+
+log = logging.getLogger(__name__)
+
+_NOTICE_ERRORS: dict[str, type[ProtocolError]] = {
+    "AuthenticationError": AuthenticationError,
+    "VersionMismatch": VersionMismatch,
+}
+
+
+class Transport:
+    """Owns one DEALER socket (and its context, unless one is given)."""
+
+    def __init__(
+        self,
+        address: str,
+        key: bytes,
+        *,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
+        limits: Limits | None = None,
+        replay_window: float = 120.0,
+    ) -> None:
+        self.address = address
+        self._own_context = context is None
+        self.context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context()
+        self.wire = Wire(key, limits=limits, window=replay_window)
+        self.sock: zmq.Socket[bytes] | None = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, self.wire.limits.max_bytes)
+        try:
+            self.sock.connect(address)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise ConfigurationError(
+                f"cannot connect to {address!r}: {exc}. Worker addresses look like "
+                "tcp://10.0.0.7:7340"
+            ) from None
+
+    @property
+    def closed(self) -> bool:
+        return self.sock is None
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        if self.sock is None:
+            raise ConnectionClosed(f"the connection to {self.address} was closed")
+        return self.sock
+
+    def send(self, msg: Message) -> None:
+        frames = self.wire.encode(msg)
+        try:
+            self._socket().send_multipart(frames, copy=False)
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot send to {self.address}: {exc}") from None
+
+    def recv(self, timeout: float) -> Message | None:
+        """The next verified message, or None after ``timeout`` seconds.
+
+        An unsigned rejection notice from the worker raises the error it names;
+        a message that fails verification raises :class:`ProtocolError`.
+        """
+        sock = self._socket()
+        try:
+            if not sock.poll(max(0, int(timeout * 1000))):
+                return None
+            frames = sock.recv_multipart(copy=False)
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot receive from {self.address}: {exc}") from None
+        return self.decode([f.buffer for f in frames])
+
+    def decode(self, frames: Sequence[memoryview]) -> Message:
+        try:
+            msg = self.wire.decode(frames)
+        except ProtocolError as exc:
+            raise type(exc)(
+                f"a message from {self.address} was dropped: {exc}. If this repeats, the "
+                "worker uses a different key file than this notebook."
+            ) from None
+        if msg.kind == REJECT and not msg.authenticated:
+            reason = str(msg.content.get("reason", ""))
+            code = str(msg.content.get("code", ""))
+            error = _NOTICE_ERRORS.get(code, MessageRejected)
+            if "signature" in reason:
+                error = AuthenticationError
+            raise error(
+                f"{reason}\nThe worker at {self.address} refused our message. For a signature "
+                "error, this notebook's key file differs from the worker's: copy the worker's "
+                "key file (see `python -m worker_kernel keygen --help`) and pass it with "
+                "--key-file or LAN2GPU_KEY_FILE."
+            )
+        return msg
+
+    def close(self) -> None:
+        """Close the socket (and the context if this transport made it). Idempotent."""
+        if self.sock is not None:
+            self.sock.close(linger=0)
+            self.sock = None
+        if self._own_context and not self.context.closed:
+            self.context.term()

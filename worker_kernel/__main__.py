@@ -1,0 +1,55 @@
+"""``python -m worker_kernel``: serve this host's GPUs; ``... keygen``: make a key."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .capabilities import detect
+from .config import build_parser, config_from_args
+from .protocol.errors import Lan2GPUError
+from .protocol.keys import default_key_file, generate_key_file, load_key
+from .service import WorkerService
+
+
+def _keygen(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker_kernel keygen",
+        description="Create a new shared key (mode 0600). Copy it to every notebook machine "
+        "and worker that should talk to each other; it never overwrites a file.",
+    )
+    parser.add_argument("--key-file", default=str(default_key_file()), metavar="PATH")
+    args = parser.parse_args(argv)
+    path = generate_key_file(args.key_file)
+    print(f"wrote a new key to {path} (mode 0600)")
+    return 0
+
+
+def _serve(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    config = config_from_args(args)
+    logging.basicConfig(
+        level=config.log_level,
+        format="%(asctime)s %(levelname)s [lan2gpu-worker %(process)d] %(message)s",
+    )
+    key = load_key(config.key_file)
+    service = WorkerService(config, key, detect(config.simulate))
+    asyncio.run(service.run())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["keygen"]:
+            return _keygen(argv[1:])
+        return _serve(argv)
+    except Lan2GPUError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

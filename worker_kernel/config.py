@@ -1,0 +1,190 @@
+"""Worker settings: a frozen dataclass built from argparse and ``LAN2GPU_*``.
+
+Precedence: command line > environment > defaults. ``--help`` lists every
+option with its environment variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from .protocol.errors import ConfigurationError
+from .protocol.keys import default_key_file
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``"4G"``, ``"512M"``, ``"1.5GiB"``, ``"1000"`` -> bytes (powers of 1024)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigurationError(f"{text!r} is not a size; write e.g. 512M, 4G or 1.5GiB")
+    number, unit = match.groups()
+    return int(float(number) * 1024 ** "_kmgt".index(unit.lower() or "_"))
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    bind: str
+    key_file: Path
+    name: str
+    simulate: str = "off"  # "on", "off" or "auto" (simulate when no GPU is found)
+    heartbeat: float = 1.0
+    replay_window: float = 120.0
+    max_message_bytes: int = 16 << 30
+    executor_start_timeout: float = 120.0
+    cancel_grace: float = 1.0
+    session_idle: float = 3600.0
+    ready_file: Path | None = None
+    parent_pid: int | None = None
+    log_level: str = "INFO"
+
+
+# (flag, env var, help) for every option; the parser and --help come from this.
+_ENV_HELP = """
+environment variables (the command line wins over them):
+  LAN2GPU_BIND, LAN2GPU_KEY_FILE, LAN2GPU_NAME, LAN2GPU_SIMULATE (on|off|auto),
+  LAN2GPU_HEARTBEAT, LAN2GPU_REPLAY_WINDOW, LAN2GPU_MAX_MESSAGE_BYTES,
+  LAN2GPU_EXECUTOR_START_TIMEOUT, LAN2GPU_CANCEL_GRACE, LAN2GPU_SESSION_IDLE,
+  LAN2GPU_LOG_LEVEL
+
+create a key first (mode 0600; copy it to every notebook machine):
+  python -m worker_kernel keygen --key-file ~/.config/lan2gpu/key
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(
+        prog="python -m worker_kernel",
+        description=(
+            "Serve this machine's GPUs to lan2gpu notebooks on the LAN. Every message is "
+            "signed with the shared key; whoever holds it can run code here."
+        ),
+        epilog=_ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--bind",
+        default=env("LAN2GPU_BIND"),
+        metavar="ADDR",
+        help="ZeroMQ address to listen on, e.g. tcp://10.0.0.7:7340 or tcp://127.0.0.1:* "
+        "(random port) [LAN2GPU_BIND; required]",
+    )
+    parser.add_argument(
+        "--key-file",
+        default=env("LAN2GPU_KEY_FILE") or str(default_key_file()),
+        metavar="PATH",
+        help="shared key written by `keygen` [LAN2GPU_KEY_FILE; default %(default)s]",
+    )
+    parser.add_argument(
+        "--name",
+        default=env("LAN2GPU_NAME") or socket.gethostname(),
+        help="worker name shown to clients and used by --worker [LAN2GPU_NAME; default: host name]",
+    )
+    parser.add_argument(
+        "--simulate",
+        nargs="?",
+        const="on",
+        default=env("LAN2GPU_SIMULATE", "off"),
+        choices=["on", "off", "auto"],
+        help="run CUDA kernels in Numba's CUDA simulator (for tests and demos; `auto`: "
+        "only when no GPU is found) [LAN2GPU_SIMULATE; default off]",
+    )
+    parser.add_argument(
+        "--heartbeat",
+        type=float,
+        default=float(env("LAN2GPU_HEARTBEAT", "1.0")),
+        metavar="SECONDS",
+        help="heartbeat interval; a peer silent for 3 intervals is lost "
+        "[LAN2GPU_HEARTBEAT; default %(default)s]",
+    )
+    parser.add_argument(
+        "--replay-window",
+        type=float,
+        default=float(env("LAN2GPU_REPLAY_WINDOW", "120")),
+        metavar="SECONDS",
+        help="accept messages sent at most this far from now (clocks must agree this "
+        "well) [LAN2GPU_REPLAY_WINDOW; default %(default)s]",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=parse_size,
+        default=parse_size(env("LAN2GPU_MAX_MESSAGE_BYTES", "16G")),
+        metavar="SIZE",
+        help="largest message accepted [LAN2GPU_MAX_MESSAGE_BYTES; default 16G]",
+    )
+    parser.add_argument(
+        "--executor-start-timeout",
+        type=float,
+        default=float(env("LAN2GPU_EXECUTOR_START_TIMEOUT", "120")),
+        metavar="SECONDS",
+        help="how long an executor may take to start [default %(default)s]",
+    )
+    parser.add_argument(
+        "--cancel-grace",
+        type=float,
+        default=float(env("LAN2GPU_CANCEL_GRACE", "1.0")),
+        metavar="SECONDS",
+        help="after an interrupt or timeout, how long a cell gets to stop before its "
+        "executor is killed and replaced [LAN2GPU_CANCEL_GRACE; default %(default)s]",
+    )
+    parser.add_argument(
+        "--session-idle",
+        type=float,
+        default=float(env("LAN2GPU_SESSION_IDLE", "3600")),
+        metavar="SECONDS",
+        help="stop a session's executor (and free its GPU memory) after this long "
+        "without a cell [LAN2GPU_SESSION_IDLE; default %(default)s]",
+    )
+    parser.add_argument(
+        "--ready-file",
+        type=Path,
+        metavar="PATH",
+        help="write {address, pid, name} as JSON here once listening (for launchers)",
+    )
+    parser.add_argument(
+        "--parent-pid",
+        type=int,
+        metavar="PID",
+        help="exit when this process exits (used by the notebook's embedded worker)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default=env("LAN2GPU_LOG_LEVEL", "INFO"),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="[LAN2GPU_LOG_LEVEL; default %(default)s]",
+    )
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> WorkerConfig:
+    if not args.bind:
+        raise ConfigurationError(
+            "no address to listen on: pass --bind, e.g. --bind tcp://127.0.0.1:7340 "
+            "(this machine only) or --bind tcp://10.0.0.7:7340 (its LAN address)"
+        )
+    if args.simulate not in ("on", "off", "auto"):
+        raise ConfigurationError(f"LAN2GPU_SIMULATE={args.simulate!r}: use on, off or auto")
+    if args.heartbeat <= 0 or args.cancel_grace < 0:
+        raise ConfigurationError("--heartbeat must be positive and --cancel-grace >= 0")
+    return WorkerConfig(
+        bind=args.bind,
+        key_file=Path(args.key_file).expanduser(),
+        name=args.name,
+        simulate=args.simulate,
+        heartbeat=args.heartbeat,
+        replay_window=args.replay_window,
+        max_message_bytes=args.max_message_bytes,
+        executor_start_timeout=args.executor_start_timeout,
+        cancel_grace=args.cancel_grace,
+        session_idle=args.session_idle,
+        ready_file=args.ready_file,
+        parent_pid=args.parent_pid,
+        log_level=args.log_level,
+    )

@@ -1,0 +1,308 @@
+"""Run one cell inside an executor: load inputs, exec, collect outputs.
+
+The cell runs in the session's namespace, which persists between cells. The last
+expression's value comes back like IPython's ``Out``.
+
+Outputs are the names the notebook side found bound by the cell, but only those
+the cell really bound this time. Values left from earlier cells of the session
+are moved out of the namespace into the cell's builtins while it runs: reads
+still find them, and a name present in the namespace afterwards was bound by
+this cell. An input the cell did not rebind is not sent back (the notebook has
+it), unless it was augmented-assigned (``a += 1`` on an array) or asked for
+with ``--out``.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import linecache
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .display import mimebundle
+from .protocol.errors import RemoteFrame, RemoteTraceback
+from .protocol.messages import DISPLAY, RESULT, STREAM, TRANSFER, Buffer, Message
+from .protocol.serialize import dump_values, dumps, load_values
+from .streams import OutputChannel, RemoteStream
+
+Send = Callable[[Message], None]
+TRANSFER_NOTICE_BYTES = 1 << 20
+
+
+class TimeoutInterrupt(BaseException):
+    """Raised in the cell's thread when the service says its time is up."""
+
+
+@dataclass(frozen=True)
+class CellRequest:
+    """What an ``execute`` message asks for (see ``lan2gpu_magic.capture``)."""
+
+    id: str
+    client: str
+    session: str
+    code: str
+    filename: str
+    line_offset: int
+    inputs: list[dict[str, Any]]
+    outputs: tuple[str, ...]
+    required: frozenset[str]
+    always: frozenset[str]
+    deletes: tuple[str, ...]
+
+    @classmethod
+    def from_message(cls, msg: Message, client: str) -> CellRequest:
+        c = msg.content
+        return cls(
+            id=msg.id,
+            client=client,
+            session=msg.session,
+            code=str(c["code"]),
+            filename=str(c.get("filename") or f"<lan2gpu cell {msg.id[:8]}>"),
+            line_offset=int(c.get("line_offset", 0)),
+            inputs=list(c.get("inputs", [])),
+            outputs=tuple(c.get("outputs", [])),
+            required=frozenset(c.get("required", [])),
+            always=frozenset(c.get("always", [])),
+            deletes=tuple(c.get("deletes", [])),
+        )
+
+
+@dataclass
+class Outcome:
+    status: str = "ok"  # ok | error | timeout | cancelled
+    error: RemoteTraceback | None = None
+    value: Any = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def new_namespace(display: Callable[..., None]) -> dict[str, Any]:
+    """A fresh session namespace, with ``display`` available as in IPython."""
+    cell_builtins = dict(vars(builtins))
+    cell_builtins["display"] = display
+    return {"__name__": "__main__", "__builtins__": cell_builtins}
+
+
+def _remote_traceback(exc: BaseException, filename: str) -> RemoteTraceback:
+    te = traceback.TracebackException.from_exception(exc)
+    return _convert(te, filename, top=True)
+
+
+def _convert(te: traceback.TracebackException, filename: str, top: bool) -> RemoteTraceback:
+    frames = list(te.stack)
+    if top:
+        # Drop the executor's own frames above the cell.
+        first = next((i for i, f in enumerate(frames) if f.filename == filename), len(frames))
+        frames = frames[first:]
+    cause: RemoteTraceback | None = None
+    direct = False
+    if te.__cause__ is not None:
+        cause, direct = _convert(te.__cause__, filename, top=False), True
+    elif te.__context__ is not None and not te.__suppress_context__:
+        cause = _convert(te.__context__, filename, top=False)
+    return RemoteTraceback(
+        ename=te.exc_type.__qualname__ if te.exc_type else "Exception",
+        evalue=str(te).strip(),
+        frames=tuple(
+            RemoteFrame(f.filename, f.lineno or 0, f.name, (f.line or "").rstrip()) for f in frames
+        ),
+        text="".join(te.format_exception_only()),
+        notes=tuple(getattr(te, "__notes__", None) or ()),
+        cause=cause,
+        cause_is_direct=direct,
+    )
+
+
+def _compile(req: CellRequest) -> tuple[Any, Any]:
+    tree = ast.parse(req.code, req.filename, "exec")
+    ast.increment_lineno(tree, req.line_offset)
+    # Keep the source findable for tracebacks: blank lines stand in for the
+    # lines before the cell body (the magic line).
+    source = "\n" * req.line_offset + req.code
+    linecache.cache[req.filename] = (
+        len(source),
+        None,
+        source.splitlines(keepends=True),
+        req.filename,
+    )
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        expr = tree.body.pop()
+        assert isinstance(expr, ast.Expr)  # noqa: S101 - narrowing for mypy
+        last = ast.Expression(expr.value)
+    body = compile(tree, req.filename, "exec")
+    return body, compile(last, req.filename, "eval") if last is not None else None
+
+
+class CellRunner:
+    """Runs cells of one session; owns its namespace."""
+
+    def __init__(self, worker: str, channel: OutputChannel, send: Send) -> None:
+        self.worker = worker
+        self.channel = channel
+        self.send = send
+        self.armed = False  # True while user code runs: interrupts may raise
+        self._current: CellRequest | None = None
+        self._inputs: dict[str, int] = {}  # id() of each input as loaded
+        self._fresh: set[str] = set()  # outputs the last cell really bound
+        self.namespace = new_namespace(self.display)
+
+    # -- display, available in cells ----------------------------------------
+
+    def display(self, *objs: Any, **_: Any) -> None:
+        """Show objects in the notebook (IPython's ``display``)."""
+        req = self._current
+        if req is None:
+            return
+        self.channel.flush()
+        for obj in objs:
+            data, metadata = mimebundle(obj)
+            self.send(self._reply(req, DISPLAY, {"data": data, "metadata": metadata}))
+
+    def _reply(
+        self,
+        req: CellRequest,
+        kind: str,
+        content: dict[str, Any],
+        buffers: list[Buffer] | None = None,
+    ) -> Message:
+        return Message(
+            kind=kind,
+            content=content,
+            buffers=buffers or [],
+            session=req.session,
+            parent=req.id,
+            to=req.client,
+        )
+
+    # -- one cell -------------------------------------------------------------
+
+    def run(self, msg: Message, client: str) -> dict[str, Any]:
+        """Run the cell in ``msg``; send stream/display/result messages; return stats."""
+        req = CellRequest.from_message(msg, client)
+        self._current = req
+        started = time.perf_counter()
+        try:
+            outcome = self._execute(req, msg.buffers)
+            content, frames = self._result(req, outcome)
+        finally:
+            self._current = None
+        nbytes = sum(memoryview(f).nbytes for f in frames)
+        if nbytes >= TRANSFER_NOTICE_BYTES:
+            self.send(self._reply(req, TRANSFER, {"bytes": nbytes}))
+        content["stats"] = {
+            "seconds": outcome.seconds,
+            "total_seconds": time.perf_counter() - started,
+            "bytes_in": msg.nbytes,
+            "bytes_out": nbytes,
+        }
+        self.send(self._reply(req, RESULT, content, frames))
+        return {"status": content["status"], **content["stats"]}
+
+    def _execute(self, req: CellRequest, buffers: list[Buffer]) -> Outcome:
+        outcome = Outcome()
+        values, failed = load_values(req.inputs, buffers)
+        if failed:
+            lines = [f"  {name}: {reason}" for name, reason in failed.items()]
+            outcome.status = "error"
+            outcome.error = RemoteTraceback(
+                ename="SerializationError",
+                evalue=(
+                    f"{len(failed)} input(s) could not be loaded on worker {self.worker}:\n"
+                    + "\n".join(lines)
+                    + "\nInstall the missing modules on the worker, or leave those names "
+                    "out with --in."
+                ),
+            )
+            return outcome
+        ns = self.namespace
+        ns.update(values)
+        self._inputs = {n: id(v) for n, v in values.items()}
+        stash = {n: ns.pop(n) for n in req.outputs if n in ns and n not in values}
+        cell_builtins: dict[str, Any] = ns["__builtins__"]
+        shadowed = {n: cell_builtins[n] for n in stash if n in cell_builtins}
+        cell_builtins.update(stash)
+        send_stream = self._stream_sender(req)
+        saved = sys.stdout, sys.stderr
+        self.channel.begin(send_stream)
+        sys.stdout = RemoteStream(self.channel, "stdout")
+        sys.stderr = RemoteStream(self.channel, "stderr")
+        t0 = time.perf_counter()
+        try:
+            body, last = _compile(req)
+            self.armed = True
+            exec(body, ns)  # noqa: S102 - running the user's cell is the point
+            if last is not None:
+                outcome.value = eval(last, ns)  # noqa: S307
+        except KeyboardInterrupt:
+            outcome.status = "cancelled"
+        except TimeoutInterrupt:
+            outcome.status = "timeout"
+        except BaseException as exc:  # the cell's own error, SystemExit included
+            outcome.status = "error"
+            outcome.error = _remote_traceback(exc, req.filename)
+        finally:
+            self.armed = False
+            outcome.seconds = time.perf_counter() - t0
+            sys.stdout, sys.stderr = saved
+            self.channel.end()
+            # Present now means bound by this cell (stale values were moved out).
+            self._fresh = {n for n in req.outputs if n in ns}
+            for name, value in stash.items():
+                del cell_builtins[name]
+                ns.setdefault(name, value)
+            cell_builtins.update(shadowed)
+        return outcome
+
+    def _stream_sender(self, req: CellRequest) -> Callable[[str, str], None]:
+        def send(name: str, text: str) -> None:
+            self.send(self._reply(req, STREAM, {"name": name, "text": text}))
+
+        return send
+
+    def _result(self, req: CellRequest, outcome: Outcome) -> tuple[dict[str, Any], list[Buffer]]:
+        content: dict[str, Any] = {"status": outcome.status, "worker": self.worker}
+        if outcome.error is not None:
+            content["error"] = outcome.error.to_json()
+        if outcome.status != "ok":
+            return content, []
+        ns = self.namespace
+        chosen: dict[str, Any] = {}
+        missing = [n for n in sorted(req.required) if n not in ns]
+        if missing:
+            content["status"] = "error"
+            content["error"] = RemoteTraceback(
+                ename="SerializationError",
+                evalue=f"--out asked for {', '.join(missing)}, but the cell did not define "
+                "them on the worker",
+            ).to_json()
+            return content, []
+        for name in req.outputs:
+            if name not in self._fresh and name not in req.required:
+                continue
+            same_input = self._inputs.get(name) == id(ns[name])
+            if not same_input or name in req.required or name in req.always:
+                chosen[name] = ns[name]
+        try:
+            payload, skipped = dump_values(chosen, strict=req.required, role="output")
+        except Exception as exc:  # a required output that cannot be pickled
+            content["status"] = "error"
+            content["error"] = RemoteTraceback(ename=type(exc).__name__, evalue=str(exc)).to_json()
+            return content, []
+        frames = list(payload.frames)
+        content["outputs"] = payload.entries
+        content["skipped"] = skipped
+        content["deleted"] = [n for n in req.deletes if n not in ns]
+        if outcome.value is not None:
+            try:
+                value_frames = dumps(outcome.value)
+                content["value"] = {"nframes": len(value_frames)}
+                frames.extend(value_frames)
+            except Exception:  # an unpicklable result is still worth seeing
+                content["value_repr"] = mimebundle(outcome.value)[0]
+        return content, frames

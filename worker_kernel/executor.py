@@ -1,0 +1,121 @@
+"""``python -m worker_kernel.executor``: runs the cells of one session on one GPU.
+
+Started by the service as a fresh process (never forked from one holding a CUDA
+context), with ``CUDA_VISIBLE_DEVICES`` pinned and ``NUMBA_ENABLE_CUDASIM`` set
+when simulating. It reads the shared key from stdin, connects to the service's
+private socket, and signs what it sends back to the client itself. It exits when
+told to, or when the service process goes away.
+
+Internal frames (service <-> executor)::
+
+    service  -> executor   b"exec" control-json *message-frames | b"stop"
+    executor -> service    b"ready" json | b"fwd" *message-frames
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+import zmq
+
+from .execute import CellRunner, TimeoutInterrupt
+from .protocol.messages import Message
+from .protocol.wire import Wire
+from .streams import OutputChannel
+
+EXIT_ORPHANED = 70
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit if the service dies: nobody else would ever stop this process."""
+    stop = threading.Event()
+    while not stop.wait(0.5):
+        if os.getppid() != parent:
+            os._exit(EXIT_ORPHANED)
+
+
+def _warm_imports() -> None:
+    # Import numba now so the first cell does not pay for it; CUDA itself is
+    # initialised lazily by the first cell that uses it.
+    try:
+        import numba.cuda  # noqa: F401
+        import numpy  # noqa: F401
+    except Exception as exc:  # reported, the cells will show the real error
+        print(f"executor: warm-up import failed: {exc}", file=sys.stderr)
+
+
+class Executor:
+    """Owns the context and socket to the service, and the session's runner."""
+
+    def __init__(self, endpoint: str, identity: str, worker: str, key: bytes) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 5000)  # let the last result go out
+        self.sock.setsockopt(zmq.IDENTITY, identity.encode())
+        self.sock.connect(endpoint)
+        self.wire = Wire(key)
+        self.lock = threading.Lock()
+        self.channel = OutputChannel()
+        self.runner = CellRunner(worker, self.channel, self.send)
+
+    def send(self, msg: Message) -> None:
+        frames = self.wire.encode(msg)
+        with self.lock:
+            self.sock.send_multipart([b"fwd", *frames], copy=False)
+
+    def _interrupt(self, signum: int, frame: FrameType | None) -> None:
+        # Only user code is interrupted; a late signal after the cell ended is dropped.
+        if self.runner.armed:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise TimeoutInterrupt
+
+    def serve(self) -> None:
+        signal.signal(signal.SIGINT, self._interrupt)
+        signal.signal(signal.SIGUSR1, self._interrupt)
+        with self.lock:
+            self.sock.send_multipart([b"ready", json.dumps({"pid": os.getpid()}).encode()])
+        while True:
+            frames = self.sock.recv_multipart(copy=False)
+            tag = frames[0].bytes
+            if tag == b"stop":
+                return
+            if tag == b"exec":
+                control: dict[str, Any] = json.loads(frames[1].bytes)
+                msg = self.wire.decode([f.buffer for f in frames[2:]], trusted_hop=True)
+                self.runner.run(msg, str(control["client"]))
+
+    def close(self) -> None:
+        self.channel.close()
+        self.sock.close()
+        self.ctx.term()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker_kernel.executor")
+    parser.add_argument("--connect", required=True)
+    parser.add_argument("--identity", required=True)
+    parser.add_argument("--worker", required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    key = bytes.fromhex(sys.stdin.readline().strip())
+    sys.stdin.close()
+    threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
+    _warm_imports()
+    executor = Executor(args.connect, args.identity, args.worker, key)
+    try:
+        executor.serve()
+    finally:
+        executor.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

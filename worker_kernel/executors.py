@@ -1,0 +1,195 @@
+"""Executor subprocesses: one per (session, GPU), started, watched and stopped here.
+
+The pool owns the service's private ROUTER socket (``ipc://`` in a 0700
+directory, so only this user can reach it) that executors connect to, and every
+executor process. When one exits, ``on_exit(handle, returncode)`` tells the
+service, which answers the cell it was running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from .protocol.messages import new_id
+from .scheduler import Cell
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class ExecutorHandle:
+    id: str
+    session: str
+    gpu: int
+    process: asyncio.subprocess.Process
+    ready: asyncio.Future[dict[str, Any]]
+    cell: Cell | None = None
+    last_used: float = field(default_factory=time.monotonic)
+    stopping: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+
+ExitCallback = Callable[[ExecutorHandle, int], None]
+
+
+class ExecutorStartError(Exception):
+    """An executor did not come up; the message says why."""
+
+
+class ExecutorPool:
+    def __init__(
+        self,
+        ctx: zmq.asyncio.Context,
+        *,
+        worker: str,
+        key: bytes,
+        simulate: bool,
+        start_timeout: float,
+        on_exit: ExitCallback,
+    ) -> None:
+        self._dir = tempfile.mkdtemp(prefix="lan2gpu-")  # mode 0700
+        self.endpoint = f"ipc://{self._dir}/executors"
+        self.sock = ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.bind(self.endpoint)
+        self._worker = worker
+        self._key = key
+        self._simulate = simulate
+        self._start_timeout = start_timeout
+        self._on_exit = on_exit
+        self._by_id: dict[str, ExecutorHandle] = {}
+        self._by_slot: dict[tuple[str, int], ExecutorHandle] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    def get(self, executor_id: str) -> ExecutorHandle | None:
+        return self._by_id.get(executor_id)
+
+    def handles(self) -> list[ExecutorHandle]:
+        return list(self._by_id.values())
+
+    def for_session(self, session: str) -> list[ExecutorHandle]:
+        return [h for h in self._by_id.values() if h.session == session]
+
+    async def acquire(self, session: str, gpu: int) -> ExecutorHandle:
+        """The session's executor on ``gpu``, started (and waited for) if needed."""
+        handle = self._by_slot.get((session, gpu))
+        if handle is None or handle.stopping:
+            handle = await self._spawn(session, gpu)
+        try:
+            await asyncio.wait_for(asyncio.shield(handle.ready), self._start_timeout)
+        except asyncio.TimeoutError:
+            self.kill(handle)
+            raise ExecutorStartError(
+                f"executor did not start within {self._start_timeout:.0f} s "
+                "(raise --executor-start-timeout if imports are slow on this host)"
+            ) from None
+        handle.last_used = time.monotonic()
+        return handle
+
+    async def _spawn(self, session: str, gpu: int) -> ExecutorHandle:
+        env = dict(os.environ)
+        if self._simulate:
+            env["NUMBA_ENABLE_CUDASIM"] = "1"
+        else:
+            env.pop("NUMBA_ENABLE_CUDASIM", None)
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        executor_id = new_id()
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "worker_kernel.executor",
+            "--connect",
+            self.endpoint,
+            "--identity",
+            executor_id,
+            "--worker",
+            self._worker,
+            "--parent-pid",
+            str(os.getpid()),
+            stdin=asyncio.subprocess.PIPE,
+            env=env,
+            # Own process group: a Ctrl-C meant for the service must not hit cells.
+            start_new_session=True,
+        )
+        if process.stdin is None:  # cannot happen with stdin=PIPE; keeps mypy honest
+            raise ExecutorStartError("executor has no stdin")
+        process.stdin.write(self._key.hex().encode() + b"\n")
+        await process.stdin.drain()
+        process.stdin.close()
+        ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        handle = ExecutorHandle(executor_id, session, gpu, process, ready)
+        self._by_id[executor_id] = handle
+        self._by_slot[(session, gpu)] = handle
+        watcher = asyncio.create_task(self._watch(handle))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        log.debug("started executor %s (pid %d), session %s", executor_id[:8], process.pid, session)
+        return handle
+
+    async def _watch(self, handle: ExecutorHandle) -> None:
+        returncode = await handle.process.wait()
+        self._by_id.pop(handle.id, None)
+        if self._by_slot.get((handle.session, handle.gpu)) is handle:
+            del self._by_slot[(handle.session, handle.gpu)]
+        if not handle.ready.done():
+            handle.ready.set_exception(
+                ExecutorStartError(f"executor exited with code {returncode} while starting")
+            )
+            handle.ready.exception()  # mark retrieved; acquire() re-raises it
+        if not handle.stopping:
+            log.warning("executor pid %d exited with code %d", handle.pid, returncode)
+        self._on_exit(handle, returncode)
+
+    def on_ready(self, executor_id: str, info: bytes) -> None:
+        handle = self._by_id.get(executor_id)
+        if handle is not None and not handle.ready.done():
+            handle.ready.set_result(json.loads(info))
+
+    async def send_exec(self, handle: ExecutorHandle, client: str, frames: list[Any]) -> None:
+        control = json.dumps({"client": client}).encode()
+        await self.sock.send_multipart([handle.id.encode(), b"exec", control, *frames], copy=False)
+
+    def signal(self, handle: ExecutorHandle, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            handle.process.send_signal(signum)
+
+    def kill(self, handle: ExecutorHandle) -> None:
+        self.signal(handle, signal.SIGKILL)
+
+    async def stop(self, handle: ExecutorHandle, grace: float = 2.0) -> None:
+        """Ask an executor to exit; kill it if it does not within ``grace``."""
+        handle.stopping = True
+        with contextlib.suppress(zmq.ZMQError):
+            await self.sock.send_multipart([handle.id.encode(), b"stop"])
+        try:
+            await asyncio.wait_for(handle.process.wait(), grace)
+        except asyncio.TimeoutError:
+            self.kill(handle)
+            await handle.process.wait()
+
+    async def close(self) -> None:
+        """Stop every executor and release the socket and directory."""
+        await asyncio.gather(*(self.stop(h) for h in self.handles()))
+        if self._watchers:
+            await asyncio.gather(*self._watchers, return_exceptions=True)
+        self.sock.close()
+        shutil.rmtree(self._dir, ignore_errors=True)

@@ -1,0 +1,180 @@
+"""Values <-> frames: cloudpickle, protocol 5, numpy data out of band.
+
+``dumps(value)`` returns ``[pickle, *buffers]``: every contiguous numpy array's
+data is a separate raw buffer (sent with ``copy=False``, received as a writable
+view of the frame), so arrays are never copied into the pickle. Numba
+dispatchers are reduced by :mod:`rebuild`; device arrays (real or simulated)
+are copied to the host first.
+
+Named values are pickled one name at a time (:func:`dump_values`), so an error
+names the variable, and one value that cannot be loaded on the other side does
+not take the others with it. Identity shared *between* names is not kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import pickle
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import cloudpickle
+
+from . import rebuild
+from .errors import SerializationError
+from .messages import Buffer
+
+PROTOCOL: Final = 5
+
+# Per-type answer to "does this type need special handling?"; weak so classes
+# defined in a session can be collected.
+_special: weakref.WeakKeyDictionary[type, str | None] = weakref.WeakKeyDictionary()
+_DEVICE_ARRAY: Final = "device-array"
+_CUDA_ARRAY_INTERFACE: Final = "cuda-array-interface"
+
+
+def _special_kind(cls: type) -> str | None:
+    try:
+        return _special[cls]
+    except (KeyError, TypeError):
+        pass
+    kind = rebuild.dispatcher_kind(cls)
+    if kind is None and getattr(cls, "__cuda_ndarray__", False):
+        kind = _DEVICE_ARRAY  # numba device arrays, real and simulated
+    elif kind is None and hasattr(cls, "__cuda_array_interface__"):
+        kind = _CUDA_ARRAY_INTERFACE  # CuPy, torch, ... (real GPUs only)
+    with contextlib.suppress(TypeError):  # a type that cannot be weakly referenced
+        _special[cls] = kind
+    return kind
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle with numba dispatchers and device arrays made portable."""
+
+    def __init__(self, file: io.BytesIO, buffer_callback: Any = None) -> None:
+        super().__init__(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
+        self._blobs: dict[int, bytes] = {}
+
+    def reducer_override(self, obj: Any) -> Any:
+        kind = _special_kind(type(obj))
+        if kind is None:
+            return super().reducer_override(obj)
+        if kind == _DEVICE_ARRAY:
+            return obj.copy_to_host().__reduce_ex__(PROTOCOL)
+        if kind == _CUDA_ARRAY_INTERFACE:
+            from numba import cuda  # only reached on a machine with a real GPU
+
+            return cuda.as_cuda_array(obj).copy_to_host().__reduce_ex__(PROTOCOL)
+        blob = self._blobs.get(id(obj))
+        if blob is None:
+            py_func, options = rebuild.portable_parts(obj, kind)
+            blob = dumps_inband((py_func, options))
+            self._blobs[id(obj)] = blob
+        return rebuild.rebuild_dispatcher, (kind, blob)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def dumps(value: Any) -> list[Buffer]:
+    """``[pickle, *out_of_band_buffers]`` for one value."""
+    buffers: list[pickle.PickleBuffer] = []
+    out = io.BytesIO()
+    _Pickler(out, buffer_callback=buffers.append).dump(value)
+    frames: list[Buffer] = [out.getbuffer()]
+    frames.extend(b.raw() for b in buffers)
+    return frames
+
+
+def dumps_inband(value: Any) -> bytes:
+    """One self-contained pickle (used for the small dispatcher payloads)."""
+    out = io.BytesIO()
+    _Pickler(out).dump(value)
+    return out.getvalue()
+
+
+def loads(frames: Sequence[Buffer]) -> Any:
+    """Inverse of :func:`dumps`; buffers become (writable, if the frames are) arrays."""
+    return pickle.loads(frames[0], buffers=frames[1:])
+
+
+def loads_inband(blob: bytes) -> Any:
+    return pickle.loads(blob)
+
+
+@dataclass
+class Payload:
+    """Named values as frames: ``entries`` say which frames belong to which name."""
+
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    frames: list[Buffer] = field(default_factory=list)
+
+    def add(self, name: str, frames: list[Buffer]) -> None:
+        self.entries.append({"name": name, "nframes": len(frames)})
+        self.frames.extend(frames)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(memoryview(f).nbytes for f in self.frames)
+
+
+_HINTS: Final = {
+    "input": "Leave it out with --in, or create it inside the cell.",
+    "output": "Drop it from --out, or turn it into something picklable in the cell.",
+}
+
+
+def dump_values(
+    values: Mapping[str, Any], *, strict: Iterable[str] | None = None, role: str = "input"
+) -> tuple[Payload, dict[str, str]]:
+    """Pickle each name separately.
+
+    Returns the payload and ``{name: reason}`` for the names that could not be
+    pickled. Names in ``strict`` (default: all) raise :class:`SerializationError`
+    instead of being skipped; ``role`` ("input"/"output") words its message.
+    """
+    must = set(values) if strict is None else set(strict)
+    payload = Payload()
+    skipped: dict[str, str] = {}
+    for name, value in values.items():
+        try:
+            frames = dumps(value)
+        except SerializationError as exc:
+            if name in must:
+                raise
+            skipped[name] = str(exc)
+            continue
+        except Exception as exc:  # pickling runs arbitrary __reduce__ code
+            if name in must:
+                raise SerializationError(
+                    f"{role} `{name}` ({type(value).__name__}) cannot be pickled: "
+                    f"{_describe(exc)}. {_HINTS.get(role, '')}",
+                    name,
+                ) from exc
+            skipped[name] = _describe(exc)
+            continue
+        payload.add(name, frames)
+    return payload, skipped
+
+
+def load_values(
+    entries: Sequence[Mapping[str, Any]], frames: Sequence[Buffer]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Inverse of :func:`dump_values`: ``(values, {name: reason it failed to load})``."""
+    values: dict[str, Any] = {}
+    failed: dict[str, str] = {}
+    pos = 0
+    for entry in entries:
+        name, count = str(entry["name"]), int(entry["nframes"])
+        if count < 1 or pos + count > len(frames):
+            raise SerializationError(f"payload entry for `{name}` points past the frames", name)
+        try:
+            values[name] = loads(frames[pos : pos + count])
+        except Exception as exc:  # unpickling imports modules and runs reducers
+            failed[name] = _describe(exc)
+        pos += count
+    return values, failed

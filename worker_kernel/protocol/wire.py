@@ -1,0 +1,281 @@
+"""Framing and signing: :class:`Message` <-> ``list`` of frames, without sockets.
+
+Every frame is authenticated. The header lists each buffer's length and BLAKE3
+digest, and the signature is an HMAC-SHA256 (shared key) over the magic,
+version, kind and header frames, so a flipped bit anywhere, array buffers
+included, is caught. :meth:`Wire.decode` checks, in order: shape, magic,
+version, size limits, signature (``hmac.compare_digest``), header, time window
+and replay, then buffer lengths and digests. Nothing is unpickled here, and the
+caller unpickles only what ``decode`` returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import blake3
+
+from .errors import AuthenticationError, MessageRejected, VersionMismatch
+from .messages import KINDS, MAGIC, PROTOCOL_VERSION, REJECT, Buffer, Message
+
+_VERSION_FRAME: Final = str(PROTOCOL_VERSION).encode()
+_PRELUDE: Final = 5  # magic, version, kind, header, signature
+_PARALLEL_HASH_BYTES: Final = 1 << 20  # BLAKE3 uses threads past 1 MiB
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a receiver accepts; checked from the header before buffers are used."""
+
+    max_frames: int = 100_000
+    max_bytes: int = 16 << 30
+    max_header_bytes: int = 1 << 20
+
+
+def digest(buf: Buffer) -> str:
+    """BLAKE3 hex digest of a buffer (threads for large ones; releases the GIL)."""
+    view = memoryview(buf)
+    threads = blake3.blake3.AUTO if view.nbytes >= _PARALLEL_HASH_BYTES else 1
+    return str(blake3.blake3(view, max_threads=threads).hexdigest())
+
+
+def _mac(key: bytes, frames: Sequence[Buffer]) -> bytes:
+    mac = hmac.new(key, digestmod=hashlib.sha256)
+    for frame in frames:
+        view = memoryview(frame)
+        # Length-prefix each frame so frame boundaries are signed too.
+        mac.update(view.nbytes.to_bytes(8, "big"))
+        mac.update(view)
+    return mac.digest()
+
+
+class ReplayGuard:
+    """Rejects a message id seen before, and any message outside the time window."""
+
+    def __init__(self, window: float = 120.0, clock: Callable[[], float] = time.time) -> None:
+        self.window = window
+        self._clock = clock
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def check(self, msg_id: str, sent: float) -> None:
+        """Raise :class:`MessageRejected` if ``msg_id`` was seen or ``sent`` is stale."""
+        now = self._clock()
+        skew = now - sent
+        if abs(skew) > self.window:
+            raise MessageRejected(
+                f"message {msg_id[:8]} was sent {skew:+.0f} s from this machine's clock, "
+                f"outside the ±{self.window:.0f} s replay window; a replayed message, or the "
+                "two machines' clocks differ (sync them with NTP)"
+            )
+        if msg_id in self._seen:
+            raise MessageRejected(f"message {msg_id[:8]} was already received (replay)")
+
+    def record(self, msg_id: str) -> None:
+        """Remember ``msg_id`` (after the whole message verified) and forget old ids."""
+        now = self._clock()
+        self._seen[msg_id] = now
+        horizon = now - 2 * self.window
+        while self._seen:
+            oldest_id, seen_at = next(iter(self._seen.items()))
+            if seen_at >= horizon:
+                break
+            del self._seen[oldest_id]
+
+
+class Wire:
+    """Encodes and decodes signed messages with one shared key.
+
+    One instance per endpoint: it owns the replay cache of what it received.
+    """
+
+    def __init__(
+        self,
+        key: bytes,
+        *,
+        limits: Limits | None = None,
+        window: float = 120.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if len(key) < 16:
+            raise ValueError("the shared key must be at least 16 bytes")
+        self._key = key
+        self.limits = limits or Limits()
+        self.replay = ReplayGuard(window, clock)
+        self._clock = clock
+
+    # -- encoding -------------------------------------------------------------
+
+    def encode(self, msg: Message) -> list[Buffer]:
+        """Frames for ``msg``, signature included (buffers are not copied)."""
+        header = {
+            "v": PROTOCOL_VERSION,
+            "id": msg.id,
+            "kind": msg.kind,
+            "session": msg.session,
+            "parent": msg.parent,
+            "to": msg.to,
+            "sent": msg.sent,
+            "content": msg.content,
+            "buffers": [[memoryview(b).nbytes, digest(b)] for b in msg.buffers],
+        }
+        prelude: list[Buffer] = [
+            MAGIC,
+            _VERSION_FRAME,
+            msg.kind.encode(),
+            json.dumps(header, separators=(",", ":")).encode(),
+        ]
+        return [*prelude, _mac(self._key, prelude), *msg.buffers]
+
+    @staticmethod
+    def encode_notice(
+        reason: str, *, code: str = "", to: str = "", parent: str = ""
+    ) -> list[Buffer]:
+        """An unsigned ``reject`` notice: shown to the peer as text, never trusted.
+
+        ``code`` names the error class (``AuthenticationError``, ...).
+        """
+        header = {
+            "v": PROTOCOL_VERSION,
+            "id": "",
+            "kind": REJECT,
+            "session": "",
+            "parent": parent,
+            "to": to,
+            "sent": time.time(),
+            "content": {"reason": reason, "code": code},
+            "buffers": [],
+        }
+        return [MAGIC, _VERSION_FRAME, REJECT.encode(), json.dumps(header).encode(), b""]
+
+    # -- decoding -------------------------------------------------------------
+
+    def decode(self, frames: Sequence[Buffer], *, trusted_hop: bool = False) -> Message:
+        """Check and parse ``frames``; raise a :class:`ProtocolError` on any failure.
+
+        ``trusted_hop=True`` is for a message that was already fully verified by
+        this worker's service and handed to its executor over a private socket:
+        the signature is still checked, but buffers are not re-hashed and the
+        replay window is not applied (the cell may have waited in a queue).
+        """
+        views = [memoryview(f) for f in frames]
+        if len(views) < _PRELUDE or bytes(views[0]) != MAGIC:
+            raise MessageRejected("not a lan2gpu message (bad magic or too few frames)")
+        version = bytes(views[1])
+        if version != _VERSION_FRAME:
+            raise VersionMismatch(
+                f"peer speaks lan2gpu protocol version {version.decode(errors='replace')}, "
+                f"this side speaks {PROTOCOL_VERSION}; install the same lan2gpu version "
+                "on the notebook machine and the worker"
+            )
+        kind = bytes(views[2]).decode("ascii", errors="replace")
+        if kind not in KINDS:
+            raise MessageRejected(f"unknown message kind {kind!r}")
+        if len(views) - _PRELUDE > self.limits.max_frames:
+            raise MessageRejected(
+                f"message has {len(views) - _PRELUDE} buffers, more than the limit of "
+                f"{self.limits.max_frames}"
+            )
+        if views[3].nbytes > self.limits.max_header_bytes:
+            raise MessageRejected(f"header of {views[3].nbytes} bytes is over the limit")
+        signature = bytes(views[4])
+        if not signature and kind == REJECT and len(views) == _PRELUDE:
+            return self._notice(views[3])
+        if not hmac.compare_digest(signature, _mac(self._key, views[:4])):
+            raise AuthenticationError(
+                "message signature does not verify: the sender uses a different key, or "
+                "the message was altered in transit"
+            )
+        header = _parse_header(views[3])
+        if header["kind"] != kind:
+            raise MessageRejected("header kind does not match the kind frame")
+        buffers = views[_PRELUDE:]
+        if trusted_hop:
+            self._check_buffers(header["buffers"], buffers, verify=False)
+        else:
+            self.replay.check(header["id"], header["sent"])
+            self._check_buffers(header["buffers"], buffers, verify=True)
+            self.replay.record(header["id"])
+        return Message(
+            kind=kind,
+            content=header["content"],
+            buffers=list(buffers),
+            session=header["session"],
+            parent=header["parent"],
+            to=header["to"],
+            id=header["id"],
+            sent=header["sent"],
+        )
+
+    def _check_buffers(
+        self, declared: list[list[Any]], buffers: Sequence[memoryview], verify: bool
+    ) -> None:
+        if len(declared) != len(buffers):
+            raise MessageRejected(
+                f"header declares {len(declared)} buffers but {len(buffers)} arrived"
+            )
+        total = sum(int(n) for n, _ in declared)
+        if total > self.limits.max_bytes:
+            raise MessageRejected(
+                f"message carries {total} bytes, over the limit of {self.limits.max_bytes}"
+            )
+        for i, ((nbytes, expected), buf) in enumerate(zip(declared, buffers, strict=True)):
+            if buf.nbytes != nbytes:
+                raise MessageRejected(f"buffer {i} is {buf.nbytes} bytes, the header says {nbytes}")
+            if verify and not hmac.compare_digest(digest(buf), str(expected)):
+                raise AuthenticationError(f"buffer {i} does not match its signed digest")
+
+    @staticmethod
+    def _notice(header_frame: memoryview) -> Message:
+        try:
+            header = json.loads(bytes(header_frame))
+            content = header.get("content", {})
+            reason = str(content.get("reason", "no reason given"))
+            code = str(content.get("code", ""))
+            parent = str(header.get("parent", ""))
+        except (ValueError, AttributeError):
+            reason, code, parent = "unreadable rejection notice", "", ""
+        return Message(
+            kind=REJECT,
+            content={"reason": reason, "code": code},
+            parent=parent,
+            authenticated=False,
+        )
+
+
+def _parse_header(frame: memoryview) -> dict[str, Any]:
+    try:
+        header = json.loads(bytes(frame))
+    except ValueError as exc:
+        raise MessageRejected(f"header is not valid JSON: {exc}") from None
+    fields: dict[str, type | tuple[type, ...]] = {
+        "id": str,
+        "kind": str,
+        "session": str,
+        "parent": str,
+        "to": str,
+        "sent": (int, float),
+        "content": dict,
+        "buffers": list,
+    }
+    if not isinstance(header, dict):
+        raise MessageRejected("header is not a JSON object")
+    for name, typ in fields.items():
+        if not isinstance(header.get(name), typ):
+            raise MessageRejected(f"header field {name!r} is missing or has the wrong type")
+    for entry in header["buffers"]:
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and isinstance(entry[0], int)
+            and isinstance(entry[1], str)
+        ):
+            raise MessageRejected("header buffer list is malformed")
+    header["sent"] = float(header["sent"])
+    return header
