@@ -112,6 +112,12 @@ class Lan2GPUMagics(Magics):
     def _say(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
+    def _sync_settings(self) -> None:
+        # `%config Lan2GPU.x = ...` changes the settings object; apply it each call.
+        self.pool.connect_timeout = self.settings.connect_timeout
+        self.pool.key_file = self.settings.key_file or None
+        self.pool.allow_embedded = self.settings.embedded_worker
+
     def close(self) -> None:
         self.pool.close()
         atexit.unregister(self.close)
@@ -122,6 +128,7 @@ class Lan2GPUMagics(Magics):
     def lan2gpu(self, line: str, cell: str | None = None) -> Any:
         """Run a cell on a LAN GPU worker (``%%lan2gpu --help``), or manage
         workers (``%lan2gpu connect|disconnect|workers|status|close-session``)."""
+        self._sync_settings()
         try:
             if cell is None:
                 return self._line(line)
@@ -221,10 +228,14 @@ class Lan2GPUMagics(Magics):
 
 
 def register(shell: Any) -> None:
-    shell.register_magics(Lan2GPUMagics(shell))
+    magics = Lan2GPUMagics(shell)
+    shell.register_magics(magics)
+    shell.configurables.append(magics.settings)  # so %config Lan2GPU works
 
 
 def unregister(shell: Any) -> None:
     magics = shell.magics_manager.registry.pop("Lan2GPUMagics", None)
     if magics is not None:
         magics.close()
+        if magics.settings in shell.configurables:
+            shell.configurables.remove(magics.settings)

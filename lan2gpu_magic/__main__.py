@@ -1,0 +1,95 @@
+"""``python -m lan2gpu_magic``: run the demo notebook, make a key, ping a worker."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from worker_kernel.protocol.errors import Lan2GPUError
+from worker_kernel.protocol.keys import default_key_file, generate_key_file
+
+DEFAULT_NOTEBOOK = Path("notebooks") / "01-quickstart.ipynb"
+
+
+def _print_outputs(cell: dict[str, Any]) -> None:
+    for output in cell.get("outputs", []):
+        kind = output.get("output_type")
+        if kind == "stream":
+            sys.stdout.write(output.get("text", ""))
+        elif kind in ("execute_result", "display_data"):
+            data = output.get("data", {})
+            if "text/plain" in data:
+                print(data["text/plain"])
+            others = sorted(set(data) - {"text/plain"})
+            if others:
+                print(f"[{', '.join(others)}]")
+        elif kind == "error":
+            print(f"{output.get('ename')}: {output.get('evalue')}")
+
+
+def demo(notebook: Path, timeout: float) -> int:
+    """Execute ``notebook`` in a fresh kernel and print every cell's output."""
+    try:
+        import nbformat
+        from nbclient import NotebookClient
+    except ImportError:
+        print("the demo needs nbclient: pip install nbclient nbformat", file=sys.stderr)
+        return 2
+    if not notebook.exists():
+        print(f"no notebook at {notebook}; run this from the repository root", file=sys.stderr)
+        return 2
+    nb = nbformat.read(notebook, as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3")
+    try:
+        client.execute(cwd=str(notebook.parent))
+    except Exception as exc:  # nbclient's CellExecutionError and kernel failures
+        print(f"the notebook failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for index, cell in enumerate(nb.cells):
+            if cell.cell_type == "code":
+                print(f"\n--- In [{index}] ---\n{cell.source}\n--- out ---")
+                _print_outputs(cell)
+    print(f"\n{notebook}: all cells ran.")
+    return 0
+
+
+def ping(address: str, key_file: str | None) -> int:
+    from .client import connect
+
+    with connect(address, key_file=key_file) as client:
+        rtt = client.ping()
+        print(f"{client.info.describe()}: round trip {rtt * 1000:.2f} ms")
+        for warning in client.info.warnings:
+            print(f"warning: {warning}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lan2gpu_magic")
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="run a notebook against a local worker, print its outputs")
+    d.add_argument("notebook", nargs="?", type=Path, default=DEFAULT_NOTEBOOK)
+    d.add_argument("--timeout", type=float, default=600, help="per-cell limit in seconds")
+    k = sub.add_parser("keygen", help="create a shared key file (mode 0600)")
+    k.add_argument("--key-file", default=str(default_key_file()))
+    p = sub.add_parser("ping", help="handshake with a worker and time a round trip")
+    p.add_argument("address")
+    p.add_argument("--key-file")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "demo":
+            return demo(args.notebook, args.timeout)
+        if args.command == "keygen":
+            print(f"wrote a new key to {generate_key_file(args.key_file)} (mode 0600)")
+            return 0
+        return ping(args.address, args.key_file)
+    except Lan2GPUError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

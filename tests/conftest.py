@@ -1,0 +1,179 @@
+"""Fixtures: keys, real ``python -m worker_kernel`` processes, connected clients.
+
+Workers run as subprocesses on 127.0.0.1 with the CUDA simulator, each with a
+deadline to come up; a failing test prints the logs of the workers it used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from worker_kernel.protocol.keys import generate_key_file, load_key
+
+START_DEADLINE = 60.0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("LAN2GPU_TEST_GPU") == "1":
+        return
+    skip = pytest.mark.skip(reason="needs a real GPU (set LAN2GPU_TEST_GPU=1 on a GPU host)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+@dataclass
+class WorkerProcess:
+    """A running ``python -m worker_kernel`` and what tests need to reach it."""
+
+    name: str
+    key_file: Path
+    log_path: Path
+    process: subprocess.Popen[bytes]
+    address: str = ""
+    instance: str = ""
+    extra: list[str] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def key(self) -> bytes:
+        return load_key(self.key_file)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_worker(
+    tmp: Path,
+    name: str,
+    key_file: Path,
+    *args: str,
+    bind: str = "tcp://127.0.0.1:*",
+    env: dict[str, str] | None = None,
+) -> WorkerProcess:
+    tmp.mkdir(parents=True, exist_ok=True)
+    ready = tmp / f"{name}.ready"
+    ready.unlink(missing_ok=True)
+    log_path = tmp / f"{name}.log"
+    log = open(log_path, "ab")  # noqa: SIM115 - the child holds it; closed below
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "worker_kernel",
+            "--bind",
+            bind,
+            "--key-file",
+            str(key_file),
+            "--simulate",
+            "--name",
+            name,
+            "--ready-file",
+            str(ready),
+            "--log-level",
+            "DEBUG",
+            *args,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
+    )
+    log.close()
+    worker = WorkerProcess(name, key_file, log_path, process, extra=list(args))
+    deadline = time.monotonic() + START_DEADLINE
+    while not ready.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            worker.stop()
+            raise RuntimeError(f"worker {name} did not start:\n{worker.log()}")
+        time.sleep(0.05)
+    info = json.loads(ready.read_text())
+    worker.address, worker.instance = info["address"], info["instance"]
+    return worker
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    return generate_key_file(tmp_path / "keys" / "key")
+
+
+WorkerFactory = Callable[..., WorkerProcess]
+
+
+@pytest.fixture
+def worker_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[WorkerFactory]:
+    """Start workers for one test; all are stopped after it, logs shown if it failed."""
+    started: list[WorkerProcess] = []
+    shared_key = generate_key_file(tmp_path / "factory" / "key")
+
+    def factory(
+        name: str = "w1", *args: str, key_file: Path | None = None, **kw: object
+    ) -> WorkerProcess:
+        worker = start_worker(
+            tmp_path / "workers",
+            name,
+            key_file or shared_key,
+            *args,
+            **kw,  # type: ignore[arg-type]
+        )
+        started.append(worker)
+        return worker
+
+    yield factory
+    for worker in started:
+        worker.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for worker in started:
+            print(f"----- log of worker {worker.name} -----\n{worker.log()}")
+
+
+@pytest.fixture(scope="module")
+def shared_worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WorkerProcess]:
+    """One simulator worker for a whole test module (tests that leave it healthy)."""
+    tmp = tmp_path_factory.mktemp("shared")
+    key = generate_key_file(tmp / "key")
+    worker = start_worker(tmp, "shared", key)
+    yield worker
+    worker.stop()
+
+
+@pytest.fixture
+def client(shared_worker: WorkerProcess) -> Iterator[object]:
+    from lan2gpu_magic import connect
+
+    with connect(shared_worker.address, key_file=shared_worker.key_file) as c:
+        yield c

@@ -1,0 +1,172 @@
+"""The Python API against a real ``python -m worker_kernel --simulate`` process."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+from numba import cuda, njit
+
+from lan2gpu_magic import Client, OutputHandlers, RemoteExecutionError, SerializationError, connect
+
+# Defined in the test process, which (like a laptop) has no GPU and no simulator.
+
+
+@cuda.jit(device=True)
+def scale(x, k):
+    return x * k
+
+
+@cuda.jit
+def kern(a, out, k):
+    i = cuda.grid(1)
+    if i < a.size:
+        out[i] = scale(a[i], k)
+
+
+@njit
+def add1(x):
+    return x + 1
+
+
+class Recorder(OutputHandlers):
+    """Keeps live output with arrival times."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[float, str, object]] = []
+        super().__init__(
+            stream=lambda name, text: self.events.append((time.monotonic(), name, text)),
+            display=lambda data, md: self.events.append((time.monotonic(), "display", data)),
+            status=lambda kind, content: self.events.append((time.monotonic(), kind, content)),
+        )
+
+    def text(self, name: str = "stdout") -> str:
+        return "".join(str(e[2]) for e in self.events if e[1] == name)
+
+
+ISSUE_CELL = """
+d_a = cuda.to_device(a)
+d_out = cuda.device_array_like(a)
+kern[4, 64](d_a, d_out, 3.0)
+out = d_out.copy_to_host()
+print("sum on the worker:", out.sum())
+"""
+
+
+def test_kernels_from_a_gpu_less_process_run_and_arrays_come_back(client: Client):
+    a = np.arange(256, dtype=np.float32)
+    ns = {"a": a, "cuda": cuda, "kern": kern}
+    rec = Recorder()
+    result = client.run(ISSUE_CELL, ns, handlers=rec)
+    assert rec.text() == "sum on the worker: 97920.0\n"
+    assert np.array_equal(ns["out"], a * 3)
+    assert type(ns["d_out"]) is np.ndarray and np.array_equal(ns["d_out"], a * 3)
+    assert type(ns["d_a"]) is np.ndarray and np.array_equal(ns["d_a"], a)
+    assert result.worker == "shared"
+    assert result.stats["bytes_in"] > a.nbytes
+
+
+def test_output_streams_while_the_cell_runs(client: Client):
+    rec = Recorder()
+    client.run(
+        "import time\nprint('before', flush=False)\ntime.sleep(2)\nprint('after')", {}, handlers=rec
+    )
+    done = time.monotonic()
+    first = next(t for t, name, text in rec.events if name == "stdout" and "before" in str(text))
+    assert done - first > 1.5, "the first line arrived only when the cell ended"
+    assert rec.text() == "before\nafter\n"
+
+
+def test_last_expression_value_and_display(client: Client):
+    rec = Recorder()
+    code = "class H:\n    def _repr_html_(self):\n        return '<i>x</i>'\ndisplay(H())\n6 * 7"
+    result = client.run(code, {}, handlers=rec)
+    assert result.has_value and result.value == 42
+    shown = [e[2] for e in rec.events if e[1] == "display"]
+    assert shown and shown[0]["text/html"] == "<i>x</i>"  # type: ignore[index]
+
+
+def test_session_keeps_state_that_cannot_travel(client: Client, capsys):
+    ns: dict = {}
+    client.run("import threading\nlock = threading.Lock()\nn = 1", ns)
+    assert "lock" not in ns and ns["n"] == 1
+    assert "`lock` stays on the worker" in capsys.readouterr().err
+    client.run("got = lock.acquire(blocking=False)", ns)
+    assert ns["got"] is True
+
+
+def test_named_sessions_are_shared_by_name_and_isolated_otherwise(shared_worker):
+    with (
+        connect(shared_worker.address, key_file=shared_worker.key_file) as one,
+        connect(shared_worker.address, key_file=shared_worker.key_file) as two,
+    ):
+        one.run("secret = 41", {}, session="team")
+        ns: dict = {}
+        two.run("seen = secret + 1", ns, session="team")
+        assert ns["seen"] == 42
+        with pytest.raises(RemoteExecutionError, match="NameError"):
+            two.run("seen = secret", {}, session="other")
+
+
+def test_unchanged_kernels_are_not_rebuilt_between_cells(client: Client):
+    ns = {"add1": add1, "kern": kern, "np": np}
+    cell = "ids = (id(add1), id(kern))\nn = add1(1)\nnover = len(add1.overloads)"
+    client.run(cell, ns)
+    first = ns["ids"]
+    client.run(cell, ns)
+    assert ns["ids"] == first  # same dispatcher objects: nothing recompiled
+    assert ns["nover"] == 1 and ns["n"] == 2
+
+    @njit
+    def add1_changed(x):
+        return x + 2
+
+    ns["add1"] = add1_changed
+    client.run(cell, ns)
+    assert ns["ids"][0] != first[0] and ns["n"] == 3
+
+
+def test_kernel_defined_on_the_worker_comes_back_usable_here(client: Client):
+    ns: dict = {}
+    client.run("from numba import njit\n@njit\ndef sq(x):\n    return x * x", ns)
+    assert ns["sq"](7) == 49
+
+
+def test_remote_error_has_the_cells_lines_and_the_worker_keeps_serving(client: Client):
+    code = "x = 1\ny = [1, 2][x]\nz = {}['missing']"
+    with pytest.raises(RemoteExecutionError) as info:
+        client.run(code, {})
+    err = info.value
+    assert err.ename == "KeyError" and err.worker == "shared"
+    text = "\n".join(err._render_traceback_())
+    assert "line 3" in text and "z = {}['missing']" in text
+    assert client.run("ok = True", {}).outputs == {"ok": True}
+
+
+def test_unpicklable_input_fails_before_sending(client: Client, tmp_path):
+    with open(tmp_path / "f", "w") as fh, pytest.raises(SerializationError, match="input `fh`"):
+        client.run("fh.write('x')", {"fh": fh})
+
+
+def test_required_output_that_cannot_travel_is_an_error(client: Client):
+    with pytest.raises(RemoteExecutionError, match="output `lock`"):
+        client.run("import threading\nlock = threading.Lock()", {}, outputs="lock")
+
+
+def test_service_answers_while_a_cell_is_busy(shared_worker):
+    with (
+        connect(shared_worker.address, key_file=shared_worker.key_file) as busy,
+        connect(shared_worker.address, key_file=shared_worker.key_file) as other,
+    ):
+        runner = threading.Thread(target=busy.run, args=("import time\ntime.sleep(3)", {}))
+        runner.start()
+        try:
+            time.sleep(0.5)
+            rtts = [other.ping() for _ in range(5)]
+            status = other.status()
+        finally:
+            runner.join(30)
+        assert max(rtts) < 0.5
+        assert status["gpus"]["0"]["running"] is not None

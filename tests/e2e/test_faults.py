@@ -1,0 +1,136 @@
+"""Timeouts, interrupts, crashes and lost workers: always an answer, never a hang."""
+
+from __future__ import annotations
+
+import _thread
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from lan2gpu_magic import (
+    ExecutionTimeout,
+    ExecutorDied,
+    WorkerLost,
+    WorkerUnreachable,
+    connect,
+)
+from lan2gpu_magic.errors import AuthenticationError
+from worker_kernel.protocol.keys import generate_key_file
+
+
+def test_timeout_stops_a_runaway_cell_and_keeps_the_session(client):
+    client.run("kept = 'still here'", {})
+    t0 = time.monotonic()
+    with pytest.raises(ExecutionTimeout) as info:
+        client.run("while True:\n    pass", {}, timeout=2)
+    elapsed = time.monotonic() - t0
+    assert 1.5 < elapsed < 15
+    assert not info.value.session_lost
+    assert "intact" in str(info.value)
+    ns: dict = {}
+    client.run("again = kept", ns)
+    assert ns["again"] == "still here"
+
+
+def test_a_cell_that_ignores_the_timeout_is_killed_and_replaced(client):
+    client.run("kept = 1", {})
+    stubborn = "import time\nwhile True:\n    try:\n        time.sleep(10)\n    except BaseException:\n        pass"
+    with pytest.raises(ExecutionTimeout) as info:
+        client.run(stubborn, {}, timeout=1)
+    assert info.value.session_lost
+    assert "lost" in str(info.value)
+    ns: dict = {}
+    client.run("fresh = 'kept' in dir()", ns)  # a new executor, a new namespace
+    assert ns["fresh"] is False
+
+
+def test_interrupt_cancels_the_remote_cell_and_the_session_survives(client):
+    client.run("kept = 2", {})
+    timer = threading.Timer(1.0, _thread.interrupt_main)
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            client.run("import time\ntime.sleep(60)", {})
+    finally:
+        timer.cancel()
+    assert time.monotonic() - t0 < 5
+    ns: dict = {}
+    client.run("again = kept", ns)
+    assert ns["again"] == 2
+
+
+@pytest.mark.parametrize(
+    ("cell", "cause"),
+    [
+        ("import os\nos._exit(3)", "exit code 3"),
+        ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", "SIGKILL"),
+        ("import ctypes\nctypes.string_at(0)", "SIGSEGV"),
+    ],
+)
+def test_executor_death_is_reported_and_the_next_cell_works(client, cell, cause):
+    t0 = time.monotonic()
+    with pytest.raises(ExecutorDied, match=cause) as info:
+        client.run(cell, {})
+    assert time.monotonic() - t0 < 10
+    assert info.value.session_lost
+    assert client.run("x = 5", {}).outputs == {"x": 5}
+
+
+def test_worker_killed_mid_cell_is_detected_by_heartbeat(worker_factory):
+    worker = worker_factory("doomed")
+    with connect(worker.address, key_file=worker.key_file) as c:
+        c.run("x = 1", {})
+        threading.Timer(1.0, os.kill, (worker.pid, signal.SIGKILL)).start()
+        t0 = time.monotonic()
+        with pytest.raises(WorkerLost, match="stopped answering"):
+            c.run("import time\ntime.sleep(60)", {})
+        assert time.monotonic() - t0 < 10
+
+
+def test_frozen_worker_is_detected_by_heartbeat(worker_factory):
+    worker = worker_factory("frozen")
+    with connect(worker.address, key_file=worker.key_file) as c:
+        c.run("x = 1", {})
+        threading.Timer(1.0, os.kill, (worker.pid, signal.SIGSTOP)).start()
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(WorkerLost):
+                c.run("import time\ntime.sleep(60)", {})
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        assert time.monotonic() - t0 < 10
+
+
+def test_client_reconnects_to_a_restarted_worker(worker_factory, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    key = generate_key_file(tmp_path / "restart-key")
+    first = worker_factory("again", key_file=key, bind=f"tcp://127.0.0.1:{port}")
+    with connect(first.address, key_file=key) as c:
+        c.run("x = 1", {})
+        first.stop()
+        second = worker_factory("again", key_file=key, bind=f"tcp://127.0.0.1:{port}")
+        assert second.instance != first.instance
+        time.sleep(1.2)  # let the client's "recently heard" window pass
+        assert c.run("y = 2", {}).outputs == {"y": 2}
+
+
+def test_unreachable_worker_says_where_and_what_to_do():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(WorkerUnreachable, match=f"tcp://127.0.0.1:{port}.*is it running"):
+        connect(f"tcp://127.0.0.1:{port}", key=os.urandom(32), connect_timeout=1)
+    assert time.monotonic() - t0 < 5
+
+
+def test_wrong_key_is_reported_as_such(shared_worker):
+    with pytest.raises(AuthenticationError, match="key file differs"):
+        connect(shared_worker.address, key=os.urandom(32), connect_timeout=5)

@@ -1,0 +1,198 @@
+"""Hostile frames against a real worker: each is rejected before anything is
+unpickled, and the worker keeps serving.
+
+The payload of the tampered messages would create a marker file if it were ever
+unpickled, so "not unpickled" is observable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from lan2gpu_magic import connect
+from worker_kernel.protocol import messages as m
+from worker_kernel.protocol.messages import Message
+from worker_kernel.protocol.serialize import Payload, dumps
+from worker_kernel.protocol.versions import local_versions
+from worker_kernel.protocol.wire import Wire, _mac
+
+
+class Tripwire:
+    """Unpickling this creates ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+class RawPeer:
+    """A bare DEALER socket speaking frames directly; closed by the fixture."""
+
+    def __init__(self, address: str) -> None:
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+
+    def send(self, frames: list) -> None:
+        self.sock.send_multipart([bytes(f) for f in frames])
+
+    def recv(self, timeout: float = 10.0) -> list[bytes] | None:
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        return self.sock.recv_multipart()
+
+    def close(self) -> None:
+        self.sock.close()
+        self.ctx.term()
+
+
+@pytest.fixture
+def peer(shared_worker) -> Iterator[RawPeer]:
+    p = RawPeer(shared_worker.address)
+    yield p
+    p.close()
+
+
+def execute_frames(worker, marker: Path, *, to: str | None = None, **kw) -> list[bytes]:
+    payload = Payload()
+    payload.add("trap", dumps(Tripwire(marker)))
+    payload.add("arr", dumps(np.arange(256, dtype=np.float32)))
+    msg = Message(
+        kind=m.EXECUTE,
+        content={"code": "y = 1", "inputs": payload.entries, "outputs": ["y"]},
+        buffers=payload.frames,
+        session="tamper",
+        to=worker.instance if to is None else to,
+        **kw,
+    )
+    return [bytes(f) for f in Wire(worker.key).encode(msg)]
+
+
+def flip(frame: bytes) -> bytes:
+    data = bytearray(frame)
+    data[len(data) // 2] ^= 0x10
+    return bytes(data)
+
+
+def assert_still_serving(worker) -> None:
+    with connect(worker.address, key_file=worker.key_file) as c:
+        assert c.run("alive = 1", {}).outputs == {"alive": 1}
+
+
+def test_a_flipped_bit_in_every_frame_is_rejected_unpickled(shared_worker, peer, tmp_path):
+    marker = tmp_path / "unpickled"
+    frames = execute_frames(shared_worker, marker)
+    # magic, version, kind, header, signature, trap pickle, arr pickle, arr buffer
+    assert len(frames) == 8
+    for index in range(len(frames)):
+        tampered = list(frames)
+        tampered[index] = flip(tampered[index])
+        peer.send(tampered)
+        reply = peer.recv()
+        assert reply is not None, f"no answer for tampered frame {index}"
+        assert reply[2] == b"reject", f"frame {index}: {reply[2]!r}"
+    time.sleep(0.5)
+    assert not marker.exists(), "a tampered message was unpickled"
+    assert "rejected a message" in shared_worker.log()
+    assert_still_serving(shared_worker)
+    # The tripwire works: the same message untampered is unpickled (and runs).
+    peer.send(execute_frames(shared_worker, marker))
+    deadline = time.monotonic() + 30
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert marker.exists()
+
+
+def test_replayed_message_runs_once(shared_worker, peer, tmp_path):
+    msg = Message(kind=m.PING, to=shared_worker.instance)
+    frames = [bytes(f) for f in Wire(shared_worker.key).encode(msg)]
+    peer.send(frames)
+    assert json.loads(peer.recv()[3])["kind"] == m.PONG  # type: ignore[index]
+    peer.send(frames)
+    reply = peer.recv()
+    assert reply is not None and reply[2] == b"reject"
+    assert b"replay" in reply[3]
+
+
+def test_message_older_than_the_window_is_rejected(shared_worker, peer, tmp_path):
+    marker = tmp_path / "unpickled"
+    peer.send(execute_frames(shared_worker, marker, sent=time.time() - 600))
+    reply = peer.recv()
+    assert reply is not None and reply[2] == b"reject" and b"replay window" in reply[3]
+    assert not marker.exists()
+
+
+def test_message_for_another_worker_with_the_same_key_is_refused(worker_factory, tmp_path):
+    a = worker_factory("a")
+    b = worker_factory("b")  # same key as a
+    marker = tmp_path / "unpickled"
+    p = RawPeer(b.address)
+    try:
+        p.send(execute_frames(a, marker))  # addressed to a, delivered to b
+        reply = p.recv()
+    finally:
+        p.close()
+    assert reply is not None
+    header = json.loads(reply[3])
+    assert header["kind"] == m.ERROR and header["content"]["code"] == "wrong-recipient"
+    time.sleep(0.5)
+    assert not marker.exists()
+    assert_still_serving(b)
+
+
+@pytest.mark.parametrize("version", [b"0", b"2"])
+def test_other_protocol_versions_are_rejected_by_name(shared_worker, peer, tmp_path, version):
+    frames = execute_frames(shared_worker, tmp_path / "unpickled")
+    frames[1] = version
+    peer.send(frames)
+    reply = peer.recv()
+    assert reply is not None and reply[2] == b"reject"
+    assert f"version {version.decode()}".encode() in reply[3]
+
+
+def test_python_minor_mismatch_fails_the_handshake_naming_both(shared_worker, peer):
+    versions = dict(local_versions(), python="3.99.0")
+    hello = Message(kind=m.HELLO, content={"client": "x", "versions": versions})
+    peer.send(Wire(shared_worker.key).encode(hello))
+    reply = peer.recv()
+    assert reply is not None
+    header = json.loads(reply[3])
+    assert header["kind"] == m.ERROR and header["content"]["code"] == "version"
+    assert "3.99.0" in header["content"]["reason"]
+    assert local_versions()["python"] in header["content"]["reason"]
+
+
+def test_header_lying_about_sizes_and_extra_frames(shared_worker, peer, tmp_path):
+    marker = tmp_path / "unpickled"
+    key = shared_worker.key
+    frames = execute_frames(shared_worker, marker)
+    header = json.loads(frames[3])
+    header["buffers"][-1][0] = 16  # the array buffer is 1024 bytes
+    lying = [*frames[:3], json.dumps(header).encode()]
+    lying = [*lying, _mac(key, lying), *frames[5:]]
+    for bad in (lying, [*frames, b"extra"], frames[:-1]):
+        peer.send(bad)
+        reply = peer.recv()
+        assert reply is not None and reply[2] == b"reject"
+    time.sleep(0.3)
+    assert not marker.exists()
+    assert_still_serving(shared_worker)
+
+
+def test_garbage_does_not_hurt_the_worker(shared_worker, peer):
+    for junk in ([b"hello"], [b"L2G"], [os.urandom(64) for _ in range(6)], [b""] * 9):
+        peer.send(junk)
+    time.sleep(0.5)
+    assert shared_worker.alive()
+    assert_still_serving(shared_worker)
