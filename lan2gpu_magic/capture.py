@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigurationError
+from .errors import CellSyntaxError, ConfigurationError
 
 
 @dataclass
@@ -300,13 +300,22 @@ def plan_cell(
     inputs: str | Iterable[str] | None = None,
     outputs: str | Iterable[str] | None = None,
     filename: str = "<cell>",
+    line_offset: int = 0,
 ) -> CellPlan:
     """Decide what to send and bring back; ``inputs``/``outputs`` override the analysis.
 
     ``hidden`` is IPython's ``user_ns_hidden``: a name still bound to its hidden
     value (``In``, ``Out``, ``exit``, ...) is never an input.
     """
-    names = analyze(code, filename)
+    try:
+        names = analyze(code, filename)
+    except SyntaxError as exc:
+        # Point at the line as the user sees it (the magic line comes first).
+        if exc.lineno is not None:
+            exc.lineno += line_offset
+        if exc.end_lineno is not None:
+            exc.end_lineno += line_offset
+        raise CellSyntaxError(exc) from None
     hidden = hidden or {}
     explicit_in = _split(inputs)
     explicit_out = _split(outputs)

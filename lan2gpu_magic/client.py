@@ -46,6 +46,7 @@ from .transport import Transport
 
 _FRESH = 1.0  # skip the pre-flight ping if the worker spoke this recently
 _CANCEL_WAIT = 5.0  # after an interrupt, how long to wait for the worker's answer
+_BIG_UPLOAD = 8 << 20  # announce uploads this large, so the worker heartbeats meanwhile
 
 
 @dataclass(frozen=True)
@@ -240,7 +241,7 @@ class Client:
     ) -> RunResult:
         """Send a planned cell with its serialized inputs; stream output; return results."""
         handlers = handlers or OutputHandlers()
-        if self._clock() - self._last_heard > _FRESH:
+        if self._clock() - self._last_heard > _FRESH or payload.nbytes > _BIG_UPLOAD:
             # Fail fast before uploading, re-handshake after a worker restart, and
             # tell the worker how much is coming so it keeps heartbeating us.
             self.ping(expect_bytes=payload.nbytes)

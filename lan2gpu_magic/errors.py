@@ -4,6 +4,7 @@
 
     Lan2GPUError
     ├── ConfigurationError        your setup: a bad option, key file or address
+    ├── CellSyntaxError           the cell does not parse (found before sending it)
     ├── NoWorkerAvailable         nothing known matches what the cell asked for
     ├── TransportError            the network path
     │   ├── WorkerUnreachable     no answer to the handshake
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 from worker_kernel.protocol.errors import (
     AuthenticationError,
+    CellSyntaxError,
     ConfigurationError,
     ConnectionClosed,
     ExecutionCancelled,
@@ -47,6 +49,7 @@ from worker_kernel.protocol.errors import (
 
 __all__ = [
     "AuthenticationError",
+    "CellSyntaxError",
     "ConfigurationError",
     "ConnectionClosed",
     "ExecutionCancelled",

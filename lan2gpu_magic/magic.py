@@ -150,6 +150,7 @@ class Lan2GPUMagics(Magics):
             inputs=args.inputs,
             outputs=args.outputs,
             filename=filename,
+            line_offset=1,
         )
         payload, _ = dump_values({name: shell.user_ns[name] for name in plan.inputs})
         client = self.pool.choose(Requirements(worker=args.worker))
@@ -200,8 +201,7 @@ class Lan2GPUMagics(Magics):
         elif args.command == "workers":
             self._print_workers()
         elif args.command == "status":
-            for address, client, problem in self.pool.entries():
-                print(f"{address}: {client.status() if client else problem}")
+            self._print_status()
         elif args.command == "close-session":
             chosen = self.pool.choose(Requirements(worker=args.worker))
             closed = chosen.close_session(args.session)
@@ -209,6 +209,20 @@ class Lan2GPUMagics(Magics):
         else:
             print(self._line_args.format_help())
         return None
+
+    def _print_status(self) -> None:
+        for address, client, problem in self.pool.entries():
+            if client is None:
+                print(f"{address}: unusable: {problem}")
+                continue
+            status = client.status()
+            print(f"{client.name} ({address}): sessions {', '.join(status['sessions']) or '-'}")
+            for gpu, queue in status["gpus"].items():
+                cell = queue["running"]
+                now = "idle"
+                if cell:
+                    now = f"running {cell['id'][:8]} ({cell['session']}, {cell['running']:.1f} s)"
+                print(f"  GPU{gpu}: {now}; {len(queue['queued'])} waiting")
 
     def _print_workers(self) -> None:
         rows = [("NAME", "ADDRESS", "GPUS", "SIMULATOR", "STATE")]

@@ -15,6 +15,7 @@ Internal frames (service <-> executor)::
 from __future__ import annotations
 
 import argparse
+import builtins
 import json
 import os
 import signal
@@ -41,6 +42,23 @@ def _watch_parent(parent: int) -> None:
             os._exit(EXIT_ORPHANED)
 
 
+def _route_display(display: Any) -> None:
+    """Make ``display`` the one cells get, however they reach it.
+
+    Helper functions pickled from the notebook look ``display`` up in the real
+    builtins (IPython puts it there), and ``from IPython.display import display``
+    would otherwise just print a repr here, where no IPython shell runs.
+    """
+    builtins.display = display  # type: ignore[attr-defined]
+    try:
+        import IPython.core.display_functions as functions
+        import IPython.display
+    except ImportError:  # IPython is optional on a worker
+        return
+    functions.display = display
+    IPython.display.display = display
+
+
 def _warm_imports() -> None:
     # Import numba now so the first cell does not pay for it; CUDA itself is
     # initialised lazily by the first cell that uses it.
@@ -64,6 +82,7 @@ class Executor:
         self.lock = threading.Lock()
         self.channel = OutputChannel()
         self.runner = CellRunner(worker, self.channel, self.send)
+        _route_display(self.runner.display)
 
     def send(self, msg: Message) -> None:
         frames = self.wire.encode(msg)

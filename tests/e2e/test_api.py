@@ -88,6 +88,16 @@ def test_last_expression_value_and_display(client: Client):
     assert shown and shown[0]["text/html"] == "<i>x</i>"  # type: ignore[index]
 
 
+def test_ipython_display_and_notebook_helpers_reach_the_notebook(client: Client):
+    rec = Recorder()
+    ns: dict = {"__name__": "__main__"}
+    exec("def show(x):\n    display(x)", ns)  # noqa: S102 - a helper "defined in the notebook"
+    code = "from IPython.display import HTML, display as d\nd(HTML('<b>1</b>'))\nshow(HTML('<b>2</b>'))"
+    client.run(code, {"show": ns["show"]}, handlers=rec)
+    shown = [e[2]["text/html"] for e in rec.events if e[1] == "display"]  # type: ignore[index]
+    assert shown == ["<b>1</b>", "<b>2</b>"]
+
+
 def test_session_keeps_state_that_cannot_travel(client: Client, capsys):
     ns: dict = {}
     client.run("import threading\nlock = threading.Lock()\nn = 1", ns)

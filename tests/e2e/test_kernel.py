@@ -100,6 +100,22 @@ def test_interrupt_cancels_the_remote_cell_within_a_second_or_two(kernel):
     assert after.stream() == "yes\n"
 
 
+def test_syntax_error_points_at_the_line_the_user_sees(kernel):
+    run = kernel.run("%%lan2gpu\nx = 1\ny = (\n")
+    error = run.error()
+    assert error is not None and error["ename"] == "CellSyntaxError"
+    text = "\n".join(error["traceback"])
+    assert "line 3" in text and "y = (" in text and "was never closed" in text
+    assert "lan2gpu_magic" not in text
+
+
+def test_status_and_workers_tables(kernel):
+    workers = kernel.run("%lan2gpu workers").stream()
+    assert "shared" in workers and "CUDA simulator" in workers and "connected" in workers
+    status = kernel.run("%lan2gpu status").stream()
+    assert "shared (tcp://127.0.0.1:" in status and "GPU0: idle; 0 waiting" in status
+
+
 def test_unknown_option_is_a_usage_error(kernel):
     run = kernel.run("%%lan2gpu --gpuz 2\nx = 1")
     # IPython prints usage errors on stderr instead of a traceback.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lan2gpu_magic.capture import analyze, plan_cell
-from lan2gpu_magic.errors import ConfigurationError
+from lan2gpu_magic.errors import CellSyntaxError, ConfigurationError
 
 
 def reads(code: str) -> set[str]:
@@ -113,6 +113,13 @@ def test_match_captures_are_outputs():
 def test_syntax_errors_propagate():
     with pytest.raises(SyntaxError):
         analyze("x = (")
+
+
+def test_plan_reports_syntax_errors_at_the_users_line_number():
+    with pytest.raises(CellSyntaxError) as info:
+        plan_cell("x = 1\ny = (", {}, filename="<c>", line_offset=1)
+    assert info.value.lineno == 3
+    assert info.value._render_traceback_()[-1] == "SyntaxError: '(' was never closed"
 
 
 def test_plan_keeps_only_names_that_exist_and_are_not_hidden():

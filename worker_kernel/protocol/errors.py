@@ -4,6 +4,7 @@
 
     Lan2GPUError
     ├── ConfigurationError        your setup: a bad option, key file or address
+    ├── CellSyntaxError           the cell does not parse (found before sending it)
     ├── NoWorkerAvailable         nothing known matches what the cell asked for
     ├── TransportError            the network path
     │   ├── WorkerUnreachable     no answer to the handshake
@@ -25,6 +26,7 @@ Every message says what happened, where, and what to do.
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +42,39 @@ class Lan2GPUError(Exception):
 
 class ConfigurationError(Lan2GPUError):
     """A setting, option, key file or address is wrong; fix the configuration."""
+
+
+class CellSyntaxError(Lan2GPUError):
+    """The cell is not valid Python; nothing was sent.
+
+    Not a ``SyntaxError`` subclass on purpose: IPython would show one with a
+    traceback through lan2gpu's internals instead of just the cell's line.
+    """
+
+    def __init__(self, error: SyntaxError) -> None:
+        super().__init__(f"{error.msg} ({error.filename}, line {error.lineno})")
+        self.lineno = error.lineno
+        self.filename = error.filename
+        self._lines = tuple(
+            line.rstrip("\n")
+            for chunk in traceback.format_exception_only(SyntaxError, error)
+            for line in chunk.splitlines()
+        )
+
+    def _render_traceback_(self) -> list[str]:
+        return list(self._lines)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_syntax_error, (str(self), self.filename, self.lineno, self._lines))
+
+
+def _rebuild_syntax_error(
+    message: str, filename: str | None, lineno: int | None, lines: tuple[str, ...]
+) -> CellSyntaxError:
+    error = CellSyntaxError.__new__(CellSyntaxError)
+    Lan2GPUError.__init__(error, message)
+    error.filename, error.lineno, error._lines = filename, lineno, lines
+    return error
 
 
 class NoWorkerAvailable(Lan2GPUError):
