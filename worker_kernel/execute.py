@@ -215,8 +215,9 @@ class CellRunner:
                 evalue=(
                     f"{len(failed)} input(s) could not be loaded on worker {self.worker}:\n"
                     + "\n".join(lines)
-                    + "\nInstall the missing modules on the worker, or leave those names "
-                    "out with --in."
+                    + "\nInstall the missing modules on the worker, or ship a module's "
+                    "code with the values by calling cloudpickle.register_pickle_by_value("
+                    "module) in the notebook, or leave those names out with --in."
                 ),
             )
             return outcome

@@ -8,16 +8,19 @@ import time
 import numpy as np
 import pytest
 from numba import cuda, njit
+from numba.cuda.random import xoroshiro128p_uniform_float32
 
 from lan2gpu_magic import Client, OutputHandlers, RemoteExecutionError, SerializationError, connect
 
-# Defined in the test process, which (like a laptop) has no GPU and no simulator.
-
+# Kernels "defined in a notebook": in __main__ (so they travel by value), in this
+# process, which (like a laptop) has no GPU and no simulator.
+NOTEBOOK_CELL = """
+from numba import cuda, njit
+from numba.cuda.random import xoroshiro128p_uniform_float32
 
 @cuda.jit(device=True)
 def scale(x, k):
     return x * k
-
 
 @cuda.jit
 def kern(a, out, k):
@@ -25,10 +28,13 @@ def kern(a, out, k):
     if i < a.size:
         out[i] = scale(a[i], k)
 
-
 @njit
 def add1(x):
     return x + 1
+"""
+NOTEBOOK: dict = {"__name__": "__main__"}
+exec(NOTEBOOK_CELL, NOTEBOOK)  # noqa: S102
+kern, add1 = NOTEBOOK["kern"], NOTEBOOK["add1"]
 
 
 class Recorder(OutputHandlers):
@@ -129,13 +135,46 @@ def test_unchanged_kernels_are_not_rebuilt_between_cells(client: Client):
     assert ns["ids"] == first  # same dispatcher objects: nothing recompiled
     assert ns["nover"] == 1 and ns["n"] == 2
 
-    @njit
-    def add1_changed(x):
-        return x + 2
-
-    ns["add1"] = add1_changed
+    changed: dict = {"__name__": "__main__", "njit": njit}
+    exec("@njit\ndef add1(x):\n    return x + 2", changed)  # noqa: S102
+    ns["add1"] = changed["add1"]
     client.run(cell, ns)
     assert ns["ids"][0] != first[0] and ns["n"] == 3
+
+
+def test_numba_library_device_functions_are_the_workers_own(client: Client):
+    # numba.cuda.random differs between the simulator and a GPU: by reference, the
+    # worker uses its own version instead of the notebook's.
+    ns: dict = {"__name__": "__main__", "cuda": cuda, "uniform": xoroshiro128p_uniform_float32}
+    exec(  # noqa: S102
+        "@cuda.jit\n"
+        "def pi_kernel(states, n, out):\n"
+        "    t = cuda.grid(1)\n"
+        "    inside = 0\n"
+        "    for _ in range(n):\n"
+        "        x = uniform(states, t)\n"
+        "        y = uniform(states, t)\n"
+        "        if x * x + y * y <= 1.0:\n"
+        "            inside += 1\n"
+        "    out[t] = 4.0 * inside / n\n",
+        ns,
+    )
+    code = (
+        "from numba.cuda.random import create_xoroshiro128p_states\n"
+        "states = create_xoroshiro128p_states(32, seed=7)\n"
+        "out = np.zeros(32, dtype=np.float32)\n"
+        "pi_kernel[1, 32](states, 200, out)\n"
+        "estimate = float(out.mean())"
+    )
+    ns["np"] = np
+    client.run(code, ns, outputs="estimate")
+    assert abs(ns["estimate"] - 3.14159) < 0.3
+
+
+def test_cuda_reduce_made_here_runs_there(client: Client):
+    ns = {"total": cuda.reduce(lambda a, b: a + b), "np": np}
+    client.run("s = total(np.arange(100, dtype=np.float64))", ns)
+    assert ns["s"] == 4950
 
 
 def test_kernel_defined_on_the_worker_comes_back_usable_here(client: Client):
@@ -180,3 +219,47 @@ def test_service_answers_while_a_cell_is_busy(shared_worker):
             runner.join(30)
         assert max(rtts) < 0.5
         assert status["gpus"]["0"]["running"] is not None
+
+
+KERNEL_MODULE = """
+from numba import cuda
+
+@cuda.jit
+def fill(out, value):
+    i = cuda.grid(1)
+    if i < out.size:
+        out[i] = value
+"""
+
+
+def test_kernels_from_a_user_module_travel_by_reference_or_by_value(worker_factory, tmp_path):
+    import importlib
+    import sys
+
+    import cloudpickle
+
+    (tmp_path / "mykernels_l2g.py").write_text(KERNEL_MODULE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        mykernels = importlib.import_module("mykernels_l2g")
+        cell = "out = np.zeros(8, dtype=np.int32)\nfill[1, 8](out, 5)"
+        with_module = worker_factory("has-module", env={"PYTHONPATH": str(tmp_path)})
+        without = worker_factory("no-module")
+        with connect(with_module.address, key_file=with_module.key_file) as c:
+            ns = {"np": np, "fill": mykernels.fill}
+            c.run(cell, ns)
+            assert ns["out"].tolist() == [5] * 8
+        with connect(without.address, key_file=without.key_file) as c:
+            ns = {"np": np, "fill": mykernels.fill}
+            with pytest.raises(RemoteExecutionError, match="fill: ModuleNotFoundError") as info:
+                c.run(cell, ns)
+            assert "register_pickle_by_value" in str(info.value)
+            cloudpickle.register_pickle_by_value(mykernels)
+            try:
+                c.run(cell, ns)
+            finally:
+                cloudpickle.unregister_pickle_by_value(mykernels)
+            assert ns["out"].tolist() == [5] * 8
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("mykernels_l2g", None)

@@ -199,3 +199,61 @@ def test_a_value_that_fails_to_load_does_not_take_others_with_it():
     values, failed = load_values(payload.entries, frames)
     assert values == {"b": 2}
     assert list(failed) == ["a"]
+
+
+def test_library_dispatchers_travel_by_reference(tmp_path):
+    # numba.cuda.random's generators are CUDA device functions here, but CPU
+    # functions under the simulator: the loader must get its own.
+    _python(
+        """
+import pickle
+from numba.cuda.random import xoroshiro128p_uniform_float32 as u
+from worker_kernel.protocol.serialize import dumps
+frames = dumps(u)
+assert len(frames[0]) < 300, len(frames[0])  # a reference, not a function body
+open("frames.pkl", "wb").write(pickle.dumps([bytes(f) for f in frames]))
+print(type(u).__name__)
+""",
+        simulate=False,
+        cwd=tmp_path,
+    )
+    out = _python(
+        """
+import pickle
+import numba.cuda.random as r
+from worker_kernel.protocol.serialize import loads
+u = loads(pickle.load(open("frames.pkl", "rb")))
+print(u is r.xoroshiro128p_uniform_float32, type(u).__name__)
+""",
+        simulate=True,
+        cwd=tmp_path,
+    )
+    assert out.split() == ["True", "CPUDispatcher"]
+
+
+@pytest.mark.parametrize(("here", "there"), [(False, True), (True, False)])
+def test_cuda_reduce_is_rebuilt_for_the_loaders_target(tmp_path, here, there):
+    _python(
+        """
+import pickle
+from numba import cuda
+from worker_kernel.protocol.serialize import dumps
+r = cuda.reduce(lambda a, b: max(a, b))
+open("frames.pkl", "wb").write(pickle.dumps([bytes(f) for f in dumps(r)]))
+""",
+        simulate=here,
+        cwd=tmp_path,
+    )
+    check = "r(np.arange(10.0))" if there else "type(r).__name__"
+    out = _python(
+        f"""
+import pickle
+import numpy as np
+from worker_kernel.protocol.serialize import loads
+r = loads(pickle.load(open("frames.pkl", "rb")))
+print({check})
+""",
+        simulate=there,
+        cwd=tmp_path,
+    )
+    assert out.strip() == ("9.0" if there else "Reduce")

@@ -12,21 +12,32 @@ Rebuilt dispatchers are cached per process by the digest of that pickle, so a
 kernel whose code, globals and options did not change is the same dispatcher
 next time and is not compiled again.
 
+A dispatcher that an importable module defines (``numba.cuda.random``'s
+generators, a package of the user's kernels) travels by reference instead, and
+the loader imports its *own* version: under the simulator some of numba's own
+device functions are CPU functions, so shipping the notebook's copy would break.
+``cuda.reduce`` objects (and the simulator's stand-in for them) are rebuilt from
+their binary function the same way.
+
 This module imports numba only inside :func:`rebuild_dispatcher`.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import sys
 from collections.abc import Callable
 from typing import Any, Final
 
 import blake3
+import cloudpickle
 
 from .errors import SerializationError
 
 CUDA: Final = "cuda"
 CPU: Final = "cpu"
+REDUCE: Final = "reduce"
 
 # (module, class) of the dispatcher types, matched along the MRO so numba never
 # has to be imported to recognise them.
@@ -34,7 +45,9 @@ _DISPATCHER_CLASSES: Final = {
     ("numba.cuda.dispatcher", "CUDADispatcher"): CUDA,
     ("numba.cuda.simulator.kernel", "FakeCUDAKernel"): CUDA,
     ("numba.core.registry", "CPUDispatcher"): CPU,
+    ("numba.cuda.kernels.reduction", "Reduce"): REDUCE,
 }
+_SIMULATED_REDUCE_MODULE: Final = "numba.cuda.simulator.reduction"
 
 # jit options that mean the same thing on every CUDA target. ``link`` and
 # ``extensions`` name local files/objects and are refused instead.
@@ -65,9 +78,53 @@ def dispatcher_kind(cls: type) -> str | None:
     return None
 
 
+def simulated_reduce_functor(func: Any) -> Callable[..., Any] | None:
+    """The binary function inside the simulator's ``cuda.reduce`` result, if ``func`` is one."""
+    if getattr(func, "__module__", None) != _SIMULATED_REDUCE_MODULE or not func.__closure__:
+        return None
+    try:
+        cell = func.__closure__[func.__code__.co_freevars.index("func")]
+    except ValueError:
+        return None
+    functor: Callable[..., Any] = cell.cell_contents
+    return functor
+
+
+def importable_as(obj: Any) -> tuple[str, str] | None:
+    """``(module, qualname)`` if ``obj`` is importable from a module the loader can import.
+
+    Functions of ``__main__`` and of modules registered with
+    ``cloudpickle.register_pickle_by_value`` are not: they travel by value.
+    """
+    py_func = getattr(obj, "py_func", None)
+    module = getattr(py_func, "__module__", None)
+    qualname = getattr(py_func, "__qualname__", "")
+    if not module or module == "__main__" or "<locals>" in qualname:
+        return None
+    if module in cloudpickle.list_registry_pickle_by_value():
+        return None
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return (module, qualname) if found is obj else None
+
+
+def import_attribute(module: str, qualname: str) -> Any:
+    """Unpickling entry point for dispatchers that travel by reference."""
+    found: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
+
+
 def portable_parts(obj: Any, kind: str) -> tuple[Callable[..., Any], dict[str, Any]]:
     """The Python function behind a dispatcher and the options to rebuild it."""
     name = getattr(obj, "__name__", type(obj).__name__)
+    if kind == REDUCE:
+        functor = simulated_reduce_functor(obj) or getattr(obj, "_functor", None)
+        if functor is None:
+            raise SerializationError(f"cannot find the function inside reduction {name!r}", name)
+        return functor, {}
     if kind == CPU:
         options = {k: v for k, v in obj.targetoptions.items() if k not in _CPU_DROPPED}
         return obj.py_func, options
@@ -107,6 +164,10 @@ def rebuild_dispatcher(kind: str, blob: bytes) -> Any:
 
 
 def _jit(kind: str, options: dict[str, Any]) -> Callable[[Callable[..., Any]], Any]:
+    if kind == REDUCE:
+        from numba import cuda
+
+        return cuda.reduce  # type: ignore[no-any-return]
     if kind == CPU:
         import numba
 

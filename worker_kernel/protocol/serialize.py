@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import io
 import pickle
+import types
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     def reducer_override(self, obj: Any) -> Any:
         kind = _special_kind(type(obj))
         if kind is None:
+            if isinstance(obj, types.FunctionType) and rebuild.simulated_reduce_functor(obj):
+                return self._dispatcher(obj, rebuild.REDUCE)
             return super().reducer_override(obj)
         if kind == _DEVICE_ARRAY:
             return obj.copy_to_host().__reduce_ex__(PROTOCOL)
@@ -68,6 +71,12 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             from numba import cuda  # only reached on a machine with a real GPU
 
             return cuda.as_cuda_array(obj).copy_to_host().__reduce_ex__(PROTOCOL)
+        return self._dispatcher(obj, kind)
+
+    def _dispatcher(self, obj: Any, kind: str) -> Any:
+        where = rebuild.importable_as(obj)
+        if where is not None:
+            return rebuild.import_attribute, where
         blob = self._blobs.get(id(obj))
         if blob is None:
             py_func, options = rebuild.portable_parts(obj, kind)
