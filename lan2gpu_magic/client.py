@@ -17,7 +17,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,6 +103,8 @@ class ExecuteRequest:
     timeout: float | None = None
     filename: str = ""
     line_offset: int = 0
+    gpus: tuple[int, ...] = ()  # the worker's GPU numbers; () lets the worker pick one
+    cpu: bool = False  # a CPU cell: no GPU is visible to it
 
 
 class Client:
@@ -129,6 +131,7 @@ class Client:
         self._clock = clock
         self._last_heard = float("-inf")
         self._cells = 0
+        self.load: dict[str, Any] = {}  # the worker's live numbers, from heartbeats
         self.transport = Transport(
             address, key if key is not None else load_key(key_file), context=context
         )
@@ -258,6 +261,8 @@ class Client:
                 "always": sorted(plan.always),
                 "deletes": list(plan.deletes),
                 "timeout": request.timeout,
+                "gpus": list(request.gpus),
+                "cpu": request.cpu,
             },
             buffers=payload.frames,
             session=request.session,
@@ -281,7 +286,9 @@ class Client:
                 now = self._clock()
                 if reply is not None:
                     last_heard = self._last_heard = now
-                    if reply.parent == cell_id:
+                    if reply.kind == m.HEARTBEAT:
+                        self.load = dict(reply.content.get("load", self.load))
+                    elif reply.parent == cell_id:
                         if reply.kind == m.RESULT:
                             if cancel_deadline is not None:
                                 self._report_cancel(reply, handlers)
@@ -343,11 +350,15 @@ class Client:
         handlers: OutputHandlers | None = None,
         hidden: Mapping[str, Any] | None = None,
         update_namespace: bool = True,
+        gpus: tuple[int, ...] = (),
+        cpu: bool = False,
     ) -> RunResult:
         """Run ``code`` on this worker as if it ran locally in ``namespace``.
 
         Names the code reads are sent from ``namespace``; names it binds come back
-        into it (unless ``update_namespace=False``). Returns a :class:`RunResult`
+        into it (unless ``update_namespace=False``). ``gpus`` picks the worker's
+        GPUs by number (default: the least busy one); ``cpu=True`` runs a CPU cell
+        that sees no GPU. Returns a :class:`RunResult`
         (``.outputs``, ``.value`` of a last expression, ``.stats``). Raises
         :class:`RemoteExecutionError` if the code raised on the worker.
         """
@@ -376,6 +387,69 @@ class Client:
         self.transport.close()
 
 
+@dataclass(frozen=True)
+class StatusReply:
+    """One worker's answer to a status request (or why there was none)."""
+
+    status: dict[str, Any] | None
+    latency: float
+    problem: str = ""
+
+
+def fetch_statuses(clients: Sequence[Client], timeout: float = 2.0) -> list[StatusReply]:
+    """Ask every worker for its status at once and wait for all (up to ``timeout``).
+
+    Replies come back in the order of ``clients``; a worker that restarted since
+    its handshake is shaken hands with again and asked once more.
+    """
+    poller = zmq.Poller()
+    pending: dict[Any, tuple[int, Client, str, float]] = {}
+    replies = [StatusReply(None, float("inf"), "no answer")] * len(clients)
+
+    def ask(i: int, client: Client) -> None:
+        msg = client._message(m.STATUS)
+        try:
+            client.transport.send(msg)
+        except Lan2GPUError as exc:
+            replies[i] = StatusReply(None, float("inf"), str(exc))
+            return
+        sock = client.transport._socket()
+        pending[sock] = (i, client, msg.id, time.monotonic())
+        poller.register(sock, zmq.POLLIN)
+
+    for i, client in enumerate(clients):
+        ask(i, client)
+    deadline = time.monotonic() + timeout
+    retried: set[int] = set()
+    while pending and (remaining := deadline - time.monotonic()) > 0:
+        for sock, _ in poller.poll(int(remaining * 1000) + 1):
+            i, client, msg_id, t0 = pending[sock]
+            try:
+                reply = client.transport.recv(0)
+            except Lan2GPUError as exc:
+                reply, replies[i] = None, StatusReply(None, float("inf"), str(exc))
+                del pending[sock]
+                poller.unregister(sock)
+                continue
+            if reply is None or reply.parent != msg_id:
+                continue
+            del pending[sock]
+            poller.unregister(sock)
+            if reply.kind == m.STATUS_REPLY:
+                client._last_heard = time.monotonic()
+                replies[i] = StatusReply(reply.content, time.monotonic() - t0)
+            elif reply.kind == m.ERROR and i not in retried:
+                retried.add(i)  # restarted worker: new handshake, ask again
+                try:
+                    client.info = client._handshake(max(remaining, 0.1))
+                    ask(i, client)
+                except Lan2GPUError as exc:
+                    replies[i] = StatusReply(None, float("inf"), str(exc))
+    for i, _client, _, _ in pending.values():
+        replies[i] = StatusReply(None, float("inf"), f"did not answer within {timeout:g} s")
+    return replies
+
+
 def connect(
     address: str,
     *,
@@ -398,6 +472,8 @@ __all__ = [
     "Lan2GPUError",
     "OutputHandlers",
     "RunResult",
+    "StatusReply",
     "WorkerInfo",
     "connect",
+    "fetch_statuses",
 ]

@@ -30,6 +30,19 @@ class Lan2GPU(Configurable):
         "worker is configured.",
     ).tag(config=True)
     connect_timeout = Float(10.0, help="Seconds to wait for a worker's handshake.").tag(config=True)
+    discovery = Bool(
+        help="Find workers on the LAN by mDNS/DNS-SD (_lan2gpu._tcp). Default: on, unless "
+        "$LAN2GPU_DISCOVERY is 0."
+    ).tag(config=True)
+    discovery_wait = Float(
+        1.0, help="Seconds to wait for LAN announcements before the first cell is placed."
+    ).tag(config=True)
+    allow_simulator = Bool(
+        False,
+        help="Let GPU cells run on CUDA-simulator workers even when real GPU workers are "
+        "known (like --simulate on every cell). Without it a simulator is used only when no "
+        "real GPU worker is known.",
+    ).tag(config=True)
     default_timeout = Float(
         0.0, help="Default --timeout for %%lan2gpu cells, in seconds (0: no limit)."
     ).tag(config=True)
@@ -37,6 +50,10 @@ class Lan2GPU(Configurable):
     @default("workers")
     def _default_workers(self) -> list[str]:
         return workers_from_env()
+
+    @default("discovery")
+    def _default_discovery(self) -> bool:
+        return os.environ.get("LAN2GPU_DISCOVERY", "1").lower() not in ("0", "false", "no")
 
     @default("key_file")
     def _default_key_file(self) -> str:

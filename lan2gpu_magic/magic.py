@@ -16,14 +16,16 @@ from typing import Any, NoReturn
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.display import publish_display_data
+from IPython.display import DisplayHandle, publish_display_data
 
+from worker_kernel.config import parse_size
+from worker_kernel.protocol.errors import Lan2GPUError
 from worker_kernel.protocol.serialize import dump_values
 
-from . import capture, results
+from . import capture, results, tables
 from .client import ExecuteRequest, OutputHandlers
 from .config import Lan2GPU
-from .placement import Requirements
+from .placement import Placement, Requirements, parse_cc
 from .pool import WorkerPool
 from .tracebacks import register_source
 
@@ -46,6 +48,13 @@ class _Parser(argparse.ArgumentParser):
         raise _HelpShown
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except Lan2GPUError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cell_parser() -> _Parser:
     p = _Parser(
         prog="%%lan2gpu",
@@ -53,6 +62,18 @@ def _cell_parser() -> _Parser:
         add_help=True,
     )
     p.add_argument("--worker", metavar="NAME", help="run on this worker (name or address)")
+    p.add_argument("--gpu", metavar="PATTERN", help='GPU name pattern, e.g. "A100|H100"')
+    p.add_argument(
+        "--min-memory", type=_size, metavar="SIZE", default=0, help="free GPU memory, e.g. 40G"
+    )
+    p.add_argument("--min-cc", type=parse_cc, metavar="X.Y", default=(0, 0))
+    p.add_argument(
+        "--gpus", type=int, metavar="N", default=1, help="GPUs of one host the cell sees"
+    )
+    p.add_argument("--cpu", action="store_true", help="a CPU cell (@njit code), no GPU")
+    p.add_argument(
+        "--simulate", action="store_true", help="allow workers running the CUDA simulator"
+    )
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the cell after this long")
     p.add_argument(
         "--in", dest="inputs", metavar="A,B", help="send exactly these names (default: detected)"
@@ -87,6 +108,41 @@ def _line_parser() -> _Parser:
     return p
 
 
+class _Progress:
+    """One line per cell that says where it runs, updated in place as it moves along."""
+
+    def __init__(self, placement: Placement) -> None:
+        self.where = placement.describe().rsplit(", queue", 1)[0]
+        self.handle = DisplayHandle()  # type: ignore[no-untyped-call]
+        self.handle.display(  # type: ignore[no-untyped-call]
+            self._bundle(f"running on {placement.describe()}"), raw=True
+        )
+
+    @staticmethod
+    def _bundle(text: str) -> dict[str, str]:
+        return {"text/plain": f"lan2gpu: {text}"}
+
+    def status(self, kind: str, content: dict[str, Any]) -> None:
+        if kind == "queued":
+            ahead = int(content.get("position", 0))
+            text = f"waiting for {self.where}: {ahead} cell(s) ahead" if ahead else None
+        elif kind == "started":
+            text = f"running on {self.where}"
+        elif kind == "transfer":
+            mb = float(content.get("bytes", 0)) / 1e6
+            text = f"running on {self.where}; receiving {mb:.0f} MB of results"
+        else:
+            text = None
+        if text:
+            self._show(text)
+
+    def finished(self, seconds: float) -> None:
+        self._show(f"ran on {self.where} in {seconds:.2f} s")
+
+    def _show(self, text: str) -> None:
+        self.handle.update(self._bundle(text), raw=True)  # type: ignore[no-untyped-call]
+
+
 @magics_class
 class Lan2GPUMagics(Magics):
     def __init__(self, shell: Any) -> None:
@@ -96,6 +152,8 @@ class Lan2GPUMagics(Magics):
             addresses=self.settings.workers,
             key_file=self.settings.key_file or None,
             embedded=self.settings.embedded_worker,
+            discovery=self.settings.discovery,
+            discovery_wait=self.settings.discovery_wait,
             connect_timeout=self.settings.connect_timeout,
             announce=self._say,
         )
@@ -117,6 +175,7 @@ class Lan2GPUMagics(Magics):
         self.pool.connect_timeout = self.settings.connect_timeout
         self.pool.key_file = self.settings.key_file or None
         self.pool.allow_embedded = self.settings.embedded_worker
+        self.pool.discovery = self.settings.discovery
 
     def close(self) -> None:
         self.pool.close()
@@ -153,7 +212,7 @@ class Lan2GPUMagics(Magics):
             line_offset=1,
         )
         payload, _ = dump_values({name: shell.user_ns[name] for name in plan.inputs})
-        client = self.pool.choose(Requirements(worker=args.worker))
+        client, placement = self.pool.choose(self._requirements(args))
         request = ExecuteRequest(
             code=cell,
             plan=plan,
@@ -161,14 +220,31 @@ class Lan2GPUMagics(Magics):
             timeout=args.timeout or self.settings.default_timeout or None,
             filename=filename,
             line_offset=1,
+            gpus=tuple(g.index for g in placement.gpus),
+            cpu=placement.cpu,
         )
-        result = client.execute(request, payload, self._handlers(client.name))
+        progress = _Progress(placement)
+        result = client.execute(request, payload, self._handlers(progress))
+        progress.finished(float(result.stats.get("total_seconds", 0.0)))
         results.apply(result, shell.user_ns, warn=self._say)
         if result.value_repr:
             _publish(result.value_repr, {})
         return result.value if result.has_value else None
 
-    def _handlers(self, worker: str) -> OutputHandlers:
+    def _requirements(self, args: argparse.Namespace) -> Requirements:
+        if args.gpus < 1:
+            raise UsageError("--gpus must be at least 1")
+        return Requirements(
+            worker=args.worker,
+            gpu=args.gpu,
+            min_memory=args.min_memory,
+            min_cc=args.min_cc,
+            gpus=args.gpus,
+            cpu=args.cpu,
+            allow_simulator=args.simulate or self.settings.allow_simulator,
+        )
+
+    def _handlers(self, progress: _Progress) -> OutputHandlers:
         def stream(name: str, text: str) -> None:
             out = sys.stderr if name == "stderr" else sys.stdout
             out.write(text)
@@ -177,14 +253,7 @@ class Lan2GPUMagics(Magics):
         def display(data: dict[str, Any], metadata: dict[str, Any]) -> None:
             _publish(data, metadata)
 
-        def status(kind: str, content: dict[str, Any]) -> None:
-            if kind == "queued" and int(content.get("position", 0)) > 0:
-                self._say(f"lan2gpu: queued on {worker}, {content['position']} cell(s) ahead")
-            elif kind == "transfer":
-                mb = float(content.get("bytes", 0)) / 1e6
-                self._say(f"lan2gpu: receiving {mb:.0f} MB of results from {worker}")
-
-        return OutputHandlers(stream=stream, display=display, status=status)
+        return OutputHandlers(stream=stream, display=display, status=progress.status)
 
     # -- %lan2gpu ---------------------------------------------------------------
 
@@ -203,7 +272,7 @@ class Lan2GPUMagics(Magics):
         elif args.command == "status":
             self._print_status()
         elif args.command == "close-session":
-            chosen = self.pool.choose(Requirements(worker=args.worker))
+            chosen, _ = self.pool.choose(Requirements(worker=args.worker, cpu=True))
             closed = chosen.close_session(args.session)
             self._say(f"lan2gpu: stopped {closed} executor(s) on {chosen.name}")
         else:
@@ -211,34 +280,32 @@ class Lan2GPUMagics(Magics):
         return None
 
     def _print_status(self) -> None:
-        for address, client, problem in self.pool.entries():
-            if client is None:
-                print(f"{address}: unusable: {problem}")
+        for row in self.pool.rows():
+            if row.status is None:
+                print(f"{row.address}: unusable: {row.problem}")
                 continue
-            status = client.status()
-            print(f"{client.name} ({address}): sessions {', '.join(status['sessions']) or '-'}")
-            for gpu, queue in status["gpus"].items():
-                cell = queue["running"]
-                now = "idle"
-                if cell:
-                    now = f"running {cell['id'][:8]} ({cell['session']}, {cell['running']:.1f} s)"
-                print(f"  GPU{gpu}: {now}; {len(queue['queued'])} waiting")
+            status = row.status
+            sessions = ", ".join(status["sessions"]) or "-"
+            print(f"{status['worker']} ({row.address}): sessions {sessions}")
+            for state, cells, clock in (
+                ("running on", status["running"], "running"),
+                ("waiting for", status["queued"], "waiting"),
+            ):
+                for cell in cells:
+                    where = "+".join(cell["resources"])
+                    what = f"{cell['id'][:8]} ({cell['session']}, {cell[clock]:.1f} s)"
+                    print(f"  {state} {where}: {what}")
+            if not status["running"] and not status["queued"]:
+                print("  idle")
 
     def _print_workers(self) -> None:
-        rows = [("NAME", "ADDRESS", "GPUS", "SIMULATOR", "STATE")]
-        for address, client, problem in self.pool.entries():
-            if client is None:
-                rows.append(("?", address, "", "", f"unusable: {problem.splitlines()[0]}"))
-                continue
-            gpus = ", ".join(f"{g['index']}:{g['name']}" for g in client.info.gpus)
-            sim = "yes" if client.info.simulator else "no"
-            rows.append((client.name, address, gpus, sim, "connected"))
-        if len(rows) == 1:
-            print("no workers configured; a local one starts with the first %%lan2gpu cell")
+        rows = self.pool.rows()
+        if not rows:
+            print(
+                "no workers configured or found; a local one starts with the first %%lan2gpu cell"
+            )
             return
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        for row in rows:
-            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        _publish({"text/plain": tables.as_text(rows), "text/html": tables.as_html(rows)}, {})
 
 
 def register(shell: Any) -> None:

@@ -1,34 +1,94 @@
-"""The workers this notebook knows: connected lazily, the embedded one as a fallback.
+"""The workers this notebook knows: configured, discovered, or the embedded one.
 
-Addresses come from ``%lan2gpu connect``, the ``Lan2GPU.workers`` setting and
-``$LAN2GPU_WORKERS``. Only when none is configured does the pool start a local
-worker, so a configured but unreachable worker is an error, never silently
-replaced by a simulator.
+Addresses come from ``%lan2gpu connect``, the ``Lan2GPU.workers`` setting,
+``$LAN2GPU_WORKERS`` and mDNS discovery. Only when none is configured or found
+does the pool start a local worker, so a configured but unreachable worker is an
+error, never silently replaced by a simulator.
+
+Before placing a cell the pool asks every connected worker for its status at
+once (one round trip, in parallel), so placement sees live queues, free memory
+and latency.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from worker_kernel.protocol.errors import Lan2GPUError
+from worker_kernel.protocol.errors import Lan2GPUError, NoWorkerAvailable
 
-from .client import Client
+from .client import Client, fetch_statuses
+from .discovery import Browser
 from .embedded import EmbeddedWorker
-from .placement import Candidate, Requirements, choose_worker
+from .placement import GpuView, Placement, Requirements, WorkerView, choose_worker
+
+CONFIGURED, DISCOVERED, EMBEDDED = "configured", "discovered", "embedded"
+
+
+_RETRY_AFTER = 30.0  # seconds before a worker that failed is tried again
 
 
 @dataclass
 class _Entry:
     address: str
     key_file: str | None
+    origin: str
     client: Client | None = None
+    problem: str = ""
+    retry_at: float = 0.0  # skip this worker until then (it just failed)
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    """One line of ``%lan2gpu workers``: a worker's view, or why it is unusable."""
+
+    address: str
+    origin: str
+    view: WorkerView | None
+    status: dict[str, Any] | None
     problem: str = ""
 
 
+def view_from_status(address: str, status: dict[str, Any], latency: float) -> WorkerView:
+    """Placement's view of a worker from its status reply."""
+    caps = status.get("capabilities", {})
+    load = status.get("load", {})
+    queues: dict[str, dict[str, int]] = load.get("queues", {})
+
+    def queued(slot: str) -> int:
+        q = queues.get(slot, {})
+        return int(q.get("running", 0)) + int(q.get("waiting", 0))
+
+    gpus = tuple(
+        GpuView(
+            index=int(g["index"]),
+            name=str(g["name"]),
+            compute_capability=(int(g["compute_capability"][0]), int(g["compute_capability"][1])),
+            memory_total=int(g["memory_total"]),
+            memory_free=int(g["memory_free"]),
+            utilization=g.get("utilization"),
+            queue=queued(f"gpu{g['index']}"),
+            simulated=bool(g.get("simulated")),
+        )
+        for g in caps.get("gpus", [])
+    )
+    return WorkerView(
+        name=str(status.get("worker", "?")),
+        address=address,
+        simulator=bool(caps.get("simulator")),
+        gpus=gpus,
+        cpu_count=int(caps.get("cpu_count", 1)),
+        load_average=float(caps.get("load_average", 0.0)),
+        cpu_queue=queued("cpu"),
+        latency=latency,
+    )
+
+
 class WorkerPool:
-    """Owns a :class:`Client` per known worker and the embedded worker, if started."""
+    """Owns a :class:`Client` per known worker, the LAN browser and the embedded worker."""
 
     def __init__(
         self,
@@ -36,24 +96,34 @@ class WorkerPool:
         addresses: Sequence[str] = (),
         key_file: str | None = None,
         embedded: bool = True,
+        discovery: bool = True,
+        discovery_wait: float = 1.0,
         connect_timeout: float = 10.0,
+        status_timeout: float = 2.0,
         announce: Callable[[str], None] = print,
     ) -> None:
         self.key_file = key_file
         self.connect_timeout = connect_timeout
+        self.status_timeout = status_timeout
         self.allow_embedded = embedded
+        self.discovery = discovery
+        self.discovery_wait = discovery_wait
         self._announce = announce
         self._entries: dict[str, _Entry] = {}
+        self._browser: Browser | None = None
+        self._waited_for_discovery = False
         self.embedded: EmbeddedWorker | None = None
         for address in addresses:
-            self._entries[address] = _Entry(address, key_file)
+            self._entries[address] = _Entry(address, key_file, CONFIGURED)
+
+    # -- membership -------------------------------------------------------------
 
     def connect(self, address: str, key_file: str | None = None) -> Client:
         """Add a worker and connect now (errors are raised, not recorded)."""
         entry = self._entries.get(address)
         if entry is not None and entry.client is not None:
             entry.client.close()
-        entry = self._entries[address] = _Entry(address, key_file or self.key_file)
+        entry = self._entries[address] = _Entry(address, key_file or self.key_file, CONFIGURED)
         entry.client = Client(
             address, key_file=entry.key_file, connect_timeout=self.connect_timeout
         )
@@ -67,64 +137,108 @@ class WorkerPool:
             entry.client.close()
         return True
 
-    def entries(self) -> list[tuple[str, Client | None, str]]:
-        """(address, client or None, problem) for every known worker."""
-        self._connect_pending()
-        return [(e.address, e.client, e.problem) for e in self._entries.values()]
+    def _discover(self) -> None:
+        if not self.discovery:
+            return
+        if self._browser is None:
+            self._browser = Browser()
+        # The first time, give announcements a moment to arrive.
+        wait = 0.0 if self._waited_for_discovery else self.discovery_wait
+        self._waited_for_discovery = True
+        for found in self._browser.workers(wait=wait):
+            if found.address in self._entries:
+                continue
+            entry = _Entry(found.address, self.key_file, DISCOVERED)
+            if not found.compatible:
+                entry.problem = (
+                    f"announces lan2gpu protocol {found.protocol}; this notebook speaks "
+                    "another: install the same lan2gpu version on both"
+                )
+                entry.retry_at = float("inf")
+            self._entries[found.address] = entry
 
     def _connect_pending(self) -> None:
+        now = time.monotonic()
         for entry in self._entries.values():
-            if entry.client is None:
-                try:
-                    entry.client = Client(
-                        entry.address, key_file=entry.key_file, connect_timeout=self.connect_timeout
-                    )
-                    entry.problem = ""
-                except Lan2GPUError as exc:
-                    entry.problem = str(exc)
+            if entry.client is not None or entry.retry_at > now:
+                continue
+            try:
+                entry.client = Client(
+                    entry.address, key_file=entry.key_file, connect_timeout=self.connect_timeout
+                )
+                entry.problem = ""
+            except Lan2GPUError as exc:
+                entry.problem = str(exc)
+                entry.retry_at = now + _RETRY_AFTER
 
     def _start_embedded(self) -> None:
         self.embedded = EmbeddedWorker()
         address = self.embedded.start()
         client = Client(address, key_file=self.embedded.key_file, connect_timeout=60.0)
-        self._entries[address] = _Entry(address, str(self.embedded.key_file), client)
+        self._entries[address] = _Entry(address, str(self.embedded.key_file), EMBEDDED, client)
         kind = "CUDA simulator" if client.info.simulator else client.info.describe()
         self._announce(
-            f"lan2gpu: no worker configured; started a local worker on {address} ({kind}); "
-            "it stops with this kernel."
+            f"lan2gpu: no worker configured or found on the LAN; started a local worker on "
+            f"{address} ({kind}); it stops with this kernel."
         )
 
-    def choose(self, req: Requirements) -> Client:
-        """The client of the best worker for ``req`` (see :mod:`placement`)."""
+    # -- looking and choosing -----------------------------------------------------
+
+    def rows(self) -> list[WorkerRow]:
+        """Every known worker with its live status, or the reason it is unusable."""
+        self._discover()
+        self._connect_pending()
+        now = time.monotonic()
+        entries = list(self._entries.values())
+        asked = [e for e in entries if e.client is not None and e.retry_at <= now]
+        replies = fetch_statuses([e.client for e in asked if e.client], self.status_timeout)
+        rows: list[WorkerRow] = []
+        for entry, reply in zip(asked, replies, strict=True):
+            if reply.status is None:
+                entry.problem, entry.retry_at = reply.problem, now + _RETRY_AFTER
+            else:
+                entry.problem = ""
+                view = view_from_status(entry.address, reply.status, reply.latency)
+                rows.append(WorkerRow(entry.address, entry.origin, view, reply.status))
+        rows += [
+            WorkerRow(e.address, e.origin, None, None, e.problem) for e in entries if e.problem
+        ]
+        return rows
+
+    def choose(self, req: Requirements) -> tuple[Client, Placement]:
+        """The client of the best worker for ``req``, and where on it to run."""
+        self._discover()
         if not self._entries and self.allow_embedded:
             self._start_embedded()
-        self._connect_pending()
-        clients = {e.address: e.client for e in self._entries.values() if e.client is not None}
-        candidates = [
-            Candidate(
-                name=c.info.name,
-                address=address,
-                simulator=c.info.simulator,
-                gpus=tuple(str(g["name"]) for g in c.info.gpus),
-            )
-            for address, c in clients.items()
-        ]
+        rows = self.rows()
+        views = [r.view for r in rows if r.view is not None]
         try:
-            choice = choose_worker(req, candidates)
-        except Lan2GPUError as exc:
-            problems = [f"{e.address}: {e.problem}" for e in self._entries.values() if e.problem]
+            placement = choose_worker(req, views)
+        except NoWorkerAvailable as exc:
+            problems = [f"{r.address}: {r.problem}" for r in rows if r.view is None]
             if problems:
-                raise type(exc)(f"{exc}\nUnusable workers:\n  " + "\n  ".join(problems)) from None
+                raise NoWorkerAvailable(
+                    f"{exc}\nUnusable workers:\n  " + "\n  ".join(problems)
+                ) from None
             raise
-        return clients[choice.address]
+        client = self._entries[placement.worker.address].client
+        if client is None:  # cannot happen: views come from connected entries
+            raise NoWorkerAvailable(f"lost the connection to {placement.worker.address}")
+        return client, placement
+
+    def clients(self) -> list[Client]:
+        return [e.client for e in self._entries.values() if e.client is not None]
 
     def close(self) -> None:
-        """Close every connection and stop the embedded worker. Idempotent."""
+        """Close every connection, the browser and the embedded worker. Idempotent."""
         for entry in self._entries.values():
             if entry.client is not None:
                 entry.client.close()
                 entry.client = None
         self._entries.clear()
+        if self._browser is not None:
+            self._browser.close()
+            self._browser = None
         if self.embedded is not None:
             self.embedded.close()
             self.embedded = None

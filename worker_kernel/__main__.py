@@ -35,7 +35,8 @@ def _serve(argv: list[str]) -> int:
         format="%(asctime)s %(levelname)s [lan2gpu-worker %(process)d] %(message)s",
     )
     key = load_key(config.key_file)
-    service = WorkerService(config, key, detect(config.simulate))
+    capabilities = detect(config.simulate, config.gpus, config.simulated_gpus)
+    service = WorkerService(config, key, capabilities)
     asyncio.run(service.run())
     return 0
 

@@ -1,8 +1,13 @@
-"""What this worker offers: GPUs, CPU cores, RAM, versions.
+"""What this worker offers: GPUs, CPU cores, RAM, load, versions.
 
-GPUs are probed in a short-lived subprocess (:mod:`worker_kernel.probe`) so the
-service itself never initialises CUDA: CUDA does not survive ``fork``, and a
-service holding a context would pin GPU memory for nothing.
+GPUs are probed once in a short-lived subprocess (:mod:`worker_kernel.probe`) so
+the service itself never initialises CUDA: CUDA does not survive ``fork``, and a
+service holding a context would pin GPU memory for nothing. Live numbers (free
+memory, utilization) come from NVML (``nvidia-ml-py``), which reads the driver
+without creating a CUDA context; without a driver it is simply absent.
+
+Indices are in PCI bus order (``CUDA_DEVICE_ORDER=PCI_BUS_ID``, set for the
+probe and every executor) so they agree with ``nvidia-smi`` and NVML.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .protocol.errors import ConfigurationError
@@ -34,6 +40,8 @@ class GpuInfo:
     memory_total: int
     memory_free: int
     simulated: bool = False
+    uuid: str = ""
+    utilization: float | None = None  # percent, from NVML when available
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,8 @@ class Capabilities:
     simulator: bool
     gpus: tuple[GpuInfo, ...] = ()
     versions: dict[str, str] = field(default_factory=dict)
+    load_average: float = 0.0  # 1-minute load average of the host
+    nvml: bool = False  # live GPU numbers available
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,9 +78,25 @@ def host_memory() -> tuple[int, int]:
     return total, available
 
 
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
+def gpu_env(env: Mapping[str, str], gpus: list[int] | None) -> dict[str, str]:
+    """``env`` with the GPUs a process may see pinned (``[]``: none; None: all)."""
+    out = dict(env)
+    out["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+    if gpus is not None:
+        out["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+    return out
+
+
 def probe_gpus(timeout: float = 120.0) -> list[GpuInfo]:
     """GPUs numba can see, probed in a subprocess; [] when there are none."""
-    env = dict(os.environ)
+    env = gpu_env(os.environ, None)
     env.pop("NUMBA_ENABLE_CUDASIM", None)
     try:
         out = subprocess.run(
@@ -94,23 +120,33 @@ def probe_gpus(timeout: float = 120.0) -> list[GpuInfo]:
             compute_capability=(int(g["cc"][0]), int(g["cc"][1])),
             memory_total=int(g["memory_total"]),
             memory_free=int(g["memory_free"]),
+            uuid=str(g.get("uuid", "")),
         )
         for g in data.get("gpus", [])
     ]
 
 
-def detect(simulate: str) -> Capabilities:
-    """Capabilities for ``--simulate on|off|auto``."""
+def detect(simulate: str, only: list[int] | None = None, simulated_gpus: int = 1) -> Capabilities:
+    """Capabilities for ``--simulate on|off|auto``, restricted to ``--gpus`` if given."""
     total, available = host_memory()
     gpus: list[GpuInfo] = [] if simulate == "on" else probe_gpus()
     simulator = simulate == "on" or (simulate == "auto" and not gpus)
     if simulator:
-        gpus = [GpuInfo(0, SIMULATOR_NAME, SIMULATOR_CC, total, available, simulated=True)]
+        gpus = [
+            GpuInfo(i, SIMULATOR_NAME, SIMULATOR_CC, total, available, simulated=True)
+            for i in range(simulated_gpus)
+        ]
     elif not gpus:
         raise ConfigurationError(
             "no CUDA GPU found on this machine (see the log above); start the worker "
             "with --simulate to serve Numba's CUDA simulator instead (tests, demos)"
         )
+    if only is not None:
+        missing = sorted(set(only) - {g.index for g in gpus})
+        if missing:
+            have = ", ".join(f"{g.index} ({g.name})" for g in gpus)
+            raise ConfigurationError(f"--gpus asks for GPU {missing}, but this machine has: {have}")
+        gpus = [g for g in gpus if g.index in only]
     return Capabilities(
         hostname=socket.gethostname(),
         cpu_count=os.cpu_count() or 1,
@@ -119,4 +155,67 @@ def detect(simulate: str) -> Capabilities:
         simulator=simulator,
         gpus=tuple(gpus),
         versions=local_versions(),
+        load_average=_load_average(),
     )
+
+
+class GpuMonitor:
+    """Refreshes live numbers: NVML for real GPUs, /proc for the host.
+
+    NVML is optional: without ``nvidia-ml-py`` or without a driver
+    (``NVMLError_LibraryNotFound``) GPU numbers stay as probed.
+    """
+
+    def __init__(self) -> None:
+        self._nvml: Any = None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+        except ImportError:
+            log.info("nvidia-ml-py not installed; GPU utilization will not be reported")
+        except Exception as exc:  # NVMLError_LibraryNotFound and friends: degrade
+            log.info("NVML unavailable (%s); GPU utilization will not be reported", exc)
+
+    @property
+    def available(self) -> bool:
+        return self._nvml is not None
+
+    def refresh(self, caps: Capabilities) -> Capabilities:
+        available = host_memory()[1]
+        gpus = tuple(
+            self._refresh_gpu(g, available) if g.simulated or self._nvml else g for g in caps.gpus
+        )
+        return replace(
+            caps,
+            memory_available=available,
+            load_average=_load_average(),
+            gpus=gpus,
+            nvml=self.available,
+        )
+
+    def _refresh_gpu(self, gpu: GpuInfo, host_available: int) -> GpuInfo:
+        if gpu.simulated:  # the simulator's "device memory" is host memory
+            return replace(gpu, memory_free=host_available)
+        nvml = self._nvml
+        try:
+            handle = (
+                nvml.nvmlDeviceGetHandleByUUID(gpu.uuid)
+                if gpu.uuid
+                else nvml.nvmlDeviceGetHandleByIndex(gpu.index)
+            )
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            rates = nvml.nvmlDeviceGetUtilizationRates(handle)
+        except Exception as exc:  # a GPU fell off the bus, a driver hiccup
+            log.debug("NVML query for GPU %d failed: %s", gpu.index, exc)
+            return gpu
+        return replace(gpu, memory_free=int(memory.free), utilization=float(rates.gpu))
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:  # shutting down: nothing useful to do with an error
+                log.debug("nvmlShutdown failed", exc_info=True)
+            self._nvml = None

@@ -34,6 +34,9 @@ class WorkerConfig:
     key_file: Path
     name: str
     simulate: str = "off"  # "on", "off" or "auto" (simulate when no GPU is found)
+    gpus: list[int] | None = None  # --gpus 0,2: serve only these
+    simulated_gpus: int = 1
+    advertise: bool = True
     heartbeat: float = 1.0
     replay_window: float = 120.0
     max_message_bytes: int = 16 << 30
@@ -49,6 +52,7 @@ class WorkerConfig:
 _ENV_HELP = """
 environment variables (the command line wins over them):
   LAN2GPU_BIND, LAN2GPU_KEY_FILE, LAN2GPU_NAME, LAN2GPU_SIMULATE (on|off|auto),
+  LAN2GPU_GPUS, LAN2GPU_SIMULATED_GPUS, LAN2GPU_ADVERTISE (1|0),
   LAN2GPU_HEARTBEAT, LAN2GPU_REPLAY_WINDOW, LAN2GPU_MAX_MESSAGE_BYTES,
   LAN2GPU_EXECUTOR_START_TIMEOUT, LAN2GPU_CANCEL_GRACE, LAN2GPU_SESSION_IDLE,
   LAN2GPU_LOG_LEVEL
@@ -95,6 +99,29 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["on", "off", "auto"],
         help="run CUDA kernels in Numba's CUDA simulator (for tests and demos; `auto`: "
         "only when no GPU is found) [LAN2GPU_SIMULATE; default off]",
+    )
+    parser.add_argument(
+        "--gpus",
+        type=_gpu_list,
+        default=_gpu_list(env("LAN2GPU_GPUS", "")),
+        metavar="LIST",
+        help="serve only these GPUs, e.g. 0,2 (nvidia-smi numbering) [LAN2GPU_GPUS; default: all]",
+    )
+    parser.add_argument(
+        "--simulated-gpus",
+        type=int,
+        default=int(env("LAN2GPU_SIMULATED_GPUS", "1")),
+        metavar="N",
+        help="with --simulate, how many GPUs to pretend to have (each runs the "
+        "simulator; for trying multi-GPU placement) [default %(default)s]",
+    )
+    parser.add_argument(
+        "--advertise",
+        action=argparse.BooleanOptionalAction,
+        default=env("LAN2GPU_ADVERTISE", "1") not in ("0", "false", "no"),
+        help="announce this worker on the LAN with mDNS/DNS-SD (_lan2gpu._tcp) so "
+        "notebooks find it without an address; never for loopback addresses "
+        "[LAN2GPU_ADVERTISE; default on]",
     )
     parser.add_argument(
         "--heartbeat",
@@ -163,6 +190,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _gpu_list(text: str) -> list[int] | None:
+    if not text.strip():
+        return None
+    try:
+        return sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of GPU numbers; write e.g. 0,2"
+        ) from None
+
+
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
     if not args.bind:
         raise ConfigurationError(
@@ -178,6 +216,9 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         key_file=Path(args.key_file).expanduser(),
         name=args.name,
         simulate=args.simulate,
+        gpus=args.gpus,
+        simulated_gpus=max(1, args.simulated_gpus),
+        advertise=args.advertise,
         heartbeat=args.heartbeat,
         replay_window=args.replay_window,
         max_message_bytes=args.max_message_bytes,

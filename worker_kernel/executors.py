@@ -25,6 +25,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from .capabilities import gpu_env
 from .protocol.messages import new_id
 from .scheduler import Cell
 
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 class ExecutorHandle:
     id: str
     session: str
-    gpu: int
+    resources: tuple[str, ...]
     process: asyncio.subprocess.Process
     ready: asyncio.Future[dict[str, Any]]
     cell: Cell | None = None
@@ -77,7 +78,7 @@ class ExecutorPool:
         self._start_timeout = start_timeout
         self._on_exit = on_exit
         self._by_id: dict[str, ExecutorHandle] = {}
-        self._by_slot: dict[tuple[str, int], ExecutorHandle] = {}
+        self._by_slot: dict[tuple[str, tuple[str, ...]], ExecutorHandle] = {}
         self._watchers: set[asyncio.Task[None]] = set()
 
     def get(self, executor_id: str) -> ExecutorHandle | None:
@@ -89,11 +90,11 @@ class ExecutorPool:
     def for_session(self, session: str) -> list[ExecutorHandle]:
         return [h for h in self._by_id.values() if h.session == session]
 
-    async def acquire(self, session: str, gpu: int) -> ExecutorHandle:
-        """The session's executor on ``gpu``, started (and waited for) if needed."""
-        handle = self._by_slot.get((session, gpu))
+    async def acquire(self, session: str, resources: tuple[str, ...]) -> ExecutorHandle:
+        """The session's executor for ``resources``, started (and waited for) if needed."""
+        handle = self._by_slot.get((session, resources))
         if handle is None or handle.stopping:
-            handle = await self._spawn(session, gpu)
+            handle = await self._spawn(session, resources)
         try:
             await asyncio.wait_for(asyncio.shield(handle.ready), self._start_timeout)
         except asyncio.TimeoutError:
@@ -105,13 +106,16 @@ class ExecutorPool:
         handle.last_used = time.monotonic()
         return handle
 
-    async def _spawn(self, session: str, gpu: int) -> ExecutorHandle:
-        env = dict(os.environ)
+    async def _spawn(self, session: str, resources: tuple[str, ...]) -> ExecutorHandle:
+        gpus = [int(r[3:]) for r in resources if r.startswith("gpu")]
         if self._simulate:
-            env["NUMBA_ENABLE_CUDASIM"] = "1"
+            # Simulated GPUs are labels; the simulator itself has one device.
+            env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
         else:
+            env = gpu_env(os.environ, gpus)  # [] (a CPU cell) hides every GPU
             env.pop("NUMBA_ENABLE_CUDASIM", None)
-            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        # The cell's GPUs in the host's (nvidia-smi) numbering, for the curious cell.
+        env["LAN2GPU_CELL_GPUS"] = ",".join(map(str, gpus))
         executor_id = new_id()
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -136,9 +140,9 @@ class ExecutorPool:
         await process.stdin.drain()
         process.stdin.close()
         ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        handle = ExecutorHandle(executor_id, session, gpu, process, ready)
+        handle = ExecutorHandle(executor_id, session, resources, process, ready)
         self._by_id[executor_id] = handle
-        self._by_slot[(session, gpu)] = handle
+        self._by_slot[(session, resources)] = handle
         watcher = asyncio.create_task(self._watch(handle))
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
@@ -148,8 +152,8 @@ class ExecutorPool:
     async def _watch(self, handle: ExecutorHandle) -> None:
         returncode = await handle.process.wait()
         self._by_id.pop(handle.id, None)
-        if self._by_slot.get((handle.session, handle.gpu)) is handle:
-            del self._by_slot[(handle.session, handle.gpu)]
+        if self._by_slot.get((handle.session, handle.resources)) is handle:
+            del self._by_slot[(handle.session, handle.resources)]
         if not handle.ready.done():
             handle.ready.set_exception(
                 ExecutorStartError(f"executor exited with code {returncode} while starting")

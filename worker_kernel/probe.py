@@ -23,6 +23,7 @@ def probe() -> dict[str, Any]:
         for index, gpu in enumerate(cuda.gpus):
             with gpu:
                 free, total = cuda.current_context().get_memory_info()
+                uuid = getattr(gpu, "uuid", "")
                 gpus.append(
                     {
                         "index": index,
@@ -30,6 +31,7 @@ def probe() -> dict[str, Any]:
                         "cc": list(gpu.compute_capability),
                         "memory_total": int(total),
                         "memory_free": int(free),
+                        "uuid": uuid if isinstance(uuid, str) else "",
                     }
                 )
         return {"gpus": gpus}

@@ -1,16 +1,31 @@
-"""Cells waiting for a GPU: one queue per GPU, round-robin across sessions.
+"""Cells waiting for GPUs: round-robin across sessions, first fit with reservation.
 
-Pure bookkeeping (no sockets, no clock): the service pushes cells as they
-arrive and pops the next one when the GPU frees up. Within a session cells run
-in the order they were sent; across sessions, each takes a turn, so one user's
-batch of fifty cells does not starve a colleague's single cell.
+Pure bookkeeping (no sockets, no clock). Each cell needs a set of resources:
+one GPU (the usual case), several GPUs of this host (``--gpus 2``), or the CPU
+slot (``--cpu``). Policy:
+
+- Sessions take turns (round-robin); within a session cells run in the order
+  they were sent. One user's fifty cells do not starve a colleague's one.
+- Walking the waiting cells in that order, a cell starts if all its resources
+  are idle and no earlier waiting cell has reserved any of them. A cell that
+  cannot start reserves its resources, so later single-GPU cells cannot starve
+  a two-GPU cell, and two multi-GPU cells can never deadlock.
+
+For a single-GPU cell this is exactly "one queue per GPU".
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+CPU = "cpu"
+
+
+def gpu_slot(index: int) -> str:
+    return f"gpu{index}"
 
 
 @dataclass(eq=False)
@@ -21,7 +36,7 @@ class Cell:
     client_rid: bytes  # ZeroMQ routing id of the client's socket
     client: str  # the client's id from its hello
     session: str
-    gpu: int
+    resources: tuple[str, ...]  # e.g. ("gpu0",), ("gpu0", "gpu1"), ("cpu",)
     frames: list[Any]  # the verified message frames, forwarded as they are
     nbytes: int
     timeout: float | None
@@ -29,10 +44,15 @@ class Cell:
     started: float | None = None
     stop_reason: str | None = None  # "cancelled" or "timeout" once asked to stop
     timers: list[Any] = field(default_factory=list)
+    position: int = -1  # last queue position reported to the client
+
+    @property
+    def gpus(self) -> list[int]:
+        return [int(r[3:]) for r in self.resources if r.startswith("gpu")]
 
 
 class FairQueue:
-    """Round-robin over sessions, FIFO within a session."""
+    """Waiting cells: round-robin over sessions, FIFO within a session."""
 
     def __init__(self) -> None:
         self._cells: dict[str, deque[Cell]] = {}
@@ -41,26 +61,12 @@ class FairQueue:
     def __len__(self) -> int:
         return sum(len(q) for q in self._cells.values())
 
-    def push(self, cell: Cell) -> int:
-        """Queue ``cell``; return its 0-based position in the run order."""
+    def push(self, cell: Cell) -> None:
         queue = self._cells.get(cell.session)
         if queue is None:
             queue = self._cells[cell.session] = deque()
             self._turns.append(cell.session)
         queue.append(cell)
-        return self.position(cell.id)
-
-    def pop(self) -> Cell | None:
-        if not self._turns:
-            return None
-        session = self._turns.popleft()
-        queue = self._cells[session]
-        cell = queue.popleft()
-        if queue:
-            self._turns.append(session)
-        else:
-            del self._cells[session]
-        return cell
 
     def remove(self, cell_id: str) -> Cell | None:
         for session, queue in self._cells.items():
@@ -74,7 +80,7 @@ class FairQueue:
         return None
 
     def order(self) -> list[Cell]:
-        """Every waiting cell in the order they will run."""
+        """Every waiting cell in the order they get their turn."""
         queues = {s: list(q) for s, q in self._cells.items()}
         turns = deque(self._turns)
         out: list[Cell] = []
@@ -85,11 +91,35 @@ class FairQueue:
                 turns.append(session)
         return out
 
-    def position(self, cell_id: str) -> int:
-        for i, cell in enumerate(self.order()):
-            if cell.id == cell_id:
-                return i
-        raise KeyError(cell_id)
+    def take(self, busy: Iterable[str]) -> list[Cell]:
+        """Remove and return the cells that can start now (policy above)."""
+        taken = set(busy)  # busy, reserved, or given to a cell started in this pass
+        started: list[Cell] = []
+        for cell in self.order():
+            need = set(cell.resources)
+            if not need & taken:
+                started.append(cell)
+                self.remove(cell.id)
+                self._rotate_after(cell.session)
+            taken |= need
+        return started
+
+    def _rotate_after(self, session: str) -> None:
+        # The session just had its turn: it goes to the back of the line.
+        if session in self._turns:
+            self._turns.remove(session)
+            self._turns.append(session)
+
+    def positions(self, running: Iterable[Cell]) -> dict[str, int]:
+        """For each waiting cell, how many cells (running or waiting) are ahead of it
+        on any resource it needs."""
+        ahead: list[set[str]] = [set(c.resources) for c in running]
+        out: dict[str, int] = {}
+        for cell in self.order():
+            need = set(cell.resources)
+            out[cell.id] = sum(1 for other in ahead if other & need)
+            ahead.append(need)
+        return out
 
     def cells(self) -> list[Cell]:
         return [c for q in self._cells.values() for c in q]

@@ -1,9 +1,9 @@
 """The worker service: one asyncio loop, one ROUTER socket facing clients.
 
 It verifies every message before anything else looks at it, answers the
-handshake and heartbeats, queues cells per GPU, hands them to executor
-subprocesses and relays what they send back. It never runs user code, so a
-busy or stuck cell never stops it from answering heartbeats.
+handshake, pings, status requests and heartbeats, and hands cells to the
+:class:`Dispatcher`, relaying what executors send back. It never runs user
+code, so a busy or stuck cell never stops it from answering heartbeats.
 """
 
 from __future__ import annotations
@@ -22,15 +22,17 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from .capabilities import Capabilities
+from .advertise import Advertiser
+from .capabilities import Capabilities, GpuMonitor
 from .config import WorkerConfig
-from .executors import ExecutorHandle, ExecutorPool, ExecutorStartError
+from .dispatch import Dispatcher
+from .executors import ExecutorHandle, ExecutorPool
 from .protocol import messages as m
 from .protocol.errors import ProtocolError, VersionMismatch
 from .protocol.messages import Message
 from .protocol.versions import check_compatible, local_versions
 from .protocol.wire import Limits, Wire
-from .scheduler import Cell, FairQueue
+from .scheduler import CPU, Cell, gpu_slot
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +49,6 @@ class ClientState:
     client: str = ""
     last_seen: float = field(default_factory=time.monotonic)
     attached_until: float = 0.0
-    cells: set[str] = field(default_factory=set)
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 class WorkerService:
@@ -64,6 +57,7 @@ class WorkerService:
     def __init__(self, config: WorkerConfig, key: bytes, capabilities: Capabilities) -> None:
         self.config = config
         self.capabilities = capabilities
+        self.monitor = GpuMonitor()
         self.instance = m.new_id()
         self.wire = Wire(
             key,
@@ -84,11 +78,15 @@ class WorkerService:
             start_timeout=config.executor_start_timeout,
             on_exit=self._on_executor_exit,
         )
+        self.dispatcher = Dispatcher(
+            self.pool,
+            self._send,
+            worker=config.name,
+            cancel_grace=config.cancel_grace,
+            spawn=self._spawn,
+        )
         self.clients: dict[bytes, ClientState] = {}
-        self.cells: dict[str, Cell] = {}
-        gpus = [g.index for g in capabilities.gpus] or [0]
-        self.queues: dict[int, FairQueue] = {g: FairQueue() for g in gpus}
-        self.running: dict[int, Cell | None] = dict.fromkeys(gpus)
+        self.advertiser: Advertiser | None = None
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -100,6 +98,12 @@ class WorkerService:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
+        if self.config.advertise:
+            self.advertiser = Advertiser(self.config.name, self.address, self.instance)
+            try:
+                await self.advertiser.start()
+            except Exception as exc:  # mDNS is a convenience; the worker serves without it
+                log.warning("could not announce on the LAN (%s); clients need the address", exc)
         self._write_ready_file()
         gpus = ", ".join(f"GPU{g.index} {g.name}" for g in self.capabilities.gpus)
         log.info(
@@ -120,7 +124,10 @@ class WorkerService:
             for task in workers:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            if self.advertiser is not None:
+                await self.advertiser.close()
             await self.pool.close()
+            self.monitor.close()
             self.sock.close()
             self.ctx.term()
             if self.config.ready_file:
@@ -225,7 +232,9 @@ class WorkerService:
         if msg.kind == m.EXECUTE:
             await self._on_execute(rid, client, msg, frames)
         elif msg.kind == m.CANCEL:
-            await self._on_cancel(rid, msg)
+            cell = self.dispatcher.cells.get(str(msg.content.get("cell", "")))
+            if cell is not None and cell.client_rid == rid:
+                await self.dispatcher.stop(cell, "cancelled")
         elif msg.kind == m.PING:
             await self._reply(msg, rid, m.PONG, {"time": time.time()})
         elif msg.kind == m.STATUS:
@@ -263,180 +272,54 @@ class WorkerService:
             },
         )
 
+    def _resources(self, content: dict[str, Any]) -> tuple[str, ...] | str:
+        """The resources an execute asks for, or why they cannot be had."""
+        if content.get("cpu"):
+            return (CPU,)
+        have = {g.index for g in self.capabilities.gpus}
+        asked = content.get("gpus")
+        if not asked:
+            # No choice made by the client: the GPU with the least work.
+            load = self.dispatcher.load()
+            best = min(
+                sorted(have),
+                key=lambda g: sum(load.get(gpu_slot(g), {}).values()),
+            )
+            return (gpu_slot(best),)
+        try:
+            gpus = sorted({int(g) for g in asked})
+        except (TypeError, ValueError):
+            return f"gpus={asked!r} is not a list of GPU numbers"
+        if not set(gpus) <= have:
+            return f"this worker serves GPUs {sorted(have)}, not {gpus}"
+        return tuple(gpu_slot(g) for g in gpus)
+
     async def _on_execute(
         self, rid: bytes, client: ClientState, msg: Message, frames: list[Any]
     ) -> None:
-        timeout = msg.content.get("timeout")
-        gpu = int(msg.content.get("gpu", next(iter(self.queues))))
-        if gpu not in self.queues:
-            await self._reply(
-                msg,
-                rid,
-                m.RESULT,
-                {"status": "error", "error": {"ename": "ValueError", "evalue": f"no GPU {gpu}"}},
-            )
+        resources = self._resources(msg.content)
+        if isinstance(resources, str):
+            error = {"ename": "ValueError", "evalue": f"worker {self.config.name}: {resources}"}
+            await self._reply(msg, rid, m.RESULT, {"status": "error", "error": error})
             return
+        timeout = msg.content.get("timeout")
         cell = Cell(
             id=msg.id,
             client_rid=rid,
             client=client.client,
             session=msg.session,
-            gpu=gpu,
+            resources=resources,
             frames=frames,
             nbytes=msg.nbytes,
             timeout=float(timeout) if timeout else None,
             received=time.monotonic(),
         )
-        self.cells[cell.id] = cell
-        client.cells.add(cell.id)
-        position = self.queues[gpu].push(cell)
-        busy = self.running[gpu] is not None
-        await self._reply(msg, rid, m.QUEUED, {"position": position + busy, "gpu": gpu})
-        self._pump(gpu)
-
-    async def _on_cancel(self, rid: bytes, msg: Message) -> None:
-        cell = self.cells.get(str(msg.content.get("cell", "")))
-        if cell is not None and cell.client_rid == rid:
-            await self._stop_cell(cell, "cancelled")
-
-    # -- running cells --------------------------------------------------------
-
-    def _pump(self, gpu: int) -> None:
-        if self.running[gpu] is not None:
-            return
-        cell = self.queues[gpu].pop()
-        if cell is not None:
-            self.running[gpu] = cell
-            self._spawn(self._start(cell))
-
-    async def _start(self, cell: Cell) -> None:
-        try:
-            await self._start_on_executor(cell)
-        except Exception:  # a bug here must answer the cell, not stop the worker
-            log.exception("internal error starting cell %s", cell.id[:8])
-            await self._finish(cell, "died", "internal worker error (see the worker log)")
-
-    async def _start_on_executor(self, cell: Cell) -> None:
-        try:
-            handle = await self.pool.acquire(cell.session, cell.gpu)
-        except ExecutorStartError as exc:
-            await self._finish(cell, "died", f"could not start an executor: {exc}")
-            return
-        if cell.stop_reason is not None:  # cancelled while the executor started
-            await self._finish(cell, cell.stop_reason, "")
-            return
-        handle.cell = cell
-        cell.started = time.monotonic()
-        await self._send(
-            cell.client_rid,
-            Message(
-                kind=m.STARTED,
-                content={"gpu": cell.gpu, "pid": handle.pid},
-                session=cell.session,
-                parent=cell.id,
-                to=cell.client,
-            ),
-        )
-        try:
-            await self.pool.send_exec(handle, cell.client, cell.frames)
-        except zmq.ZMQError as exc:  # executor vanished between start and send
-            handle.cell = None
-            self.pool.kill(handle)
-            await self._finish(cell, "died", f"executor unreachable: {exc}", session_lost=True)
-            return
-        if cell.timeout:
-            loop = asyncio.get_running_loop()
-            cell.timers.append(
-                loop.call_later(cell.timeout, lambda: self._spawn(self._stop_cell(cell, "timeout")))
-            )
-
-    async def _stop_cell(self, cell: Cell, reason: str) -> None:
-        """Cancel or time out a cell: dequeue it, or interrupt (then kill) its executor."""
-        if cell.id not in self.cells or cell.stop_reason is not None:
-            return
-        cell.stop_reason = reason
-        if self.queues[cell.gpu].remove(cell.id) is not None:
-            await self._finish(cell, reason, "")
-            return
-        handle = next((h for h in self.pool.handles() if h.cell is cell), None)
-        if handle is None:
-            return  # still starting; _start sees stop_reason
-        log.info("%s cell %s: interrupting executor pid %d", reason, cell.id[:8], handle.pid)
-        self.pool.signal(handle, signal.SIGUSR1 if reason == "timeout" else signal.SIGINT)
-        loop = asyncio.get_running_loop()
-        cell.timers.append(loop.call_later(self.config.cancel_grace, self._kill_if_running, cell))
-
-    def _kill_if_running(self, cell: Cell) -> None:
-        for handle in self.pool.handles():
-            if handle.cell is cell:
-                log.warning(
-                    "cell %s did not stop within %.1f s; killing executor pid %d",
-                    cell.id[:8],
-                    self.config.cancel_grace,
-                    handle.pid,
-                )
-                self.pool.kill(handle)
-
-    def _on_executor_exit(self, handle: ExecutorHandle, returncode: int) -> None:
-        cell = handle.cell
-        handle.cell = None
-        if cell is None or cell.id not in self.cells:
-            return
-        if cell.stop_reason is not None:
-            status, why = cell.stop_reason, "its executor had to be killed to stop it"
-        else:
-            how = (
-                f"killed by signal {signal.Signals(-returncode).name}"
-                if returncode < 0 and -returncode in signal.valid_signals()
-                else f"exit code {returncode}"
-            )
-            status, why = "died", f"the executor process died ({how}) while running the cell"
-        self._spawn(self._finish(cell, status, why, session_lost=True))
-
-    async def _finish(
-        self, cell: Cell, status: str, why: str, *, session_lost: bool = False
-    ) -> None:
-        """Answer a cell the executor could not answer itself."""
-        content: dict[str, Any] = {
-            "status": status,
-            "worker": self.config.name,
-            "reason": why,
-            "session_lost": session_lost,
-        }
-        await self._send(
-            cell.client_rid,
-            Message(
-                kind=m.RESULT,
-                content=content,
-                session=cell.session,
-                parent=cell.id,
-                to=cell.client,
-            ),
-        )
-        self._done(cell, status, {})
-
-    def _done(self, cell: Cell, status: str, stats: dict[str, Any]) -> None:
-        for timer in cell.timers:
-            timer.cancel()
-        self.cells.pop(cell.id, None)
-        client = self.clients.get(cell.client_rid)
-        if client is not None:
-            client.cells.discard(cell.id)
-        log.info(
-            "cell %s session %s client %s: %s, %s in, %s out, %.2f s",
-            cell.id[:8],
-            cell.session[:16],
-            cell.client[:8],
-            status,
-            _fmt_bytes(cell.nbytes),
-            _fmt_bytes(float(stats.get("bytes_out", 0))),
-            time.monotonic() - (cell.started or cell.received),
-        )
-        if self.running.get(cell.gpu) is cell:
-            self.running[cell.gpu] = None
-            self._pump(cell.gpu)
+        await self.dispatcher.submit(cell)
 
     # -- executor messages ----------------------------------------------------
+
+    def _on_executor_exit(self, handle: ExecutorHandle, returncode: int) -> None:
+        self.dispatcher.executor_exited(handle, returncode)
 
     async def _executor_loop(self) -> None:
         while True:
@@ -450,19 +333,17 @@ class WorkerService:
             if tag != b"fwd" or handle is None or cell is None:
                 continue
             body = frames[2:]
-            await self._forward(cell.client_rid, body)
+            try:
+                await self.sock.send_multipart([cell.client_rid, *body], copy=False)
+            except zmq.ZMQError as exc:
+                log.debug("cannot forward to client %s: %s", cell.client[:8], exc)
             if body[2].bytes == m.RESULT.encode():
                 handle.cell = None
                 handle.last_used = time.monotonic()
-                header = json.loads(body[3].bytes)
-                content = header.get("content", {})
-                self._done(cell, str(content.get("status")), dict(content.get("stats", {})))
-
-    async def _forward(self, rid: bytes, frames: list[Any]) -> None:
-        try:
-            await self.sock.send_multipart([rid, *frames], copy=False)
-        except zmq.ZMQError as exc:
-            log.debug("cannot forward to client %s: %s", rid.hex()[:8], exc)
+                content = json.loads(body[3].bytes).get("content", {})
+                self.dispatcher.done(
+                    cell, str(content.get("status")), dict(content.get("stats", {}))
+                )
 
     # -- periodic work --------------------------------------------------------
 
@@ -472,22 +353,28 @@ class WorkerService:
             await asyncio.sleep(interval)
             await self._tick(time.monotonic())
 
+    def _client_cells(self, rid: bytes) -> list[Cell]:
+        return [c for c in self.dispatcher.cells.values() if c.client_rid == rid]
+
     async def _tick(self, now: float) -> None:
+        self.capabilities = self.monitor.refresh(self.capabilities)
+        beat = {"load": self.load()}
         liveness = _CLIENT_LIVENESS * self.config.heartbeat
         for client in list(self.clients.values()):
-            if client.cells and now - client.last_seen > liveness:
+            cells = self._client_cells(client.rid)
+            if cells and now - client.last_seen > liveness:
                 log.warning(
                     "client %s silent for %.0f s; cancelling its %d cell(s)",
                     client.client[:8],
                     now - client.last_seen,
-                    len(client.cells),
+                    len(cells),
                 )
-                for cell_id in list(client.cells):
-                    cell = self.cells.get(cell_id)
-                    if cell is not None:
-                        await self._stop_cell(cell, "cancelled")
-            elif client.cells or client.attached_until > now:
-                await self._send(client.rid, Message(kind=m.HEARTBEAT, to=client.client))
+                for cell in cells:
+                    await self.dispatcher.stop(cell, "cancelled")
+            elif cells or client.attached_until > now:
+                await self._send(
+                    client.rid, Message(kind=m.HEARTBEAT, content=beat, to=client.client)
+                )
             elif now - client.last_seen > _FORGET_CLIENT:
                 del self.clients[client.rid]
         for handle in self.pool.handles():
@@ -505,6 +392,21 @@ class WorkerService:
         await asyncio.gather(*(self.pool.stop(h) for h in handles))
         return len(handles)
 
+    # -- views ------------------------------------------------------------------
+
+    def load(self) -> dict[str, Any]:
+        """Live numbers: per-resource queues and GPU memory/utilization."""
+        caps = self.capabilities
+        return {
+            "queues": self.dispatcher.load(),
+            "gpus": [
+                {"index": g.index, "memory_free": g.memory_free, "utilization": g.utilization}
+                for g in caps.gpus
+            ],
+            "load_average": caps.load_average,
+            "memory_available": caps.memory_available,
+        }
+
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
 
@@ -513,22 +415,21 @@ class WorkerService:
                 "id": cell.id,
                 "session": cell.session,
                 "client": cell.client,
+                "resources": list(cell.resources),
                 "bytes": cell.nbytes,
                 "waiting": now - cell.received if cell.started is None else 0.0,
                 "running": now - cell.started if cell.started is not None else 0.0,
             }
 
+        d = self.dispatcher
         return {
             "worker": self.config.name,
             "instance": self.instance,
+            "versions": local_versions(),
             "capabilities": self.capabilities.to_json(),
-            "gpus": {
-                str(gpu): {
-                    "running": cell_info(c) if (c := self.running[gpu]) is not None else None,
-                    "queued": [cell_info(q) for q in self.queues[gpu].order()],
-                }
-                for gpu in self.queues
-            },
+            "load": self.load(),
+            "running": [cell_info(c) for c in d.running.values()],
+            "queued": [cell_info(c) for c in d.queue.order()],
             "sessions": sorted({h.session for h in self.pool.handles()}),
         }
 

@@ -28,8 +28,27 @@ class CellRun:
         return next((m["content"] for _, m in self.outputs if m["msg_type"] == "error"), None)
 
     def results(self) -> list[dict[str, Any]]:
+        """Displayed data and the cell's value, without lan2gpu's progress line."""
         kinds = ("execute_result", "display_data")
-        return [m["content"]["data"] for _, m in self.outputs if m["msg_type"] in kinds]
+        return [
+            m["content"]["data"]
+            for _, m in self.outputs
+            if m["msg_type"] in kinds and not _is_progress(m)
+        ]
+
+    def progress(self) -> list[str]:
+        """Every state of lan2gpu's progress line, first to last."""
+        kinds = ("display_data", "update_display_data")
+        return [
+            m["content"]["data"]["text/plain"]
+            for _, m in self.outputs
+            if m["msg_type"] in kinds and _is_progress(m)
+        ]
+
+
+def _is_progress(msg: dict[str, Any]) -> bool:
+    text = msg["content"].get("data", {}).get("text/plain", "")
+    return isinstance(text, str) and text.startswith("lan2gpu: ")
 
 
 class Kernel:
@@ -68,7 +87,8 @@ class Kernel:
             if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
                 run.idle_at = now
                 break
-            if msg["msg_type"] in ("stream", "display_data", "execute_result", "error"):
+            kinds = ("stream", "display_data", "update_display_data", "execute_result", "error")
+            if msg["msg_type"] in kinds:
                 run.outputs.append((now, msg))
         while True:
             reply = self.kc.get_shell_msg(timeout=max(1.0, deadline - time.monotonic()))

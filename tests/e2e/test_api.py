@@ -218,7 +218,7 @@ def test_service_answers_while_a_cell_is_busy(shared_worker):
         finally:
             runner.join(30)
         assert max(rtts) < 0.5
-        assert status["gpus"]["0"]["running"] is not None
+        assert [c["resources"] for c in status["running"]] == [["gpu0"]]
 
 
 KERNEL_MODULE = """

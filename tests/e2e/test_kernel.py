@@ -78,6 +78,15 @@ def test_last_expression_is_displayed_like_a_local_cell(kernel):
     assert run.results() == [{"text/plain": "42"}]
 
 
+def test_placement_line_says_where_and_is_updated_in_place(kernel):
+    run = kernel.run("%%lan2gpu\nx = 1")
+    lines = run.progress()
+    assert lines[0].startswith("lan2gpu: running on shared GPU0 (CUDA simulator, ")
+    assert lines[0].endswith("[simulator], queue 0")
+    assert lines[-1].startswith("lan2gpu: ran on shared GPU0 (CUDA simulator, ")
+    assert [m["msg_type"] for _, m in run.outputs][-1] == "update_display_data"
+
+
 def test_remote_error_shows_the_cells_own_lines(kernel):
     run = kernel.run("%%lan2gpu\nx = 1\ny = {}['nope']\n")
     error = run.error()
@@ -110,10 +119,13 @@ def test_syntax_error_points_at_the_line_the_user_sees(kernel):
 
 
 def test_status_and_workers_tables(kernel):
-    workers = kernel.run("%lan2gpu workers").stream()
-    assert "shared" in workers and "CUDA simulator" in workers and "connected" in workers
+    table = kernel.run("%lan2gpu workers").results()
+    assert len(table) == 1
+    text, page = table[0]["text/plain"], table[0]["text/html"]
+    assert "shared" in text and "CUDA simulator (cc 5.0)" in text and "ok (configured)" in text
+    assert "<table" in page and "<td style='text-align:left'>shared</td>" in page
     status = kernel.run("%lan2gpu status").stream()
-    assert "shared (tcp://127.0.0.1:" in status and "GPU0: idle; 0 waiting" in status
+    assert "shared (tcp://127.0.0.1:" in status and "idle" in status
 
 
 def test_unknown_option_is_a_usage_error(kernel):

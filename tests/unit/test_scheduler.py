@@ -1,12 +1,16 @@
-"""Fair queueing: round-robin across sessions, FIFO within one."""
+"""Fair queueing: round-robin across sessions, first fit with reservation."""
 
 from __future__ import annotations
 
-from worker_kernel.scheduler import Cell, FairQueue
+from worker_kernel.scheduler import CPU, Cell, FairQueue
 
 
-def cell(cell_id: str, session: str) -> Cell:
-    return Cell(cell_id, b"rid", "client", session, 0, [], 0, None, 0.0)
+def cell(cell_id: str, session: str, *resources: str) -> Cell:
+    return Cell(cell_id, b"rid", "client", session, resources or ("gpu0",), [], 0, None, 0.0)
+
+
+def ids(cells):
+    return [c.id for c in cells]
 
 
 def test_sessions_take_turns_and_keep_their_own_order():
@@ -15,21 +19,50 @@ def test_sessions_take_turns_and_keep_their_own_order():
         q.push(cell(f"a{i}", "A"))
     q.push(cell("b0", "B"))
     q.push(cell("c0", "C"))
-    assert [c.id for c in q.order()] == ["a0", "b0", "c0", "a1", "a2"]
-    assert q.position("c0") == 2
-    popped = [q.pop() for _ in range(5)]
-    assert [c.id for c in popped if c] == ["a0", "b0", "c0", "a1", "a2"]
-    assert q.pop() is None
-    assert len(q) == 0
+    assert ids(q.order()) == ["a0", "b0", "c0", "a1", "a2"]
+    started = []
+    for _ in range(5):  # one GPU: one cell at a time
+        (only,) = q.take(busy=set())
+        started.append(only.id)
+    assert started == ["a0", "b0", "c0", "a1", "a2"]
+    assert q.take(busy=set()) == []
 
 
-def test_push_reports_position_and_remove_keeps_turns_consistent():
+def test_a_busy_gpu_blocks_only_its_own_cells():
     q = FairQueue()
-    assert q.push(cell("a0", "A")) == 0
-    assert q.push(cell("a1", "A")) == 1
-    assert q.push(cell("b0", "B")) == 1
+    q.push(cell("a", "A", "gpu0"))
+    q.push(cell("b", "B", "gpu1"))
+    q.push(cell("c", "C", CPU))
+    assert ids(q.take(busy={"gpu0"})) == ["b", "c"]
+    assert ids(q.take(busy=set())) == ["a"]
+
+
+def test_a_waiting_two_gpu_cell_reserves_its_gpus():
+    q = FairQueue()
+    q.push(cell("wide", "A", "gpu0", "gpu1"))
+    q.push(cell("narrow", "B", "gpu1"))
+    # gpu0 is busy: the wide cell waits and keeps gpu1 free for itself.
+    assert q.take(busy={"gpu0"}) == []
+    assert ids(q.take(busy=set())) == ["wide"]
+    assert ids(q.take(busy=set())) == ["narrow"]
+
+
+def test_positions_count_cells_ahead_on_shared_resources():
+    q = FairQueue()
+    running = [cell("r", "R", "gpu0")]
+    q.push(cell("a", "A", "gpu0"))
+    q.push(cell("b", "B", "gpu1"))
+    q.push(cell("c", "C", "gpu0", "gpu1"))
+    assert q.positions(running) == {"a": 1, "b": 0, "c": 3}
+
+
+def test_remove_keeps_turns_consistent():
+    q = FairQueue()
+    q.push(cell("a0", "A"))
+    q.push(cell("a1", "A"))
+    q.push(cell("b0", "B"))
     removed = q.remove("b0")
     assert removed is not None and removed.id == "b0"
     assert q.remove("nope") is None
-    assert [c.id for c in q.order()] == ["a0", "a1"]
-    assert [q.pop().id, q.pop().id] == ["a0", "a1"]  # type: ignore[union-attr]
+    assert ids(q.order()) == ["a0", "a1"]
+    assert len(q) == 2

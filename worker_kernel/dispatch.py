@@ -1,0 +1,214 @@
+"""The life of a cell on the worker: queued, started on an executor, answered.
+
+:class:`Dispatcher` owns the waiting queue, the set of busy resources and the
+running cells. It starts cells when their GPUs (or the CPU slot) free up,
+enforces timeouts, turns cancels into an interrupt and, if that is not enough
+within the grace period, a kill; and it answers for an executor that died.
+Messages to clients go through the ``send`` callback the service gives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import zmq
+
+from .executors import ExecutorHandle, ExecutorPool, ExecutorStartError
+from .protocol import messages as m
+from .protocol.messages import Message
+from .scheduler import Cell, FairQueue
+
+log = logging.getLogger(__name__)
+
+Send = Callable[[bytes, Message], Awaitable[None]]
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        pool: ExecutorPool,
+        send: Send,
+        *,
+        worker: str,
+        cancel_grace: float,
+        spawn: Callable[[Awaitable[Any]], Any],
+    ) -> None:
+        self.pool = pool
+        self._send = send
+        self.worker = worker
+        self.cancel_grace = cancel_grace
+        self._spawn = spawn
+        self.queue = FairQueue()
+        self.cells: dict[str, Cell] = {}  # every cell not yet answered
+        self.running: dict[str, Cell] = {}
+        self.busy: set[str] = set()
+
+    # -- queueing ----------------------------------------------------------
+
+    async def submit(self, cell: Cell) -> None:
+        self.cells[cell.id] = cell
+        self.queue.push(cell)
+        self.pump()
+        if cell.id not in self.running:
+            await self._report_positions()
+
+    def pump(self) -> None:
+        """Start every cell that can start now."""
+        for cell in self.queue.take(self.busy):
+            self.busy |= set(cell.resources)
+            self.running[cell.id] = cell
+            self._spawn(self._start(cell))
+        self._spawn(self._report_positions())
+
+    async def _report_positions(self) -> None:
+        for cell_id, position in self.queue.positions(self.running.values()).items():
+            cell = self.cells.get(cell_id)
+            if cell is not None and cell.position != position:
+                cell.position = position
+                await self._tell(cell, m.QUEUED, {"position": position, "gpus": cell.gpus})
+
+    async def _tell(self, cell: Cell, kind: str, content: dict[str, Any]) -> None:
+        msg = Message(
+            kind=kind, content=content, session=cell.session, parent=cell.id, to=cell.client
+        )
+        await self._send(cell.client_rid, msg)
+
+    # -- running -------------------------------------------------------------
+
+    async def _start(self, cell: Cell) -> None:
+        try:
+            await self._start_on_executor(cell)
+        except Exception:  # a bug here must answer the cell, not stop the worker
+            log.exception("internal error starting cell %s", cell.id[:8])
+            await self.finish(cell, "died", "internal worker error (see the worker log)")
+
+    async def _start_on_executor(self, cell: Cell) -> None:
+        try:
+            handle = await self.pool.acquire(cell.session, cell.resources)
+        except ExecutorStartError as exc:
+            await self.finish(cell, "died", f"could not start an executor: {exc}")
+            return
+        if cell.stop_reason is not None:  # cancelled while the executor started
+            await self.finish(cell, cell.stop_reason, "")
+            return
+        handle.cell = cell
+        cell.started = time.monotonic()
+        await self._tell(cell, m.STARTED, {"gpus": cell.gpus, "pid": handle.pid})
+        try:
+            await self.pool.send_exec(handle, cell.client, cell.frames)
+        except zmq.ZMQError as exc:  # executor vanished between start and send
+            handle.cell = None
+            self.pool.kill(handle)
+            await self.finish(cell, "died", f"executor unreachable: {exc}", session_lost=True)
+            return
+        if cell.timeout:
+            loop = asyncio.get_running_loop()
+            cell.timers.append(
+                loop.call_later(cell.timeout, lambda: self._spawn(self.stop(cell, "timeout")))
+            )
+
+    async def stop(self, cell: Cell, reason: str) -> None:
+        """Cancel or time out a cell: dequeue it, or interrupt (then kill) its executor."""
+        if cell.id not in self.cells or cell.stop_reason is not None:
+            return
+        cell.stop_reason = reason
+        if self.queue.remove(cell.id) is not None:
+            await self.finish(cell, reason, "")
+            return
+        handle = self._handle_of(cell)
+        if handle is None:
+            return  # still starting; _start_on_executor sees stop_reason
+        log.info("%s cell %s: interrupting executor pid %d", reason, cell.id[:8], handle.pid)
+        self.pool.signal(handle, signal.SIGUSR1 if reason == "timeout" else signal.SIGINT)
+        loop = asyncio.get_running_loop()
+        cell.timers.append(loop.call_later(self.cancel_grace, self._kill_if_running, cell))
+
+    def _handle_of(self, cell: Cell) -> ExecutorHandle | None:
+        return next((h for h in self.pool.handles() if h.cell is cell), None)
+
+    def _kill_if_running(self, cell: Cell) -> None:
+        handle = self._handle_of(cell)
+        if handle is not None:
+            log.warning(
+                "cell %s did not stop within %.1f s; killing executor pid %d",
+                cell.id[:8],
+                self.cancel_grace,
+                handle.pid,
+            )
+            self.pool.kill(handle)
+
+    def executor_exited(self, handle: ExecutorHandle, returncode: int) -> None:
+        """The pool saw an executor exit: answer the cell it was running, if any."""
+        cell = handle.cell
+        handle.cell = None
+        if cell is None or cell.id not in self.cells:
+            return
+        if cell.stop_reason is not None:
+            status, why = cell.stop_reason, "its executor had to be killed to stop it"
+        else:
+            how = (
+                f"killed by signal {signal.Signals(-returncode).name}"
+                if returncode < 0 and -returncode in signal.valid_signals()
+                else f"exit code {returncode}"
+            )
+            status, why = "died", f"the executor process died ({how}) while running the cell"
+        self._spawn(self.finish(cell, status, why, session_lost=True))
+
+    async def finish(
+        self, cell: Cell, status: str, why: str, *, session_lost: bool = False
+    ) -> None:
+        """Answer a cell the executor could not answer itself."""
+        content: dict[str, Any] = {
+            "status": status,
+            "worker": self.worker,
+            "reason": why,
+            "session_lost": session_lost,
+        }
+        await self._tell(cell, m.RESULT, content)
+        self.done(cell, status, {})
+
+    def done(self, cell: Cell, status: str, stats: dict[str, Any]) -> None:
+        """Forget an answered cell and free its resources."""
+        for timer in cell.timers:
+            timer.cancel()
+        self.cells.pop(cell.id, None)
+        log.info(
+            "cell %s session %s client %s on %s: %s, %s in, %s out, %.2f s",
+            cell.id[:8],
+            cell.session[:24],
+            cell.client[:8],
+            "+".join(cell.resources),
+            status,
+            _fmt_bytes(cell.nbytes),
+            _fmt_bytes(float(stats.get("bytes_out", 0))),
+            time.monotonic() - (cell.started or cell.received),
+        )
+        if self.running.pop(cell.id, None) is not None:
+            self.busy -= set(cell.resources)
+            self.pump()
+
+    # -- views -----------------------------------------------------------------
+
+    def load(self) -> dict[str, dict[str, int]]:
+        """Running and waiting cells per resource."""
+        out: dict[str, dict[str, int]] = {}
+        for cell in self.running.values():
+            for r in cell.resources:
+                out.setdefault(r, {"running": 0, "waiting": 0})["running"] += 1
+        for cell in self.queue.cells():
+            for r in cell.resources:
+                out.setdefault(r, {"running": 0, "waiting": 0})["waiting"] += 1
+        return out
