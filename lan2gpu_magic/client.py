@@ -375,6 +375,8 @@ class Client:
             session=session or self.session,
             timeout=timeout,
             filename=filename,
+            gpus=tuple(gpus),
+            cpu=cpu,
         )
         register_source(filename, code)
         result = self.execute(request, payload, handlers)

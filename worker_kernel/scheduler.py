@@ -4,8 +4,10 @@ Pure bookkeeping (no sockets, no clock). Each cell needs a set of resources:
 one GPU (the usual case), several GPUs of this host (``--gpus 2``), or the CPU
 slot (``--cpu``). Policy:
 
-- Sessions take turns (round-robin); within a session cells run in the order
-  they were sent. One user's fifty cells do not starve a colleague's one.
+- Sessions take turns (round-robin: the session served least recently goes
+  next, so one that just ran waits behind one that arrived meanwhile); within a
+  session cells run in the order they were sent. One user's fifty cells do not
+  starve a colleague's one.
 - Walking the waiting cells in that order, a cell starts if all its resources
   are idle and no earlier waiting cell has reserved any of them. A cell that
   cannot start reserves its resources, so later single-GPU cells cannot starve
@@ -52,21 +54,23 @@ class Cell:
 
 
 class FairQueue:
-    """Waiting cells: round-robin over sessions, FIFO within a session."""
+    """Waiting cells: sessions take turns, least recently served first; FIFO within one."""
 
     def __init__(self) -> None:
         self._cells: dict[str, deque[Cell]] = {}
-        self._turns: deque[str] = deque()  # sessions with waiting cells, next first
+        self._served: dict[str, int] = {}  # session -> tick of its last turn (0: never)
+        self._arrived: dict[str, int] = {}  # session -> order of arrival, for ties
+        self._tick = 0
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._cells.values())
 
     def push(self, cell: Cell) -> None:
-        queue = self._cells.get(cell.session)
-        if queue is None:
-            queue = self._cells[cell.session] = deque()
-            self._turns.append(cell.session)
-        queue.append(cell)
+        if cell.session not in self._cells:
+            self._cells[cell.session] = deque()
+            self._tick += 1
+            self._arrived[cell.session] = self._tick
+        self._cells[cell.session].append(cell)
 
     def remove(self, cell_id: str) -> Cell | None:
         for session, queue in self._cells.items():
@@ -75,20 +79,22 @@ class FairQueue:
                     queue.remove(cell)
                     if not queue:
                         del self._cells[session]
-                        self._turns.remove(session)
                     return cell
         return None
 
     def order(self) -> list[Cell]:
         """Every waiting cell in the order they get their turn."""
         queues = {s: list(q) for s, q in self._cells.items()}
-        turns = deque(self._turns)
+        served = dict(self._served)
+        tick = self._tick
         out: list[Cell] = []
-        while turns:
-            session = turns.popleft()
+        while queues:
+            session = min(queues, key=lambda s: (served.get(s, 0), self._arrived[s]))
             out.append(queues[session].pop(0))
-            if queues[session]:
-                turns.append(session)
+            if not queues[session]:
+                del queues[session]
+            tick += 1
+            served[session] = tick
         return out
 
     def take(self, busy: Iterable[str]) -> list[Cell]:
@@ -100,15 +106,21 @@ class FairQueue:
             if not need & taken:
                 started.append(cell)
                 self.remove(cell.id)
-                self._rotate_after(cell.session)
+                self._tick += 1
+                self._served[cell.session] = self._tick
             taken |= need
+        self._forget_idle_sessions()
         return started
 
-    def _rotate_after(self, session: str) -> None:
-        # The session just had its turn: it goes to the back of the line.
-        if session in self._turns:
-            self._turns.remove(session)
-            self._turns.append(session)
+    def _forget_idle_sessions(self) -> None:
+        # Keep the bookkeeping small: a session with nothing queued that has not
+        # been served recently starts over as a newcomer.
+        if len(self._served) > 1024:
+            recent = sorted(self._served.values())[-512]
+            for session in [s for s, t in self._served.items() if t < recent]:
+                if session not in self._cells:
+                    del self._served[session]
+                    self._arrived.pop(session, None)
 
     def positions(self, running: Iterable[Cell]) -> dict[str, int]:
         """For each waiting cell, how many cells (running or waiting) are ahead of it

@@ -10,16 +10,22 @@ from lan2gpu_magic.placement import GpuView, Requirements, WorkerView, choose_wo
 GB = 10**9
 
 
-def gpu(index=0, name="NVIDIA A100 80GB", cc=(8, 0), total=80, free=80, util=0.0, queue=0, sim=False):
+def gpu(
+    index=0, name="NVIDIA A100 80GB", cc=(8, 0), total=80, free=80, util=0.0, queue=0, sim=False
+):
     return GpuView(index, name, cc, total * GB, free * GB, util, queue, sim)
 
 
 def worker(name, *gpus, address=None, sim=False, cpus=16, load=0.0, cpu_queue=0, latency=0.001):
-    return WorkerView(name, address or f"tcp://{name}:7340", sim, tuple(gpus), cpus, load, cpu_queue, latency)
+    return WorkerView(
+        name, address or f"tcp://{name}:7340", sim, tuple(gpus), cpus, load, cpu_queue, latency
+    )
 
 
 def sim(name="sim", n=1):
-    return worker(name, *(gpu(i, "CUDA simulator", (5, 0), 32, 30, sim=True) for i in range(n)), sim=True)
+    return worker(
+        name, *(gpu(i, "CUDA simulator", (5, 0), 32, 30, sim=True) for i in range(n)), sim=True
+    )
 
 
 def place(fleet, **req):
@@ -69,7 +75,7 @@ def test_min_compute_capability():
     fleet = [worker("v100", gpu(cc=(7, 0))), worker("a100", gpu(cc=(8, 0), free=10))]
     assert place(fleet, min_cc=(8, 0)).worker.name == "a100"
     assert place(fleet, min_cc=(7, 5)).worker.name == "a100"
-    with pytest.raises(NoWorkerAvailable, match="compute capability >= 9.0"):
+    with pytest.raises(NoWorkerAvailable, match=r"compute capability >= 9\.0"):
         place(fleet, min_cc=(9, 0))
 
 
@@ -146,5 +152,5 @@ def test_parse_cc(text, cc):
 
 
 def test_parse_cc_rejects_garbage():
-    with pytest.raises(ConfigurationError, match="like 8.0"):
+    with pytest.raises(ConfigurationError, match=r"like 8\.0"):
         parse_cc("eight")

@@ -28,6 +28,15 @@ def test_sessions_take_turns_and_keep_their_own_order():
     assert q.take(busy=set()) == []
 
 
+def test_a_session_that_just_ran_waits_behind_a_newcomer():
+    q = FairQueue()
+    q.push(cell("a0", "A"))
+    q.push(cell("a1", "A"))
+    assert ids(q.take(busy=set())) == ["a0"]
+    q.push(cell("b0", "B"))  # arrives while a0 runs
+    assert ids(q.order()) == ["b0", "a1"]
+
+
 def test_a_busy_gpu_blocks_only_its_own_cells():
     q = FairQueue()
     q.push(cell("a", "A", "gpu0"))
