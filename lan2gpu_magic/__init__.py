@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Any
 
 from .client import Client, ExecuteRequest, OutputHandlers, WorkerInfo, connect
+from .embedded import EmbeddedWorker
 from .errors import (
     ConfigurationError,
     ExecutionCancelled,
@@ -59,6 +60,7 @@ def unload_ipython_extension(ipython: Any) -> None:
 __all__ = [
     "Client",
     "ConfigurationError",
+    "EmbeddedWorker",
     "ExecuteRequest",
     "ExecutionCancelled",
     "ExecutionTimeout",

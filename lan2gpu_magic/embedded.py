@@ -22,10 +22,25 @@ from worker_kernel.protocol.keys import generate_key_file
 
 
 class EmbeddedWorker:
-    """Owns one ``python -m worker_kernel`` subprocess and its temporary directory."""
+    """Owns one ``python -m worker_kernel`` subprocess and its temporary directory.
 
-    def __init__(self, *, simulate: str = "auto", start_timeout: float = 120.0) -> None:
+    Also handy as a stand-in for GPU hosts when trying things out::
+
+        with EmbeddedWorker(name="big-box", simulate="on", simulated_gpus=2) as w:
+            ...  # %lan2gpu connect {w.address} --key-file {w.key_file}
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str = "local",
+        simulate: str = "auto",
+        simulated_gpus: int = 1,
+        start_timeout: float = 120.0,
+    ) -> None:
+        self.name = name
         self._simulate = simulate
+        self._simulated_gpus = simulated_gpus
         self._start_timeout = start_timeout
         self._dir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -55,7 +70,10 @@ class EmbeddedWorker:
                 "--simulate",
                 self._simulate,
                 "--name",
-                "local",
+                self.name,
+                "--simulated-gpus",
+                str(self._simulated_gpus),
+                "--no-advertise",
                 "--ready-file",
                 str(ready),
                 "--parent-pid",
@@ -77,6 +95,13 @@ class EmbeddedWorker:
             time.sleep(0.05)
         self.address = str(json.loads(ready.read_text())["address"])
         return self.address
+
+    def __enter__(self) -> EmbeddedWorker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @property
     def running(self) -> bool:

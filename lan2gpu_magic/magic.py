@@ -176,6 +176,7 @@ class Lan2GPUMagics(Magics):
         self.pool.key_file = self.settings.key_file or None
         self.pool.allow_embedded = self.settings.embedded_worker
         self.pool.discovery = self.settings.discovery
+        self.pool.discovery_wait = self.settings.discovery_wait
 
     def close(self) -> None:
         self.pool.close()

@@ -55,8 +55,8 @@ class Requirements:
             if self.min_cc > (0, 0):
                 parts.append(f"compute capability >= {self.min_cc[0]}.{self.min_cc[1]}")
             if self.allow_simulator:
-                parts.append("(simulator allowed)")
-        return " ".join(parts)
+                parts.append("simulator allowed")
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,8 @@ class Placement:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.0f} GB" if n >= 10e9 else f"{n / 1e9:.1f} GB"
+    gib = n / 2**30  # binary, like --min-memory 40G and nvidia-smi
+    return f"{gib:.0f} GiB" if gib >= 10 else f"{gib:.1f} GiB"
 
 
 def parse_cc(text: str) -> tuple[int, int]:
@@ -156,6 +157,7 @@ def choose_worker(req: Requirements, workers: Sequence[WorkerView]) -> Placement
     named = [w for w in workers if req.worker is None or req.worker in (w.name, w.address)]
     options: list[tuple[tuple[object, ...], Placement]] = []
     rank: tuple[object, ...]
+    simulators_ok = True
     if req.cpu:
         for w in named:
             rank = (w.cpu_queue, w.load_average / max(1, w.cpu_count), w.latency)
@@ -176,8 +178,13 @@ def choose_worker(req: Requirements, workers: Sequence[WorkerView]) -> Placement
     if not options:
         known = "; ".join(w.describe() for w in workers) or "none"
         hint = ""
-        if not req.cpu and any(w.simulator for w in named) and not req.allow_simulator:
-            hint = " Simulator workers were left out: add --simulate to allow them."
+        sims_fit = any(
+            sum(_gpu_fits(req, g, pattern) for g in w.gpus) >= req.gpus
+            for w in named
+            if w.simulator
+        )
+        if not req.cpu and not simulators_ok and sims_fit:
+            hint = " Simulator workers fit but were left out: add --simulate to allow them."
         raise NoWorkerAvailable(
             f"no worker matches: asked for {req.describe()}; known workers: {known}.{hint} "
             "Connect one with `%lan2gpu connect ADDRESS`, or see `%lan2gpu workers`."

@@ -13,7 +13,8 @@ COLUMNS = ("worker", "address", "GPUs", "CPU", "RAM", "simulator", "queue", "run
 
 
 def _gb(n: float) -> str:
-    return f"{n / 1e9:.0f} GB" if n >= 10e9 else f"{n / 1e9:.1f} GB"
+    gib = n / 2**30
+    return f"{gib:.0f} GiB" if gib >= 10 else f"{gib:.1f} GiB"
 
 
 def _gpu_lines(status: dict[str, Any]) -> list[str]:

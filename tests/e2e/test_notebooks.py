@@ -42,3 +42,9 @@ def test_notebook_runs(path, monkeypatch):
         assert "step 0\nstep 1\nstep 2" in text
         assert "log is open: True - steps here: 3" in text
         assert "RemoteExecutionError: IndexError" in text
+    if path.name == "02-choosing-workers.ipynb":
+        assert "lan2gpu: ran on small-box GPU0" in text
+        assert "two GPUs of one host: 0,1" in text
+        assert "2262 primes below 20000; GPUs visible: ''" in text
+        assert "NoWorkerAvailable: no worker matches" in text
+        assert "| alternating: True" in text

@@ -7,7 +7,7 @@ import pytest
 from lan2gpu_magic.errors import ConfigurationError, NoWorkerAvailable
 from lan2gpu_magic.placement import GpuView, Requirements, WorkerView, choose_worker, parse_cc
 
-GB = 10**9
+GB = 2**30
 
 
 def gpu(
@@ -67,7 +67,7 @@ def test_min_memory_counts_free_memory_and_picks_the_right_gpu_on_a_host():
     box = worker("box", gpu(0, free=10), gpu(1, free=50), gpu(2, free=45))
     chosen = place([box], min_memory=40 * GB)
     assert [g.index for g in chosen.gpus] == [1]
-    with pytest.raises(NoWorkerAvailable, match="with 60 GB free"):
+    with pytest.raises(NoWorkerAvailable, match="with 60 GiB free"):
         place([box], min_memory=60 * GB)
 
 
@@ -98,8 +98,11 @@ def test_simulators_only_with_consent_when_real_gpus_exist():
     fleet = [sim(), worker("real", gpu(name="NVIDIA A100", queue=5))]
     assert place(fleet).worker.name == "real"
     assert place(fleet, gpu="simulator", allow_simulator=True).worker.name == "sim"
-    with pytest.raises(NoWorkerAvailable, match="add --simulate"):
+    with pytest.raises(NoWorkerAvailable, match="fit but were left out: add --simulate"):
         place(fleet, gpu="simulator")
+    with pytest.raises(NoWorkerAvailable) as info:  # a simulator would not fit either
+        place(fleet, gpu="H100")
+    assert "--simulate" not in str(info.value)
     # Naming a simulator worker is consent.
     assert place(fleet, worker="sim").worker.name == "sim"
 
@@ -135,15 +138,15 @@ def test_no_match_lists_what_was_asked_and_what_each_worker_offers():
     with pytest.raises(NoWorkerAvailable) as info:
         place(fleet, gpu="H100", min_memory=40 * GB)
     text = str(info.value)
-    assert "1 GPU named like 'H100' with 40 GB free" in text
-    assert "box1 (tcp://box1:7340: NVIDIA A100 80GB cc 8.0 12 GB free, queue 1)" in text
+    assert "1 GPU, named like 'H100', with 40 GiB free" in text
+    assert "box1 (tcp://box1:7340: NVIDIA A100 80GB cc 8.0 12 GiB free, queue 1)" in text
     with pytest.raises(NoWorkerAvailable, match="known workers: none"):
         place([])
 
 
 def test_placement_line_names_worker_gpu_memory_and_queue():
     chosen = place([worker("box1", gpu(name="NVIDIA A100 80GB", free=71))])
-    assert chosen.describe() == "box1 GPU0 (NVIDIA A100 80GB, 71 GB free), queue 0"
+    assert chosen.describe() == "box1 GPU0 (NVIDIA A100 80GB, 71 GiB free), queue 0"
 
 
 @pytest.mark.parametrize(("text", "cc"), [("8.0", (8, 0)), ("9", (9, 0)), (" 7.5 ", (7, 5))])
