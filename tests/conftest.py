@@ -83,6 +83,7 @@ def start_worker(
     *args: str,
     bind: str = "tcp://127.0.0.1:*",
     env: dict[str, str] | None = None,
+    simulate: bool = True,
 ) -> WorkerProcess:
     tmp.mkdir(parents=True, exist_ok=True)
     ready = tmp / f"{name}.ready"
@@ -98,7 +99,7 @@ def start_worker(
             bind,
             "--key-file",
             str(key_file),
-            "--simulate",
+            *(["--simulate"] if simulate else []),
             "--name",
             name,
             "--ready-file",

@@ -204,6 +204,12 @@ def test_required_output_that_cannot_travel_is_an_error(client: Client):
         client.run("import threading\nlock = threading.Lock()", {}, outputs="lock")
 
 
+def test_heartbeats_carry_live_load(client: Client):
+    client.run("import time\ntime.sleep(1.5)", {})
+    assert set(client.load) >= {"queues", "gpus", "load_average", "memory_available"}
+    assert client.load["gpus"][0]["memory_free"] > 0
+
+
 def test_service_answers_while_a_cell_is_busy(shared_worker):
     with (
         connect(shared_worker.address, key_file=shared_worker.key_file) as busy,
