@@ -17,7 +17,9 @@ Comprehension variables and a function's locals are not outputs.
 from __future__ import annotations
 
 import ast
+import dis
 import symtable
+import types
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,17 +71,20 @@ def _target_names(node: ast.AST) -> list[str]:
     return []
 
 
-def _nested_globals(table: symtable.SymbolTable) -> tuple[set[str], set[str]]:
-    """(module names read, module names assigned via ``global``) in nested scopes."""
+def _scope_globals(table: symtable.SymbolTable) -> tuple[set[str], set[str]]:
+    """(module names read, module names assigned via ``global``) by a scope and its children."""
     reads: set[str] = set()
     binds: set[str] = set()
+    is_class = table.get_type() == "class"
+    for sym in table.get_symbols():
+        # A class body looks names up in the module too, even ones it assigns
+        # later (`x = x + 1`), so every name it reads may be a module read.
+        if sym.is_referenced() and (sym.is_global() or (is_class and not sym.is_parameter())):
+            reads.add(sym.get_name())
+        if sym.is_declared_global() and (sym.is_assigned() or sym.is_imported()):
+            binds.add(sym.get_name())
     for child in table.get_children():
-        for sym in child.get_symbols():
-            if sym.is_global() and sym.is_referenced():
-                reads.add(sym.get_name())
-            if sym.is_declared_global() and (sym.is_assigned() or sym.is_imported()):
-                binds.add(sym.get_name())
-        sub_reads, sub_binds = _nested_globals(child)
+        sub_reads, sub_binds = _scope_globals(child)
         reads |= sub_reads
         binds |= sub_binds
     return reads, binds
@@ -219,7 +224,9 @@ class _Flow:
                 self.expr(item.context_expr, bound)
                 if item.optional_vars is not None:
                     self._target(item.optional_vars, bound)
-            bound = self.block(node.body, bound)
+            # A context manager can swallow an exception (contextlib.suppress), so
+            # bindings in the body are not certain after it.
+            self.block(node.body, bound)
         elif isinstance(node, ast.Try | getattr(ast, "TryStar", ast.Try)):
             self.block(node.body, bound)
             for handler in node.handlers:
@@ -266,12 +273,7 @@ def analyze(code: str, filename: str = "<cell>") -> CellNames:
     nested: dict[int, tuple[set[str], set[str]]] = {}
     for child in table.get_children():
         reads, binds = nested.setdefault(child.get_lineno(), (set(), set()))
-        for sym in child.get_symbols():
-            if sym.is_global() and sym.is_referenced():
-                reads.add(sym.get_name())
-            if sym.is_declared_global() and (sym.is_assigned() or sym.is_imported()):
-                binds.add(sym.get_name())
-        sub_reads, sub_binds = _nested_globals(child)
+        sub_reads, sub_binds = _scope_globals(child)
         reads |= sub_reads
         binds |= sub_binds
     names = CellNames()
@@ -342,9 +344,30 @@ def plan_cell(
             required=frozenset(explicit_out),
             always=frozenset(explicit_out),
         )
+    # Notebook functions the cell uses may assign globals (`global n; n += 1`).
+    outputs = list(names.binds)
+    for name in chosen_in:
+        for written in global_writes(namespace[name], namespace):
+            if written not in outputs:
+                outputs.append(written)
     return CellPlan(
         inputs=tuple(chosen_in),
-        outputs=tuple(names.binds),
+        outputs=tuple(outputs),
         always=frozenset(names.augmented),
         deletes=tuple(names.deletes),
     )
+
+
+def global_writes(value: Any, namespace: Mapping[str, Any]) -> list[str]:
+    """Globals a function defined in ``namespace`` assigns or deletes."""
+    if not isinstance(value, types.FunctionType) or value.__globals__ is not namespace:
+        return []
+    found: list[str] = []
+    codes = [value.__code__]
+    while codes:
+        code = codes.pop()
+        for ins in dis.get_instructions(code):
+            if ins.opname in ("STORE_GLOBAL", "DELETE_GLOBAL") and ins.argval not in found:
+                found.append(ins.argval)
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return found

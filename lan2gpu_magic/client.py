@@ -13,13 +13,18 @@ an announced large result needs at ``min_bandwidth``; otherwise it raises
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import zmq
@@ -29,6 +34,7 @@ from worker_kernel.protocol.errors import (
     ConnectionClosed,
     Lan2GPUError,
     MessageRejected,
+    ProtocolError,
     VersionMismatch,
     WorkerLost,
     WorkerUnreachable,
@@ -47,6 +53,35 @@ from .transport import Transport
 _FRESH = 1.0  # skip the pre-flight ping if the worker spoke this recently
 _CANCEL_WAIT = 5.0  # after an interrupt, how long to wait for the worker's answer
 _BIG_UPLOAD = 8 << 20  # announce uploads this large, so the worker heartbeats meanwhile
+_POLL_SLICE = 0.1  # how often a waiting client looks at its interrupt flag
+_TIMEOUT_GRACE = 30.0  # beyond a cell's --timeout, before the client stops waiting
+
+log = logging.getLogger(__name__)
+
+
+class _InterruptFlag:
+    """While active (main thread only), SIGINT sets a flag instead of raising."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.cancelled = False
+        self._previous: Any = None
+        self._installed = False
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.pending:  # a second Ctrl-C: stop waiting for the worker at once
+            raise KeyboardInterrupt
+        self.pending = True
+
+    def __enter__(self) -> _InterruptFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 @dataclass(frozen=True)
@@ -131,6 +166,7 @@ class Client:
         self._clock = clock
         self._last_heard = float("-inf")
         self._cells = 0
+        self._used_default_session = False
         self.load: dict[str, Any] = {}  # the worker's live numbers, from heartbeats
         self.transport = Transport(
             address, key if key is not None else load_key(key_file), context=context
@@ -163,6 +199,29 @@ class Client:
             to = self.info.instance if hasattr(self, "info") else ""
         return Message(kind=kind, content=content or {}, to=to, **kw)
 
+    def _recv(self, timeout: float) -> Message | None:
+        """The next message for this client, or None (timeout, or one not for us).
+
+        A worker that restarted does not know this client yet, so its errors
+        come addressed to nobody; they are matched by their parent id instead.
+        """
+        msg = self.transport.recv(timeout)
+        if msg is None or not msg.authenticated or msg.to == self.id:
+            return msg
+        if msg.kind == m.ERROR and msg.to == "":
+            return msg
+        log.warning("dropped a %s from %s addressed to another client", msg.kind, self.address)
+        return None
+
+    def _reset_transport(self) -> None:
+        """A fresh socket and handshake, after an interrupt may have split a message."""
+        key, context = self.transport.wire.key, self.transport.context
+        own = self.transport.owns_context
+        self.transport.close(term=own)
+        self.transport = Transport(self.address, key, context=None if own else context)
+        self._last_heard = float("-inf")
+        self.info = self._handshake(10.0)
+
     def _request(self, msg: Message, reply_kinds: set[str], timeout: float) -> Message:
         """Send ``msg`` and wait for its reply; other messages are dropped."""
         self.transport.send(msg)
@@ -175,7 +234,7 @@ class Client:
                     "running (`python -m worker_kernel --help`), and is the address right? "
                     "Raise the limit with connect_timeout=/--timeout."
                 )
-            reply = self.transport.recv(remaining)
+            reply = self._recv(remaining)
             if reply is None:
                 continue
             self._last_heard = self._clock()
@@ -244,6 +303,7 @@ class Client:
     ) -> RunResult:
         """Send a planned cell with its serialized inputs; stream output; return results."""
         handlers = handlers or OutputHandlers()
+        self._used_default_session |= request.session == self.session
         if self._clock() - self._last_heard > _FRESH or payload.nbytes > _BIG_UPLOAD:
             # Fail fast before uploading, re-handshake after a worker restart, and
             # tell the worker how much is coming so it keeps heartbeating us.
@@ -268,54 +328,104 @@ class Client:
             session=request.session,
         )
         self.transport.send(msg)
-        reply = self._wait(msg.id, handlers)
+        reply = self._wait(msg.id, handlers, request.timeout)
         return results.parse_result(reply, plan, request.timeout)
 
-    def _wait(self, cell_id: str, handlers: OutputHandlers) -> Message:
+    def _wait(
+        self, cell_id: str, handlers: OutputHandlers, timeout: float | None = None
+    ) -> Message:
+        """Relay the cell's live output until its result arrives.
+
+        Ctrl-C (SIGINT) only sets a flag here, checked between messages, so an
+        interrupt can never split a multipart message; the worker is then asked
+        to cancel the cell and given a few seconds to confirm.
+        """
+        with _InterruptFlag() as interrupted:
+            try:
+                reply = self._wait_loop(cell_id, handlers, timeout, interrupted)
+            except BaseException as exc:
+                # Leaving without a result (an error, or a second Ctrl-C): do not
+                # leave the cell running on the worker.
+                with contextlib.suppress(Lan2GPUError):
+                    self.transport.send(self._message(m.CANCEL, {"cell": cell_id}))
+                if isinstance(exc, KeyboardInterrupt):
+                    # The second Ctrl-C may have landed inside a multipart receive.
+                    with contextlib.suppress(Lan2GPUError):
+                        self._reset_transport()
+                raise
+        if interrupted.cancelled:
+            self._report_cancel(reply, handlers)
+            raise KeyboardInterrupt
+        return reply
+
+    def _wait_loop(
+        self,
+        cell_id: str,
+        handlers: OutputHandlers,
+        timeout: float | None,
+        interrupted: _InterruptFlag,
+    ) -> Message:
         heartbeat = self.info.heartbeat
         last_heard = self._clock()
         next_beat = last_heard + heartbeat
         allowance = 0.0
-        cancel_deadline: float | None = None
+        deadline = float("inf")  # set once the cell starts, if it has a timeout
         while True:
-            try:
-                now = self._clock()
-                limit = last_heard + self.liveness * heartbeat + allowance
-                wake = min(next_beat, limit, cancel_deadline or limit)
-                reply = self.transport.recv(max(0.0, wake - now))
-                now = self._clock()
-                if reply is not None:
-                    last_heard = self._last_heard = now
-                    if reply.kind == m.HEARTBEAT:
-                        self.load = dict(reply.content.get("load", self.load))
-                    elif reply.parent == cell_id:
-                        if reply.kind == m.RESULT:
-                            if cancel_deadline is not None:
-                                self._report_cancel(reply, handlers)
-                                raise KeyboardInterrupt
-                            return reply
-                        if reply.kind == m.ERROR:
-                            self._raise_error(reply)
-                        allowance = self._dispatch(reply, handlers, allowance)
-                if now >= next_beat:
-                    self.transport.send(self._message(m.HEARTBEAT))
-                    next_beat = now + heartbeat
-                if cancel_deadline is not None and now >= cancel_deadline:
-                    raise KeyboardInterrupt
-                if now > last_heard + self.liveness * heartbeat + allowance:
-                    raise WorkerLost(
-                        f"worker {self.info.name} ({self.address}) stopped answering: no "
-                        f"heartbeat for {now - last_heard:.1f} s while the cell was in flight. "
-                        "The cell's result is lost; check that the worker is running and "
-                        "reachable, then run the cell again."
-                    )
-            except KeyboardInterrupt:
-                if cancel_deadline is not None:
-                    raise
-                # Ask the worker to stop the cell, then wait briefly for it to confirm.
+            now = self._clock()
+            if interrupted.pending and not interrupted.cancelled:
+                interrupted.cancelled = True
                 self.transport.send(self._message(m.CANCEL, {"cell": cell_id}))
-                cancel_deadline = self._clock() + _CANCEL_WAIT
-                last_heard = self._clock()
+                deadline = min(deadline, now + _CANCEL_WAIT)
+                last_heard = now
+            limit = last_heard + self.liveness * heartbeat + allowance
+            wake = min(next_beat, limit, deadline, now + _POLL_SLICE)
+            try:
+                reply = self._recv(max(0.0, wake - now))
+            except ProtocolError as exc:
+                # One bad message (tampered, or from a stranger) is dropped; the
+                # cell's own messages still count.
+                log.warning("%s", exc)
+                reply = None
+            now = self._clock()
+            if reply is not None:
+                if reply.kind == m.ERROR and reply.content.get("code") == "wrong-recipient":
+                    raise WorkerLost(
+                        f"worker {self.info.name} ({self.address}) restarted while the cell "
+                        "was in flight; the cell and its session state are lost. Run the "
+                        "cell again (the client reconnects by itself)."
+                    )
+                if reply.kind == m.HEARTBEAT:
+                    last_heard = self._last_heard = now
+                    self.load = dict(reply.content.get("load", self.load))
+                elif reply.parent == cell_id:
+                    last_heard = self._last_heard = now
+                    if reply.kind == m.RESULT:
+                        return reply
+                    if reply.kind == m.ERROR:
+                        self._raise_error(reply)
+                    if reply.kind == m.STARTED and timeout:
+                        # The worker enforces --timeout; this only guards a worker
+                        # that never reports back.
+                        deadline = min(deadline, now + timeout + _TIMEOUT_GRACE)
+                    allowance = self._dispatch(reply, handlers, allowance)
+            if now >= next_beat:
+                self.transport.send(self._message(m.HEARTBEAT))
+                next_beat = now + heartbeat
+            if now >= deadline:
+                if interrupted.cancelled:
+                    raise KeyboardInterrupt
+                raise WorkerLost(
+                    f"worker {self.info.name} ({self.address}) did not report the end of the "
+                    f"cell within {_TIMEOUT_GRACE:.0f} s after its --timeout of {timeout:g} s; "
+                    "the cell's result is lost. Check the worker's log."
+                )
+            if now > last_heard + self.liveness * heartbeat + allowance:
+                raise WorkerLost(
+                    f"worker {self.info.name} ({self.address}) stopped answering: no "
+                    f"heartbeat for {now - last_heard:.1f} s while the cell was in flight. "
+                    "The cell's result is lost; check that the worker is running and "
+                    "reachable, then run the cell again."
+                )
 
     def _report_cancel(self, reply: Message, handlers: OutputHandlers) -> None:
         if reply.content.get("session_lost"):
@@ -368,7 +478,7 @@ class Client:
         plan = capture.plan_cell(
             code, ns, hidden=hidden, inputs=inputs, outputs=outputs, filename=filename
         )
-        payload, _ = dump_values({name: ns[name] for name in plan.inputs})
+        payload, _ = dump_values({name: ns[name] for name in plan.inputs}, namespace=dict_of(ns))
         request = ExecuteRequest(
             code=code,
             plan=plan,
@@ -385,7 +495,12 @@ class Client:
         return result
 
     def close(self) -> None:
-        """Close the connection. Idempotent; the worker keeps the session until idle."""
+        """Close the connection, and this client's default session on the worker
+        (named sessions stay until they are idle). Idempotent."""
+        if self._used_default_session and not self.transport.closed:
+            self._used_default_session = False
+            with contextlib.suppress(Lan2GPUError):
+                self.close_session(self.session, timeout=0.5)
         self.transport.close()
 
 
@@ -427,7 +542,7 @@ def fetch_statuses(clients: Sequence[Client], timeout: float = 2.0) -> list[Stat
         for sock, _ in poller.poll(int(remaining * 1000) + 1):
             i, client, msg_id, t0 = pending[sock]
             try:
-                reply = client.transport.recv(0)
+                reply = client._recv(0)
             except Lan2GPUError as exc:
                 reply, replies[i] = None, StatusReply(None, float("inf"), str(exc))
                 del pending[sock]
@@ -450,6 +565,11 @@ def fetch_statuses(clients: Sequence[Client], timeout: float = 2.0) -> list[Stat
     for i, _client, _, _ in pending.values():
         replies[i] = StatusReply(None, float("inf"), f"did not answer within {timeout:g} s")
     return replies
+
+
+def dict_of(namespace: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The namespace as functions see it (their ``__globals__``), if it is a dict."""
+    return namespace if isinstance(namespace, dict) else None
 
 
 def connect(

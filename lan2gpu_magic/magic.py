@@ -212,7 +212,8 @@ class Lan2GPUMagics(Magics):
             filename=filename,
             line_offset=1,
         )
-        payload, _ = dump_values({name: shell.user_ns[name] for name in plan.inputs})
+        ns = shell.user_ns
+        payload, _ = dump_values({name: ns[name] for name in plan.inputs}, namespace=ns)
         client, placement = self.pool.choose(self._requirements(args))
         request = ExecuteRequest(
             code=cell,

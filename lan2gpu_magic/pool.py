@@ -173,8 +173,13 @@ class WorkerPool:
 
     def _start_embedded(self) -> None:
         self.embedded = EmbeddedWorker()
-        address = self.embedded.start()
-        client = Client(address, key_file=self.embedded.key_file, connect_timeout=60.0)
+        try:
+            address = self.embedded.start()
+            client = Client(address, key_file=self.embedded.key_file, connect_timeout=60.0)
+        except BaseException:
+            self.embedded.close()
+            self.embedded = None
+            raise
         self._entries[address] = _Entry(address, str(self.embedded.key_file), EMBEDDED, client)
         kind = "CUDA simulator" if client.info.simulator else client.info.describe()
         self._announce(

@@ -16,10 +16,10 @@ from worker_kernel.protocol.errors import (
     ExecutionCancelled,
     ExecutionTimeout,
     ExecutorDied,
+    Lan2GPUError,
     RemoteExecutionError,
     RemoteTraceback,
     SerializationError,
-    WorkerError,
 )
 from worker_kernel.protocol.messages import Message
 from worker_kernel.protocol.serialize import load_values, loads
@@ -40,6 +40,7 @@ class RunResult:
     has_value: bool = False
     value_repr: dict[str, Any] | None = None  # MIME bundle of an unpicklable value
     stats: dict[str, Any] = field(default_factory=dict)
+    error: Lan2GPUError | None = None  # the cell failed; outputs bound before it still count
 
     @property
     def warnings(self) -> list[str]:
@@ -49,7 +50,7 @@ class RunResult:
         ]
 
 
-def _error(msg: Message, worker: str, timeout: float | None) -> WorkerError:
+def _error(msg: Message, worker: str, timeout: float | None) -> Lan2GPUError:
     c = msg.content
     status = str(c.get("status"))
     lost = bool(c.get("session_lost"))
@@ -60,6 +61,9 @@ def _error(msg: Message, worker: str, timeout: float | None) -> WorkerError:
         else "The session on the worker is intact."
     )
     reason = str(c.get("reason") or "")
+    if status == "error" and c.get("serialization_error") is not None:
+        evalue = str(dict(c.get("error", {})).get("evalue", "cannot pickle an output"))
+        return SerializationError(evalue, str(c["serialization_error"]))
     if status == "error" and "error" in c:
         remote = RemoteTraceback.from_json(dict(c["error"]))
         lines = tuple(render(remote, worker))
@@ -89,11 +93,18 @@ def _error(msg: Message, worker: str, timeout: float | None) -> WorkerError:
 
 
 def parse_result(msg: Message, plan: CellPlan, timeout: float | None = None) -> RunResult:
-    """Values from an ``ok`` result; raise the matching WorkerError otherwise."""
+    """The values a cell produced; ``.error`` is set if it failed after binding some.
+
+    A cell that produced nothing (cancelled, executor died) raises at once.
+    """
     c = msg.content
     worker = str(c.get("worker", "?"))
-    if c.get("status") != "ok":
-        raise _error(msg, worker, timeout)
+    status = c.get("status")
+    error: Lan2GPUError | None = None
+    if status != "ok":
+        error = _error(msg, worker, timeout)
+        if "outputs" not in c:
+            raise error
     entries = list(c.get("outputs", []))
     used = sum(int(e["nframes"]) for e in entries)
     outputs, failed = load_values(entries, msg.buffers[:used])
@@ -103,6 +114,7 @@ def parse_result(msg: Message, plan: CellPlan, timeout: float | None = None) -> 
         deleted=tuple(str(n) for n in c.get("deleted", [])),
         skipped={str(k): str(v) for k, v in dict(c.get("skipped", {})).items()},
         stats=dict(c.get("stats", {})),
+        error=error,
     )
     for name, reason in failed.items():
         if name in plan.required:
@@ -129,10 +141,14 @@ def apply(
     namespace: MutableMapping[str, Any],
     warn: Callable[[str], None] | None = None,
 ) -> None:
-    """Put the outputs into ``namespace`` as if the cell had run locally."""
+    """Put the outputs into ``namespace`` as if the cell had run locally; then raise
+    the cell's error, if it had one (what it bound before failing is kept, as in IPython).
+    """
     namespace.update(result.outputs)
     for name in result.deleted:
         namespace.pop(name, None)
     if warn is not None:
         for line in result.warnings:
             warn(line)
+    if result.error is not None:
+        raise result.error

@@ -46,7 +46,7 @@ class Transport:
         replay_window: float = 120.0,
     ) -> None:
         self.address = address
-        self._own_context = context is None
+        self.owns_context = context is None
         self.context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context()
         self.wire = Wire(key, limits=limits, window=replay_window)
         self.sock: zmq.Socket[bytes] | None = self.context.socket(zmq.DEALER)
@@ -115,10 +115,10 @@ class Transport:
             )
         return msg
 
-    def close(self) -> None:
+    def close(self, term: bool = True) -> None:
         """Close the socket (and the context if this transport made it). Idempotent."""
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None
-        if self._own_context and not self.context.closed:
+        if term and self.owns_context and not self.context.closed:
             self.context.term()

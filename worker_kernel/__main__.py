@@ -38,7 +38,7 @@ def _serve(argv: list[str]) -> int:
     capabilities = detect(config.simulate, config.gpus, config.simulated_gpus)
     service = WorkerService(config, key, capabilities)
     asyncio.run(service.run())
-    return 0
+    return 1 if service.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:

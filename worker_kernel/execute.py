@@ -24,14 +24,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .display import mimebundle
-from .protocol.errors import RemoteFrame, RemoteTraceback
+from .protocol.errors import RemoteFrame, RemoteTraceback, SerializationError
 from .protocol.messages import DISPLAY, RESULT, STREAM, TRANSFER, Buffer, Message
 from .protocol.serialize import dump_values, dumps, load_values
+from .protocol.wire import digest
 from .streams import OutputChannel, RemoteStream
 
 Send = Callable[[Message], None]
 TRANSFER_NOTICE_BYTES = 1 << 20
+
+
+# Values whose in-place changes are detected and sent back (their pickles are stable).
+_MUTABLE = (np.ndarray, list, dict, set, bytearray)
+
+
+def _serialization_error(content: dict[str, Any], name: str, message: str) -> dict[str, Any]:
+    content["status"] = "error"
+    content["error"] = RemoteTraceback(ename="SerializationError", evalue=message).to_json()
+    content["serialization_error"] = name
+    return content
 
 
 class TimeoutInterrupt(BaseException):
@@ -74,6 +88,7 @@ class CellRequest:
 
 @dataclass
 class Outcome:
+    ran: bool = False  # the cell's code started (its bindings may be worth returning)
     status: str = "ok"  # ok | error | timeout | cancelled
     error: RemoteTraceback | None = None
     value: Any = None
@@ -139,6 +154,42 @@ def _compile(req: CellRequest) -> tuple[Any, Any]:
     return body, compile(last, req.filename, "eval") if last is not None else None
 
 
+class _Stash:
+    """Moves values left from earlier cells out of the namespace while a cell runs.
+
+    They go into the builtins (the cell's and the process's, which functions
+    loaded from the notebook use), so reads still find them; whatever is in the
+    namespace after the cell was bound by it. A name that is also a real builtin
+    (a variable called ``len``) stays put: shadowing it process-wide would break
+    library code.
+    """
+
+    def __init__(self, ns: dict[str, Any], names: list[str]) -> None:
+        self.ns = ns
+        self.tables = [vars(builtins)]
+        if ns["__builtins__"] is not vars(builtins):
+            self.tables.append(ns["__builtins__"])
+        self.kept = {n: id(ns[n]) for n in names if n in vars(builtins)}
+        self.values = {n: ns.pop(n) for n in names if n not in self.kept}
+        for table in self.tables:
+            table.update(self.values)
+
+    def bound(self, name: str) -> bool:
+        """Whether the cell bound ``name`` (call before :meth:`restore`)."""
+        if name not in self.ns:
+            return False
+        if name in self.kept:  # never moved out: fall back to identity
+            return id(self.ns[name]) != self.kept[name]
+        return True
+
+    def restore(self) -> None:
+        for table in self.tables:
+            for name in self.values:
+                table.pop(name, None)
+        for name, value in self.values.items():
+            self.ns.setdefault(name, value)
+
+
 class CellRunner:
     """Runs cells of one session; owns its namespace."""
 
@@ -150,6 +201,7 @@ class CellRunner:
         self._current: CellRequest | None = None
         self._inputs: dict[str, int] = {}  # id() of each input as loaded
         self._fresh: set[str] = set()  # outputs the last cell really bound
+        self._input_digests: dict[str, list[str]] = {}  # as signed by the client
         self.namespace = new_namespace(self.display)
 
     # -- display, available in cells ----------------------------------------
@@ -188,7 +240,7 @@ class CellRunner:
         self._current = req
         started = time.perf_counter()
         try:
-            outcome = self._execute(req, msg.buffers)
+            outcome = self._execute(req, msg)
             content, frames = self._result(req, outcome)
         finally:
             self._current = None
@@ -204,9 +256,18 @@ class CellRunner:
         self.send(self._reply(req, RESULT, content, frames))
         return {"status": content["status"], **content["stats"]}
 
-    def _execute(self, req: CellRequest, buffers: list[Buffer]) -> Outcome:
+    def _execute(self, req: CellRequest, msg: Message) -> Outcome:
         outcome = Outcome()
-        values, failed = load_values(req.inputs, buffers)
+        self._fresh, self._inputs, self._input_digests = set(), {}, {}
+        ns = self.namespace
+        cell_builtins: dict[str, Any] = ns["__builtins__"]
+        values, failed = load_values(req.inputs, msg.buffers, namespace=ns)
+        ns["__builtins__"] = cell_builtins  # cloudpickle resets it when loading functions
+        pos = 0
+        for entry in req.inputs:
+            count = int(entry["nframes"])
+            self._input_digests[str(entry["name"])] = msg.digests[pos : pos + count]
+            pos += count
         if failed:
             lines = [f"  {name}: {reason}" for name, reason in failed.items()]
             outcome.status = "error"
@@ -221,13 +282,10 @@ class CellRunner:
                 ),
             )
             return outcome
-        ns = self.namespace
         ns.update(values)
+        outcome.ran = True
         self._inputs = {n: id(v) for n, v in values.items()}
-        stash = {n: ns.pop(n) for n in req.outputs if n in ns and n not in values}
-        cell_builtins: dict[str, Any] = ns["__builtins__"]
-        shadowed = {n: cell_builtins[n] for n in stash if n in cell_builtins}
-        cell_builtins.update(stash)
+        stash = _Stash(ns, [n for n in req.outputs if n in ns and n not in values])
         send_stream = self._stream_sender(req)
         saved = sys.stdout, sys.stderr
         self.channel.begin(send_stream)
@@ -253,11 +311,8 @@ class CellRunner:
             sys.stdout, sys.stderr = saved
             self.channel.end()
             # Present now means bound by this cell (stale values were moved out).
-            self._fresh = {n for n in req.outputs if n in ns}
-            for name, value in stash.items():
-                del cell_builtins[name]
-                ns.setdefault(name, value)
-            cell_builtins.update(shadowed)
+            self._fresh = {n for n in req.outputs if stash.bound(n)}
+            stash.restore()
         return outcome
 
     def _stream_sender(self, req: CellRequest) -> Callable[[str, str], None]:
@@ -270,31 +325,32 @@ class CellRunner:
         content: dict[str, Any] = {"status": outcome.status, "worker": self.worker}
         if outcome.error is not None:
             content["error"] = outcome.error.to_json()
-        if outcome.status != "ok":
+        if not outcome.ran:
             return content, []
+        # Even when the cell raised, what it bound before that comes back, as in IPython.
         ns = self.namespace
+        if outcome.status == "ok":
+            missing = [n for n in sorted(req.required) if n not in ns]
+            if missing:
+                return _serialization_error(
+                    content,
+                    missing[0],
+                    f"--out asked for {', '.join(missing)}, but the cell did not define "
+                    "them on the worker",
+                ), []
         chosen: dict[str, Any] = {}
-        missing = [n for n in sorted(req.required) if n not in ns]
-        if missing:
-            content["status"] = "error"
-            content["error"] = RemoteTraceback(
-                ename="SerializationError",
-                evalue=f"--out asked for {', '.join(missing)}, but the cell did not define "
-                "them on the worker",
-            ).to_json()
-            return content, []
         for name in req.outputs:
-            if name not in self._fresh and name not in req.required:
+            if name not in ns or (name not in self._fresh and name not in req.required):
                 continue
             same_input = self._inputs.get(name) == id(ns[name])
             if not same_input or name in req.required or name in req.always:
                 chosen[name] = ns[name]
         try:
             payload, skipped = dump_values(chosen, strict=req.required, role="output")
-        except Exception as exc:  # a required output that cannot be pickled
-            content["status"] = "error"
-            content["error"] = RemoteTraceback(ename=type(exc).__name__, evalue=str(exc)).to_json()
-            return content, []
+        except SerializationError as exc:  # a required output that cannot be pickled
+            return _serialization_error(content, exc.name or "", str(exc)), []
+        for name, frames in self._mutated_inputs(chosen).items():
+            payload.add(name, frames)
         frames = list(payload.frames)
         content["outputs"] = payload.entries
         content["skipped"] = skipped
@@ -307,3 +363,30 @@ class CellRunner:
             except Exception:  # an unpicklable result is still worth seeing
                 content["value_repr"] = mimebundle(outcome.value)[0]
         return content, frames
+
+    def _mutated_inputs(self, chosen: dict[str, Any]) -> dict[str, list[Buffer]]:
+        """Inputs the cell changed in place (``out[i] = ...``, ``d[k] = v``), pickled.
+
+        Arrays arrive as views of the received frames, so comparing a fresh pickle's
+        digests with the digests signed in the request tells what changed. Only
+        arrays and builtin containers are compared: their pickles are stable.
+        """
+        changed: dict[str, list[Buffer]] = {}
+        ns = self.namespace
+        for name, digests in self._input_digests.items():
+            value = ns.get(name)
+            if name in chosen or value is None or id(value) != self._inputs.get(name):
+                continue
+            if not isinstance(value, _MUTABLE):
+                continue
+            frames = _dumps_or_none(value)
+            if frames is not None and [digest(f) for f in frames] != digests:
+                changed[name] = frames
+        return changed
+
+
+def _dumps_or_none(value: Any) -> list[Buffer] | None:
+    try:
+        return dumps(value)
+    except Exception:  # it arrived pickled; if it no longer pickles, leave it alone
+        return None

@@ -83,18 +83,32 @@ class Executor:
         self.channel = OutputChannel()
         self.runner = CellRunner(worker, self.channel, self.send)
         _route_display(self.runner.display)
+        self._main_sending = False  # the main thread is inside send_multipart
+        self._deferred: type[BaseException] | None = None
 
     def send(self, msg: Message) -> None:
         frames = self.wire.encode(msg)
+        main = threading.current_thread() is threading.main_thread()
         with self.lock:
-            self.sock.send_multipart([b"fwd", *frames], copy=False)
+            self._main_sending = main
+            try:
+                self.sock.send_multipart([b"fwd", *frames], copy=False)
+            finally:
+                self._main_sending = False
+        deferred, self._deferred = self._deferred, None
+        if main and deferred is not None and self.runner.armed:
+            raise deferred
 
     def _interrupt(self, signum: int, frame: FrameType | None) -> None:
         # Only user code is interrupted; a late signal after the cell ended is dropped.
-        if self.runner.armed:
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise TimeoutInterrupt
+        if not self.runner.armed:
+            return
+        exc = KeyboardInterrupt if signum == signal.SIGINT else TimeoutInterrupt
+        if self._main_sending:
+            # Raising here would cut a multipart message in two: raise after it.
+            self._deferred = exc
+            return
+        raise exc
 
     def serve(self) -> None:
         signal.signal(signal.SIGINT, self._interrupt)

@@ -177,6 +177,7 @@ class ExecutorPool:
             handle.process.send_signal(signum)
 
     def kill(self, handle: ExecutorHandle) -> None:
+        handle.stopping = True  # never hand a dying executor another cell
         self.signal(handle, signal.SIGKILL)
 
     async def stop(self, handle: ExecutorHandle, grace: float = 2.0) -> None:

@@ -89,6 +89,7 @@ class WorkerService:
         self.advertiser: Advertiser | None = None
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.failed = False  # an internal error stopped the service (exit non-zero)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -148,6 +149,7 @@ class WorkerService:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("internal task failed; stopping", exc_info=task.exception())
+            self.failed = True
             self.stop()
 
     def _write_ready_file(self) -> None:
@@ -199,7 +201,19 @@ class WorkerService:
                 log.warning("rejected a message from %s: %s", rid.hex()[:8], exc)
                 await self._reject(rid, exc)
                 continue
-            await self._on_message(rid, msg, frames[1:])
+            try:
+                await self._on_message(rid, msg, frames[1:])
+            except BadRequest as exc:
+                log.warning("bad %s from %s: %s", msg.kind, rid.hex()[:8], exc)
+                await self._reply(msg, rid, m.ERROR, {"code": "bad-request", "reason": str(exc)})
+            except Exception:  # a bug here must not take the worker down
+                log.exception("error handling %s from %s", msg.kind, rid.hex()[:8])
+                await self._reply(
+                    msg,
+                    rid,
+                    m.ERROR,
+                    {"code": "internal", "reason": "internal worker error (see its log)"},
+                )
 
     async def _on_message(self, rid: bytes, msg: Message, frames: list[Any]) -> None:
         now = time.monotonic()
@@ -207,7 +221,7 @@ class WorkerService:
         if client is None:
             client = self.clients[rid] = ClientState(rid)
         client.last_seen = now
-        expect = float(msg.content.get("expect_bytes", 0)) if msg.kind == m.PING else 0.0
+        expect = _number(msg.content, "expect_bytes") if msg.kind == m.PING else 0.0
         client.attached_until = max(
             client.attached_until, now + _ATTACH_SECONDS + expect / _MIN_BANDWIDTH
         )
@@ -286,10 +300,9 @@ class WorkerService:
                 key=lambda g: sum(load.get(gpu_slot(g), {}).values()),
             )
             return (gpu_slot(best),)
-        try:
-            gpus = sorted({int(g) for g in asked})
-        except (TypeError, ValueError):
+        if not isinstance(asked, list) or not all(isinstance(g, int) for g in asked):
             return f"gpus={asked!r} is not a list of GPU numbers"
+        gpus = sorted(set(asked))
         if not set(gpus) <= have:
             return f"this worker serves GPUs {sorted(have)}, not {gpus}"
         return tuple(gpu_slot(g) for g in gpus)
@@ -302,7 +315,9 @@ class WorkerService:
             error = {"ename": "ValueError", "evalue": f"worker {self.config.name}: {resources}"}
             await self._reply(msg, rid, m.RESULT, {"status": "error", "error": error})
             return
-        timeout = msg.content.get("timeout")
+        timeout = _number(msg.content, "timeout")
+        if not isinstance(msg.content.get("code"), str):
+            raise BadRequest("execute without code")
         cell = Cell(
             id=msg.id,
             client_rid=rid,
@@ -311,7 +326,7 @@ class WorkerService:
             resources=resources,
             frames=frames,
             nbytes=msg.nbytes,
-            timeout=float(timeout) if timeout else None,
+            timeout=timeout or None,
             received=time.monotonic(),
         )
         await self.dispatcher.submit(cell)
@@ -432,6 +447,19 @@ class WorkerService:
             "queued": [cell_info(c) for c in d.queue.order()],
             "sessions": sorted({h.session for h in self.pool.handles()}),
         }
+
+
+class BadRequest(Exception):
+    """A signed message whose content makes no sense; answered with an error."""
+
+
+def _number(content: dict[str, Any], key: str) -> float:
+    value = content.get(key)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise BadRequest(f"{key}={value!r} is not a non-negative number")
+    return float(value)
 
 
 def _alive(pid: int) -> bool:

@@ -74,6 +74,22 @@ def test_kernels_from_a_gpu_less_process_run_and_arrays_come_back(client: Client
     assert result.stats["bytes_in"] > a.nbytes
 
 
+def test_a_kernel_filling_a_host_array_fills_it_here(client: Client):
+    # numba copies host arrays passed to a kernel back into them; so does lan2gpu.
+    a = np.arange(256, dtype=np.float32)
+    out = np.zeros_like(a)
+    ns = {"a": a, "out": out, "kern": kern}
+    client.run("kern[4, 64](a, out, 2.0)", ns)
+    assert np.array_equal(ns["out"], 2 * a)
+
+
+def test_bindings_before_an_error_are_kept(client: Client):
+    ns: dict = {}
+    with pytest.raises(RemoteExecutionError, match="ZeroDivisionError"):
+        client.run("before = 'kept'\n1 / 0\nafter = 'never'", ns)
+    assert ns == {"before": "kept"}
+
+
 def test_output_streams_while_the_cell_runs(client: Client):
     rec = Recorder()
     client.run(
@@ -199,9 +215,17 @@ def test_unpicklable_input_fails_before_sending(client: Client, tmp_path):
         client.run("fh.write('x')", {"fh": fh})
 
 
-def test_required_output_that_cannot_travel_is_an_error(client: Client):
-    with pytest.raises(RemoteExecutionError, match="output `lock`"):
+def test_required_output_that_cannot_travel_is_a_serialization_error(client: Client):
+    with pytest.raises(SerializationError, match="output `lock`") as info:
         client.run("import threading\nlock = threading.Lock()", {}, outputs="lock")
+    assert info.value.name == "lock"
+
+
+def test_open_files_stay_on_the_worker_and_are_never_read(client: Client, capsys):
+    ns: dict = {}
+    client.run("fh = open('/dev/zero', 'rb')\nn = 1", ns)  # reading it would never end
+    assert ns == {"n": 1}
+    assert "`fh` stays on the worker" in capsys.readouterr().err
 
 
 def test_heartbeats_carry_live_load(client: Client):

@@ -121,6 +121,67 @@ def test_client_reconnects_to_a_restarted_worker(worker_factory, tmp_path):
         assert c.run("y = 2", {}).outputs == {"y": 2}
 
 
+def test_worker_restarted_mid_cell_is_reported_not_waited_for(worker_factory, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    key = generate_key_file(tmp_path / "k")
+    bind = f"tcp://127.0.0.1:{port}"
+    first = worker_factory("flaky", key_file=key, bind=bind)
+    with connect(first.address, key_file=key) as c:
+        c.run("x = 1", {})
+
+        def restart() -> None:
+            first.process.kill()
+            first.process.wait()
+            worker_factory("flaky", key_file=key, bind=bind)
+
+        threading.Timer(1.0, restart).start()
+        t0 = time.monotonic()
+        with pytest.raises(WorkerLost):
+            c.run("import time\ntime.sleep(5)", {}, timeout=10)
+        assert time.monotonic() - t0 < 15
+        assert c.run("y = 2", {}).outputs == {"y": 2}  # and the next cell just works
+
+
+def test_a_signed_but_nonsensical_request_does_not_stop_the_worker(client, shared_worker):
+    from worker_kernel.protocol import messages as m
+    from worker_kernel.protocol.errors import MessageRejected
+    from worker_kernel.protocol.messages import Message
+
+    bad = Message(
+        kind=m.EXECUTE,
+        content={"code": "x = 1", "timeout": "soon"},
+        to=client.info.instance,
+        session=client.session,
+    )
+    with pytest.raises(MessageRejected, match="timeout='soon' is not a non-negative number"):
+        client._request(bad, {m.RESULT}, 10)
+    assert shared_worker.alive()
+    assert client.run("ok = 1", {}).outputs == {"ok": 1}
+
+
+def test_many_interrupts_never_lose_or_garble_a_message(client):
+    # Output-heavy cells interrupted at varied moments: every interrupt cancels the
+    # cell promptly and the next cell works.
+    noisy = "import time\nwhile True:\n    print('x' * 500)\n    time.sleep(0.001)"
+    for delay in (0.2, 0.35, 0.5, 0.65, 0.8):
+        timer = threading.Timer(delay, _thread.interrupt_main)
+        t0 = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            client.run(noisy, {}, handlers=_quiet())
+        timer.cancel()
+        assert time.monotonic() - t0 < delay + 6
+        assert client.run("z = 3", {}).outputs == {"z": 3}
+
+
+def _quiet():
+    from lan2gpu_magic import OutputHandlers
+
+    return OutputHandlers(stream=lambda *_: None)
+
+
 def test_unreachable_worker_says_where_and_what_to_do():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

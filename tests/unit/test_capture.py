@@ -84,6 +84,16 @@ def test_with_for_and_except_targets_are_outputs():
     assert "fh" not in reads(code)
 
 
+def test_bindings_inside_with_are_not_certain():
+    # contextlib.suppress may skip the rest of the body.
+    code = "with contextlib.suppress(ZeroDivisionError):\n    y = 1 / 0\nu = y"
+    assert "y" in reads(code)
+
+
+def test_class_body_reads_names_it_assigns_later():
+    assert reads("class A:\n    x = x + 10") == {"x"}
+
+
 def test_loop_target_read_in_the_body_is_not_an_input():
     assert reads("for i in range(3):\n    total += i") == {"range", "total"}
 

@@ -14,6 +14,7 @@ from worker_kernel.protocol import messages as m
 from worker_kernel.protocol.errors import RemoteExecutionError, RemoteTraceback
 from worker_kernel.protocol.messages import Message
 from worker_kernel.protocol.serialize import dump_values, load_values, loads
+from worker_kernel.protocol.wire import digest
 from worker_kernel.streams import OutputChannel
 
 
@@ -28,10 +29,11 @@ def runner():
 
 
 def run(runner: CellRunner, code: str, ns: dict | None = None, **plan_kw) -> Message:
-    ns = ns or {}
+    ns = ns if ns is not None else {}
     plan = plan_cell(code, ns, **plan_kw)
-    payload, _ = dump_values({n: ns[n] for n in plan.inputs})
+    payload, _ = dump_values({n: ns[n] for n in plan.inputs}, namespace=ns)
     msg = Message(
+        digests=[digest(f) for f in payload.frames],
         kind=m.EXECUTE,
         content={
             "code": code,
@@ -148,3 +150,44 @@ def test_remote_execution_error_pickles_and_renders():
     back = pickle.loads(pickle.dumps(err))
     assert back.ename == "KeyError" and back.worker == "w1"
     assert back._render_traceback_() == ["line 1", "line 2"]
+
+
+def test_in_place_changes_to_arrays_lists_and_dicts_come_back(runner):
+    ns = {"out": np.zeros(4), "items": [1], "table": {"a": 1}, "same": np.ones(2)}
+    result = run(runner, "out[:] = 7\nitems.append(2)\ntable['b'] = 2\nn = same.sum()", ns)
+    back = outputs(result)
+    assert back["out"].tolist() == [7, 7, 7, 7]
+    assert back["items"] == [1, 2] and back["table"] == {"a": 1, "b": 2}
+    assert "same" not in back  # read, not changed: not sent back
+
+
+def test_bindings_before_an_error_come_back_with_it(runner):
+    result = run(runner, "first = 1\nraise ValueError('late')\nsecond = 2")
+    assert result.content["status"] == "error"
+    assert outputs(result) == {"first": 1}
+
+
+def test_notebook_functions_see_the_sessions_globals(runner):
+    ns: dict = {"__name__": "__main__"}
+    exec(  # noqa: S102
+        "scale = 2\ndef helper():\n    return scale\ncount = 0\ndef bump():\n    global count\n    count += 1",
+        ns,
+    )
+    result = run(runner, "scale = 3\nres = helper()\nbump()", ns)
+    back = outputs(result)
+    assert back["res"] == 3  # as locally: helper reads the global the cell set
+    assert back["count"] == 1  # the helper's global write comes back
+
+
+def test_helpers_can_read_globals_before_the_cell_sets_them(runner):
+    ns: dict = {"__name__": "__main__"}
+    exec("scale = 2\ndef helper():\n    return scale", ns)  # noqa: S102
+    run(runner, "scale = 5")  # the session now has a stale `scale`
+    back = outputs(run(runner, "res = helper()\nscale = 4", ns))
+    assert back == {"res": 2, "scale": 4}
+
+
+def test_a_variable_named_like_a_builtin_is_still_handled(runner):
+    run(runner, "len = 3")
+    assert outputs(run(runner, "if False:\n    len = 4\nn = 1")) == {"n": 1}
+    assert outputs(run(runner, "len = 5")) == {"len": 5}

@@ -91,6 +91,7 @@ class Message:
     id: str = field(default_factory=new_id)
     sent: float = field(default_factory=time.time)
     authenticated: bool = True
+    digests: list[str] = field(default_factory=list)  # of the buffers, as signed
 
     @property
     def nbytes(self) -> int:

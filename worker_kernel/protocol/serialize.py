@@ -9,11 +9,19 @@ are copied to the host first.
 Named values are pickled one name at a time (:func:`dump_values`), so an error
 names the variable, and one value that cannot be loaded on the other side does
 not take the others with it. Identity shared *between* names is not kept.
+
+Functions defined in the notebook keep the notebook's namespace as their
+globals: when ``dump_values`` is given that namespace, it travels as a
+placeholder that the loader (:func:`load_values` with ``namespace=``) replaces
+by the session's namespace on the worker. So a helper reads the global the cell
+just set, and ``global x; x += 1`` in a helper changes the session's ``x``, as
+they would locally.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import pickle
 import types
@@ -35,6 +43,7 @@ PROTOCOL: Final = 5
 _special: weakref.WeakKeyDictionary[type, str | None] = weakref.WeakKeyDictionary()
 _DEVICE_ARRAY: Final = "device-array"
 _CUDA_ARRAY_INTERFACE: Final = "cuda-array-interface"
+_OPEN_FILE: Final = "open-file"
 
 
 def _special_kind(cls: type) -> str | None:
@@ -43,7 +52,9 @@ def _special_kind(cls: type) -> str | None:
     except (KeyError, TypeError):
         pass
     kind = rebuild.dispatcher_kind(cls)
-    if kind is None and getattr(cls, "__cuda_ndarray__", False):
+    if kind is None and issubclass(cls, io.IOBase):
+        kind = _OPEN_FILE
+    elif kind is None and getattr(cls, "__cuda_ndarray__", False):
         kind = _DEVICE_ARRAY  # numba device arrays, real and simulated
     elif kind is None and hasattr(cls, "__cuda_array_interface__"):
         kind = _CUDA_ARRAY_INTERFACE  # CuPy, torch, ... (real GPUs only)
@@ -52,19 +63,52 @@ def _special_kind(cls: type) -> str | None:
     return kind
 
 
+_session: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "lan2gpu_session_namespace", default=None
+)
+
+
+class _NamespacePlaceholder(dict):  # type: ignore[type-arg]
+    """Pickled in place of the notebook's namespace, as functions' globals."""
+
+
+def session_namespace() -> dict[str, Any]:
+    """Unpickling entry point: the namespace :func:`load_values` loads into."""
+    namespace = _session.get()
+    return namespace if namespace is not None else {}
+
+
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     """cloudpickle with numba dispatchers and device arrays made portable."""
 
-    def __init__(self, file: io.BytesIO, buffer_callback: Any = None) -> None:
+    def __init__(
+        self,
+        file: io.BytesIO,
+        buffer_callback: Any = None,
+        namespace: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
         self._blobs: dict[int, bytes] = {}
+        if namespace is not None:
+            # cloudpickle keys the globals of functions it pickles by value on
+            # id(func.__globals__): functions of the notebook get the placeholder.
+            self.globals_ref[id(namespace)] = _NamespacePlaceholder()
 
     def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is _NamespacePlaceholder:
+            return session_namespace, ()
         kind = _special_kind(type(obj))
         if kind is None:
             if isinstance(obj, types.FunctionType) and rebuild.simulated_reduce_functor(obj):
                 return self._dispatcher(obj, rebuild.REDUCE)
             return super().reducer_override(obj)
+        if kind == _OPEN_FILE:
+            # cloudpickle would read a file's whole content (forever, for a pipe or
+            # /dev/zero); an open file means nothing on another machine anyway.
+            raise pickle.PicklingError(
+                f"an open file ({getattr(obj, 'name', type(obj).__name__)!r}) cannot travel; "
+                "it stays where it was opened"
+            )
         if kind == _DEVICE_ARRAY:
             return obj.copy_to_host().__reduce_ex__(PROTOCOL)
         if kind == _CUDA_ARRAY_INTERFACE:
@@ -89,11 +133,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def dumps(value: Any) -> list[Buffer]:
-    """``[pickle, *out_of_band_buffers]`` for one value."""
+def dumps(value: Any, namespace: dict[str, Any] | None = None) -> list[Buffer]:
+    """``[pickle, *out_of_band_buffers]`` for one value (see the module doc for
+    ``namespace``)."""
     buffers: list[pickle.PickleBuffer] = []
     out = io.BytesIO()
-    _Pickler(out, buffer_callback=buffers.append).dump(value)
+    _Pickler(out, buffer_callback=buffers.append, namespace=namespace).dump(value)
     frames: list[Buffer] = [out.getbuffer()]
     frames.extend(b.raw() for b in buffers)
     return frames
@@ -138,7 +183,11 @@ _HINTS: Final = {
 
 
 def dump_values(
-    values: Mapping[str, Any], *, strict: Iterable[str] | None = None, role: str = "input"
+    values: Mapping[str, Any],
+    *,
+    strict: Iterable[str] | None = None,
+    role: str = "input",
+    namespace: dict[str, Any] | None = None,
 ) -> tuple[Payload, dict[str, str]]:
     """Pickle each name separately.
 
@@ -151,7 +200,7 @@ def dump_values(
     skipped: dict[str, str] = {}
     for name, value in values.items():
         try:
-            frames = dumps(value)
+            frames = dumps(value, namespace)
         except SerializationError as exc:
             if name in must:
                 raise
@@ -171,9 +220,25 @@ def dump_values(
 
 
 def load_values(
+    entries: Sequence[Mapping[str, Any]],
+    frames: Sequence[Buffer],
+    namespace: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Inverse of :func:`dump_values`: ``(values, {name: reason it failed to load})``.
+
+    With ``namespace``, notebook functions get it as their globals (and the
+    globals they reference are written into it).
+    """
+    token = _session.set(namespace)
+    try:
+        return _load_values(entries, frames)
+    finally:
+        _session.reset(token)
+
+
+def _load_values(
     entries: Sequence[Mapping[str, Any]], frames: Sequence[Buffer]
 ) -> tuple[dict[str, Any], dict[str, str]]:
-    """Inverse of :func:`dump_values`: ``(values, {name: reason it failed to load})``."""
     values: dict[str, Any] = {}
     failed: dict[str, str] = {}
     pos = 0

@@ -105,7 +105,7 @@ class Wire:
     ) -> None:
         if len(key) < 16:
             raise ValueError("the shared key must be at least 16 bytes")
-        self._key = key
+        self.key = key
         self.limits = limits or Limits()
         self.replay = ReplayGuard(window, clock)
         self._clock = clock
@@ -131,7 +131,7 @@ class Wire:
             msg.kind.encode(),
             json.dumps(header, separators=(",", ":")).encode(),
         ]
-        return [*prelude, _mac(self._key, prelude), *msg.buffers]
+        return [*prelude, _mac(self.key, prelude), *msg.buffers]
 
     @staticmethod
     def encode_notice(
@@ -187,7 +187,7 @@ class Wire:
         signature = bytes(views[4])
         if not signature and kind == REJECT and len(views) == _PRELUDE:
             return self._notice(views[3])
-        if not hmac.compare_digest(signature, _mac(self._key, views[:4])):
+        if not hmac.compare_digest(signature, _mac(self.key, views[:4])):
             raise AuthenticationError(
                 "message signature does not verify: the sender uses a different key, or "
                 "the message was altered in transit"
@@ -211,6 +211,7 @@ class Wire:
             to=header["to"],
             id=header["id"],
             sent=header["sent"],
+            digests=[str(d) for _, d in header["buffers"]],
         )
 
     def _check_buffers(
