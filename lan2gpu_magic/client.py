@@ -55,6 +55,7 @@ _CANCEL_WAIT = 5.0  # after an interrupt, how long to wait for the worker's answ
 _BIG_UPLOAD = 8 << 20  # announce uploads this large, so the worker heartbeats meanwhile
 _POLL_SLICE = 0.1  # how often a waiting client looks at its interrupt flag
 _TIMEOUT_GRACE = 30.0  # beyond a cell's --timeout, before the client stops waiting
+_FETCH_EVERY = 2.0  # at most this often, ask again for a result that did not come
 
 log = logging.getLogger(__name__)
 
@@ -327,12 +328,14 @@ class Client:
             buffers=payload.frames,
             session=request.session,
         )
+        # The request id makes retries idempotent: the worker runs it at most once.
+        msg.content["request"] = msg.id
         self.transport.send(msg)
-        reply = self._wait(msg.id, handlers, request.timeout)
+        reply = self._wait(msg, handlers, request.timeout)
         return results.parse_result(reply, plan, request.timeout)
 
     def _wait(
-        self, cell_id: str, handlers: OutputHandlers, timeout: float | None = None
+        self, request: Message, handlers: OutputHandlers, timeout: float | None = None
     ) -> Message:
         """Relay the cell's live output until its result arrives.
 
@@ -340,9 +343,10 @@ class Client:
         interrupt can never split a multipart message; the worker is then asked
         to cancel the cell and given a few seconds to confirm.
         """
+        cell_id = request.id
         with _InterruptFlag() as interrupted:
             try:
-                reply = self._wait_loop(cell_id, handlers, timeout, interrupted)
+                reply = self._wait_loop(request, handlers, timeout, interrupted)
             except BaseException as exc:
                 # Leaving without a result (an error, or a second Ctrl-C): do not
                 # leave the cell running on the worker.
@@ -360,21 +364,33 @@ class Client:
 
     def _wait_loop(
         self,
-        cell_id: str,
+        request: Message,
         handlers: OutputHandlers,
         timeout: float | None,
         interrupted: _InterruptFlag,
     ) -> Message:
+        cell_id = request.id
         heartbeat = self.info.heartbeat
         last_heard = self._clock()
         next_beat = last_heard + heartbeat
         allowance = 0.0
         deadline = float("inf")  # set once the cell starts, if it has a timeout
+        acknowledged = False  # the worker has said something about this cell
+        recovering = False  # one silent spell was spent asking the worker again
+        last_fetch = float("-inf")
+        fetches: set[str] = set()
+        sent = {cell_id}  # ids of what this wait sent: only their errors concern it
+
+        def send(msg: Message) -> str:
+            self.transport.send(msg)
+            sent.add(msg.id)
+            return msg.id
+
         while True:
             now = self._clock()
             if interrupted.pending and not interrupted.cancelled:
                 interrupted.cancelled = True
-                self.transport.send(self._message(m.CANCEL, {"cell": cell_id}))
+                send(self._message(m.CANCEL, {"cell": cell_id}))
                 deadline = min(deadline, now + _CANCEL_WAIT)
                 last_heard = now
             limit = last_heard + self.liveness * heartbeat + allowance
@@ -388,7 +404,9 @@ class Client:
                 reply = None
             now = self._clock()
             if reply is not None:
-                if reply.kind == m.ERROR and reply.content.get("code") == "wrong-recipient":
+                restarted = reply.content.get("code") == "wrong-recipient"
+                if reply.kind == m.ERROR and restarted and reply.parent in sent:
+                    self._last_heard = float("-inf")  # the next request shakes hands again
                     raise WorkerLost(
                         f"worker {self.info.name} ({self.address}) restarted while the cell "
                         "was in flight; the cell and its session state are lost. Run the "
@@ -396,9 +414,35 @@ class Client:
                     )
                 if reply.kind == m.HEARTBEAT:
                     last_heard = self._last_heard = now
+                    recovering = False
                     self.load = dict(reply.content.get("load", self.load))
+                    cells = reply.content.get("cells")
+                    lost = acknowledged and isinstance(cells, list) and cell_id not in cells
+                    if lost and now - last_fetch > _FETCH_EVERY:
+                        # The worker is done with the cell, but no result came: ask again.
+                        last_fetch = now
+                        fetches.add(send(self._message(m.FETCH, {"cell": cell_id})))
+                elif reply.kind == m.PONG:
+                    last_heard = self._last_heard = now
+                elif reply.parent in fetches and reply.kind == m.ERROR:
+                    if acknowledged:
+                        raise WorkerLost(
+                            f"worker {self.info.name} ({self.address}) no longer knows the "
+                            "cell (its result expired or it was cancelled); run it again."
+                        )
+                    # The request itself never arrived: send it again (same request id).
+                    send(
+                        Message(
+                            kind=m.EXECUTE,
+                            content=request.content,
+                            buffers=request.buffers,
+                            session=request.session,
+                            to=self.info.instance,
+                        )
+                    )
                 elif reply.parent == cell_id:
                     last_heard = self._last_heard = now
+                    acknowledged, recovering = True, False
                     if reply.kind == m.RESULT:
                         return reply
                     if reply.kind == m.ERROR:
@@ -409,7 +453,7 @@ class Client:
                         deadline = min(deadline, now + timeout + _TIMEOUT_GRACE)
                     allowance = self._dispatch(reply, handlers, allowance)
             if now >= next_beat:
-                self.transport.send(self._message(m.HEARTBEAT))
+                send(self._message(m.HEARTBEAT))
                 next_beat = now + heartbeat
             if now >= deadline:
                 if interrupted.cancelled:
@@ -420,11 +464,20 @@ class Client:
                     "the cell's result is lost. Check the worker's log."
                 )
             if now > last_heard + self.liveness * heartbeat + allowance:
+                if not recovering:
+                    # One more heartbeat interval: a network hiccup may have lost
+                    # messages, and a live worker answers a ping at once.
+                    recovering = True
+                    last_heard = now - (self.liveness - 1) * heartbeat
+                    send(self._message(m.PING))
+                    fetches.add(send(self._message(m.FETCH, {"cell": cell_id})))
+                    continue
+                self._last_heard = float("-inf")
                 raise WorkerLost(
                     f"worker {self.info.name} ({self.address}) stopped answering: no "
-                    f"heartbeat for {now - last_heard:.1f} s while the cell was in flight. "
-                    "The cell's result is lost; check that the worker is running and "
-                    "reachable, then run the cell again."
+                    f"heartbeat for {(self.liveness + 1) * heartbeat:.0f} s while "
+                    "the cell was in flight. The cell's result is lost; check that the worker "
+                    "is running and reachable, then run the cell again."
                 )
 
     def _report_cancel(self, reply: Message, handlers: OutputHandlers) -> None:

@@ -16,6 +16,12 @@ from pathlib import Path
 from .protocol.errors import ConfigurationError
 from .protocol.keys import default_key_file
 
+FAULTS = {
+    "drop-first-result": "the first result is not sent (the client must fetch it again)",
+    "poison-hook": "cells get lan2gpu_poison_context(), which acts like a CUDA error "
+    "that leaves the GPU context unusable",
+}
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
 
@@ -46,6 +52,7 @@ class WorkerConfig:
     ready_file: Path | None = None
     parent_pid: int | None = None
     log_level: str = "INFO"
+    faults: tuple[str, ...] = ()  # test hooks, see --fault
 
 
 # (flag, env var, help) for every option; the parser and --help come from this.
@@ -182,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit when this process exits (used by the notebook's embedded worker)",
     )
     parser.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        choices=list(FAULTS),
+        help="inject a fault, to test recovery: "
+        + "; ".join(f"{k}: {v}" for k, v in FAULTS.items()),
+    )
+    parser.add_argument(
         "--log-level",
         default=env("LAN2GPU_LOG_LEVEL", "INFO"),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -228,4 +243,5 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         ready_file=args.ready_file,
         parent_pid=args.parent_pid,
         log_level=args.log_level,
+        faults=tuple(args.fault),
     )

@@ -63,7 +63,7 @@ class Dispatcher:
         self.queue.push(cell)
         self.pump()
         if cell.id not in self.running:
-            await self._report_positions()
+            await self.report_positions()
 
     def pump(self) -> None:
         """Start every cell that can start now."""
@@ -71,9 +71,9 @@ class Dispatcher:
             self.busy |= set(cell.resources)
             self.running[cell.id] = cell
             self._spawn(self._start(cell))
-        self._spawn(self._report_positions())
+        self._spawn(self.report_positions())
 
-    async def _report_positions(self) -> None:
+    async def report_positions(self) -> None:
         for cell_id, position in self.queue.positions(self.running.values()).items():
             cell = self.cells.get(cell_id)
             if cell is not None and cell.position != position:

@@ -72,7 +72,7 @@ class CellRequest:
     def from_message(cls, msg: Message, client: str) -> CellRequest:
         c = msg.content
         return cls(
-            id=msg.id,
+            id=str(c.get("request") or msg.id),  # retries of one request share its id
             client=client,
             session=msg.session,
             code=str(c["code"]),

@@ -32,6 +32,7 @@ from .protocol.errors import ProtocolError, VersionMismatch
 from .protocol.messages import Message
 from .protocol.versions import check_compatible, local_versions
 from .protocol.wire import Limits, Wire
+from .result_cache import ResultCache
 from .scheduler import CPU, Cell, gpu_slot
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ class WorkerService:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.failed = False  # an internal error stopped the service (exit non-zero)
+        self.results = ResultCache()
+        self._dropped = False  # the drop-first-result fault was applied
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -168,11 +171,22 @@ class WorkerService:
 
     # -- sending --------------------------------------------------------------
 
-    async def _send(self, rid: bytes, msg: Message) -> None:
+    async def _deliver(self, rid: bytes, frames: list[Any], what: str) -> bool:
+        """Send without ever waiting: a client that does not read (asleep, gone)
+        must not stall the worker. What cannot be sent now is dropped; a dropped
+        result can be fetched again from the cache."""
         try:
-            await self.sock.send_multipart([rid, *self.wire.encode(msg)], copy=False)
-        except zmq.ZMQError as exc:  # the client went away (ROUTER_MANDATORY)
-            log.debug("cannot send %s to client %s: %s", msg.kind, rid.hex()[:8], exc)
+            await self.sock.send_multipart([rid, *frames], flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as exc:  # EAGAIN: its queue is full; EHOSTUNREACH: gone
+            log.debug("dropped %s for client %s: %s", what, rid.hex()[:8], exc)
+            return False
+        return True
+
+    async def _send(self, rid: bytes, msg: Message) -> None:
+        frames = self.wire.encode(msg)
+        if msg.kind == m.RESULT:
+            self.results.put(msg.parent, frames)
+        await self._deliver(rid, frames, msg.kind)
 
     async def _reply(self, req: Message, rid: bytes, kind: str, content: dict[str, Any]) -> None:
         client = self.clients.get(rid)
@@ -182,9 +196,7 @@ class WorkerService:
 
     async def _reject(self, rid: bytes, exc: ProtocolError) -> None:
         reason = f"worker {self.config.name} rejected the message: {exc}"
-        notice = Wire.encode_notice(reason, code=type(exc).__name__)
-        with contextlib.suppress(zmq.ZMQError):
-            await self.sock.send_multipart([rid, *notice])
+        await self._deliver(rid, Wire.encode_notice(reason, code=type(exc).__name__), "notice")
 
     # -- client messages ------------------------------------------------------
 
@@ -245,6 +257,14 @@ class WorkerService:
             return
         if msg.kind == m.EXECUTE:
             await self._on_execute(rid, client, msg, frames)
+        elif msg.kind == m.FETCH:
+            if not await self._resume(rid, client, msg, str(msg.content.get("cell", ""))):
+                await self._reply(
+                    msg,
+                    rid,
+                    m.ERROR,
+                    {"code": "unknown-cell", "reason": "no such cell, running or recent"},
+                )
         elif msg.kind == m.CANCEL:
             cell = self.dispatcher.cells.get(str(msg.content.get("cell", "")))
             if cell is not None and cell.client_rid == rid:
@@ -307,9 +327,33 @@ class WorkerService:
             return f"this worker serves GPUs {sorted(have)}, not {gpus}"
         return tuple(gpu_slot(g) for g in gpus)
 
+    async def _resume(self, rid: bytes, client: ClientState, msg: Message, cell_id: str) -> bool:
+        """Answer a repeated request for a cell without running it again: resend its
+        result if it is recent, or route its output here if it is still going."""
+        cached = self.results.get(cell_id)
+        if cached is not None:
+            await self._deliver(rid, cached, "result (again)")
+            return True
+        cell = self.dispatcher.cells.get(cell_id)
+        if cell is None:
+            return False
+        if cell.client != client.client:
+            raise BadRequest(f"request id {cell_id[:8]} belongs to another client")
+        cell.client_rid = rid  # the client may have reconnected with a new socket
+        if cell.started is not None:
+            await self._reply(msg, rid, m.STARTED, {"gpus": cell.gpus})
+        cell.position = -1  # report the position again
+        await self.dispatcher.report_positions()
+        return True
+
     async def _on_execute(
         self, rid: bytes, client: ClientState, msg: Message, frames: list[Any]
     ) -> None:
+        request = msg.content.get("request") or msg.id
+        if not isinstance(request, str) or not 8 <= len(request) <= 64:
+            raise BadRequest("request id must be a string of 8 to 64 characters")
+        if await self._resume(rid, client, msg, request):
+            return  # a retry of a request already seen: exactly once
         resources = self._resources(msg.content)
         if isinstance(resources, str):
             error = {"ename": "ValueError", "evalue": f"worker {self.config.name}: {resources}"}
@@ -319,7 +363,7 @@ class WorkerService:
         if not isinstance(msg.content.get("code"), str):
             raise BadRequest("execute without code")
         cell = Cell(
-            id=msg.id,
+            id=request,
             client_rid=rid,
             client=client.client,
             session=msg.session,
@@ -348,11 +392,15 @@ class WorkerService:
             if tag != b"fwd" or handle is None or cell is None:
                 continue
             body = frames[2:]
-            try:
-                await self.sock.send_multipart([cell.client_rid, *body], copy=False)
-            except zmq.ZMQError as exc:
-                log.debug("cannot forward to client %s: %s", cell.client[:8], exc)
-            if body[2].bytes == m.RESULT.encode():
+            is_result = body[2].bytes == m.RESULT.encode()
+            if is_result:
+                self.results.put(cell.id, body)
+            if is_result and "drop-first-result" in self.config.faults and not self._dropped:
+                self._dropped = True  # test hook: pretend the network lost it
+                log.warning("fault injection: dropped the result of cell %s", cell.id[:8])
+            else:
+                await self._deliver(cell.client_rid, body, "output")
+            if is_result:
                 handle.cell = None
                 handle.last_used = time.monotonic()
                 content = json.loads(body[3].bytes).get("content", {})
@@ -373,7 +421,7 @@ class WorkerService:
 
     async def _tick(self, now: float) -> None:
         self.capabilities = self.monitor.refresh(self.capabilities)
-        beat = {"load": self.load()}
+        load = self.load()
         liveness = _CLIENT_LIVENESS * self.config.heartbeat
         for client in list(self.clients.values()):
             cells = self._client_cells(client.rid)
@@ -387,6 +435,8 @@ class WorkerService:
                 for cell in cells:
                     await self.dispatcher.stop(cell, "cancelled")
             elif cells or client.attached_until > now:
+                # Listing the client's unanswered cells lets it notice a lost result.
+                beat = {"load": load, "cells": [c.id for c in cells]}
                 await self._send(
                     client.rid, Message(kind=m.HEARTBEAT, content=beat, to=client.client)
                 )

@@ -195,3 +195,55 @@ def test_unreachable_worker_says_where_and_what_to_do():
 def test_wrong_key_is_reported_as_such(shared_worker):
     with pytest.raises(AuthenticationError, match="key file differs"):
         connect(shared_worker.address, key=os.urandom(32), connect_timeout=5)
+
+
+def test_a_lost_result_is_fetched_again_not_rerun(worker_factory, tmp_path):
+    worker = worker_factory("lossy", "--fault", "drop-first-result")
+    ran = tmp_path / "ran"
+    with connect(worker.address, key_file=worker.key_file) as c:
+        ns = {"ran": str(ran)}
+        t0 = time.monotonic()
+        c.run("with open(ran, 'a') as f:\n    f.write('x')\nanswer = 42", ns)
+        assert ns["answer"] == 42
+        assert time.monotonic() - t0 < 10
+    assert ran.read_text() == "x"  # once
+    assert "fault injection: dropped the result" in worker.log()
+
+
+def test_a_retried_request_runs_once(client, tmp_path):
+    from lan2gpu_magic.client import OutputHandlers
+    from worker_kernel.protocol import messages as m
+    from worker_kernel.protocol.messages import Message
+    from worker_kernel.protocol.serialize import dump_values
+
+    ran = tmp_path / "ran"
+    payload, _ = dump_values({"ran": str(ran)})
+    code = "import time\nwith open(ran, 'a') as f:\n    f.write('x')\ntime.sleep(0.5)\nv = 7"
+    content = {"code": code, "inputs": payload.entries, "outputs": ["v"]}
+    first = client._message(m.EXECUTE, content, buffers=payload.frames, session=client.session)
+    first.content["request"] = first.id
+    # The same request again, as a client unsure whether the first arrived sends it.
+    again = Message(
+        kind=m.EXECUTE,
+        content=dict(first.content),
+        buffers=payload.frames,
+        session=client.session,
+        to=client.info.instance,
+    )
+    client.ping()
+    client.transport.send(first)
+    client.transport.send(again)
+    reply = client._wait(first, OutputHandlers(stream=lambda *_: None))
+    assert reply.content["status"] == "ok"
+    time.sleep(1.0)
+    client.transport.send(
+        Message(
+            kind=m.EXECUTE,
+            content=dict(first.content),
+            buffers=payload.frames,
+            session=client.session,
+            to=client.info.instance,
+        )
+    )
+    time.sleep(1.0)
+    assert ran.read_text() == "x"  # three requests, one run

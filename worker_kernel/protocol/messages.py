@@ -26,6 +26,7 @@ CANCEL: Final = "cancel"
 PING: Final = "ping"
 CLOSE_SESSION: Final = "close_session"
 STATUS: Final = "status"
+FETCH: Final = "fetch"  # resend a result that did not arrive
 # Worker -> client.
 WELCOME: Final = "welcome"
 PONG: Final = "pong"
@@ -51,6 +52,7 @@ KINDS: Final = frozenset(
         PING,
         CLOSE_SESSION,
         STATUS,
+        FETCH,
         WELCOME,
         PONG,
         QUEUED,

@@ -1,0 +1,61 @@
+"""Recently sent results, kept briefly so a client that missed one can fetch it.
+
+A result can be lost on the way (the client's connection dropped, its queue was
+full); the client notices (the worker's heartbeats stop listing the cell) and
+asks again. Answering from here gives an exactly-once effect: the cell is not
+run a second time. Entries expire after ``ttl`` seconds, and the oldest go first
+when the cache holds more than ``max_bytes``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+
+class ResultCache:
+    def __init__(
+        self,
+        ttl: float = 120.0,
+        max_bytes: int = 512 << 20,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl = ttl
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, int, list[Any]]] = OrderedDict()
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, cell_id: str, frames: list[Any]) -> None:
+        size = sum(memoryview(f).nbytes for f in frames)
+        if size > self.max_bytes:
+            return
+        self._drop(cell_id)
+        self._entries[cell_id] = (self._clock() + self.ttl, size, frames)
+        self._bytes += size
+        self._expire()
+        while self._bytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
+
+    def get(self, cell_id: str) -> list[Any] | None:
+        self._expire()
+        entry = self._entries.get(cell_id)
+        return entry[2] if entry is not None else None
+
+    def _drop(self, cell_id: str) -> None:
+        entry = self._entries.pop(cell_id, None)
+        if entry is not None:
+            self._bytes -= entry[1]
+
+    def _expire(self) -> None:
+        now = self._clock()
+        while self._entries:
+            cell_id, (expires, _, _) = next(iter(self._entries.items()))
+            if expires > now:
+                break
+            self._drop(cell_id)
