@@ -52,7 +52,7 @@ class Transport:
         self.sock: zmq.Socket[bytes] | None = self.context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, self.wire.limits.max_bytes)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, self.wire.limits.max_frame_bytes)
         try:
             self.sock.connect(address)
         except zmq.ZMQError as exc:

@@ -196,3 +196,30 @@ def test_garbage_does_not_hurt_the_worker(shared_worker, peer):
     time.sleep(0.5)
     assert shared_worker.alive()
     assert_still_serving(shared_worker)
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_an_oversize_frame_is_refused_before_it_is_allocated(shared_worker):
+    before = _rss(shared_worker.pid)
+    for _ in range(3):
+        p = RawPeer(shared_worker.address)
+        try:
+            p.send([b"L2G", b"1", b"execute", b"{}", b"", os.urandom(1 << 20) * 64])  # 64 MiB
+            time.sleep(0.5)
+        finally:
+            p.close()
+    assert _rss(shared_worker.pid) - before < 10 << 20
+    assert_still_serving(shared_worker)
+
+
+def test_large_arrays_cross_in_chunks_both_ways(client):
+    big = np.random.default_rng(0).random(3_000_000)  # 24 MB: 23 frames of 1 MiB
+    ns = {"big": big}
+    client.run("doubled = big * 2", ns)
+    assert np.array_equal(ns["doubled"], big * 2)

@@ -109,7 +109,7 @@ def test_header_lying_about_buffer_length_is_rejected():
     from worker_kernel.protocol.wire import _mac
 
     frames[4] = _mac(KEY, frames[:4])
-    with pytest.raises(MessageRejected, match="buffer 0 is 7 bytes"):
+    with pytest.raises(MessageRejected, match="buffer 0 does not match the 3 bytes declared"):
         Wire(KEY).decode(frames)
 
 
@@ -117,7 +117,7 @@ def test_header_lying_about_buffer_length_is_rejected():
 def test_missing_or_extra_frames_are_rejected(change):
     frames = _frames([b"a", b"b"])
     frames = frames[:-1] if change == "missing" else [*frames, b"c"]
-    with pytest.raises(MessageRejected, match="declares 2 buffers"):
+    with pytest.raises(MessageRejected, match="declares 2 buffers in 2 frames"):
         Wire(KEY).decode(frames)
 
 
@@ -153,3 +153,46 @@ def test_unsigned_notice_is_marked_unauthenticated_and_only_for_reject():
 def test_short_keys_are_refused():
     with pytest.raises(ValueError, match="16 bytes"):
         Wire(b"short")
+
+
+def test_large_buffers_travel_as_chunks_and_come_back_whole_and_writable():
+    from worker_kernel.protocol.wire import CHUNK
+
+    data = np.random.default_rng(1).integers(0, 255, CHUNK * 2 + 123, dtype=np.uint8)
+    frames = Wire(KEY).encode(Message(kind=m.PING, buffers=[b"small", data]))
+    assert len(frames) == 5 + 1 + 3  # small buffer: one frame; large: three chunks
+    assert all(memoryview(f).nbytes <= CHUNK for f in frames[5:])
+    msg = Wire(KEY).decode([bytes(f) for f in frames])
+    assert bytes(msg.buffers[0]) == b"small"
+    assert bytes(msg.buffers[1]) == data.tobytes()
+    assert not memoryview(msg.buffers[1]).readonly
+
+
+def test_a_flipped_bit_in_a_middle_chunk_is_caught():
+    from worker_kernel.protocol.wire import CHUNK
+
+    frames = [bytes(f) for f in Wire(KEY).encode(Message(kind=m.PING, buffers=[bytes(CHUNK * 3)]))]
+    frames[6] = _flip(frames[6], bit=12345)
+    with pytest.raises(AuthenticationError, match="buffer 0 does not match its signed digest"):
+        Wire(KEY).decode(frames)
+
+
+def test_verify_only_decoding_checks_everything_but_returns_no_buffers():
+    frames = _frames([b"payload"])
+    msg = Wire(KEY).decode(frames, assemble=False)
+    assert msg.buffers == [] and msg.nbytes == 7
+    bad = list(frames)
+    bad[5] = b"pbyload"
+    with pytest.raises(AuthenticationError):
+        Wire(KEY).decode(bad, assemble=False)
+
+
+def test_large_messages_get_a_longer_window_for_their_transfer():
+    now = [1_000_000.0]
+    wire = Wire(KEY, window=120, clock=lambda: now[0], limits=Limits(min_bandwidth=1e6))
+    # 100 MB at 1 MB/s may take 100 s on top of the window.
+    late = Message(kind=m.PING, sent=now[0] - 200, buffers=[bytes(100_000_000)])
+    wire.decode([bytes(f) for f in Wire(KEY).encode(late)])
+    too_late = Message(kind=m.PING, sent=now[0] - 200, buffers=[b"tiny"])
+    with pytest.raises(MessageRejected, match="replay window"):
+        wire.decode(Wire(KEY).encode(too_late))

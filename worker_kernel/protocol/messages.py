@@ -94,8 +94,9 @@ class Message:
     sent: float = field(default_factory=time.time)
     authenticated: bool = True
     digests: list[str] = field(default_factory=list)  # of the buffers, as signed
+    declared_bytes: int = 0  # the buffers' total, as signed (also when not assembled)
 
     @property
     def nbytes(self) -> int:
         """Total size of the buffers."""
-        return sum(memoryview(b).nbytes for b in self.buffers)
+        return sum(memoryview(b).nbytes for b in self.buffers) or self.declared_bytes

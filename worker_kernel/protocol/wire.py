@@ -1,21 +1,27 @@
 """Framing and signing: :class:`Message` <-> ``list`` of frames, without sockets.
 
-Every frame is authenticated. The header lists each buffer's length and BLAKE3
-digest, and the signature is an HMAC-SHA256 (shared key) over the magic,
-version, kind and header frames, so a flipped bit anywhere, array buffers
-included, is caught. :meth:`Wire.decode` checks, in order: shape, magic,
-version, size limits, signature (``hmac.compare_digest``), header, time window
-and replay, then buffer lengths and digests. Nothing is unpickled here, and the
-caller unpickles only what ``decode`` returned.
+Every frame is authenticated. The header lists each buffer's length, BLAKE3
+digest and number of frames, and the signature is an HMAC-SHA256 (shared key)
+over the magic, version, kind and header frames, so a flipped bit anywhere,
+array data included, is caught. :meth:`Wire.decode` checks, in order: shape,
+magic, version, size limits, signature (``hmac.compare_digest``), header, time
+window and replay, then buffer lengths and digests. Nothing is unpickled here,
+and the caller unpickles only what ``decode`` returned.
+
+Buffers larger than :data:`CHUNK` travel as several frames (zero-copy slices on
+the way out, reassembled on the way in). Small frames are faster through
+libzmq than huge ones, and they let a receiver cap the size of any single frame
+(``zmq.MAXMSGSIZE``), so an unauthenticated peer cannot make it allocate one
+giant frame before the signature is checked.
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import json
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -25,6 +31,7 @@ import blake3
 from .errors import AuthenticationError, MessageRejected, VersionMismatch
 from .messages import KINDS, MAGIC, PROTOCOL_VERSION, REJECT, Buffer, Message
 
+CHUNK: Final = 1 << 20  # bytes per buffer frame
 _VERSION_FRAME: Final = str(PROTOCOL_VERSION).encode()
 _PRELUDE: Final = 5  # magic, version, kind, header, signature
 _PARALLEL_HASH_BYTES: Final = 1 << 20  # BLAKE3 uses threads past 1 MiB
@@ -37,6 +44,14 @@ class Limits:
     max_frames: int = 100_000
     max_bytes: int = 16 << 30
     max_header_bytes: int = 1 << 20
+    # A message may arrive this long after it was sent, on top of the window:
+    # hashing and moving N bytes at this rate (a slow link) takes time.
+    min_bandwidth: float = 10e6
+
+    @property
+    def max_frame_bytes(self) -> int:
+        """The largest single frame a valid message has (for ``zmq.MAXMSGSIZE``)."""
+        return max(CHUNK, self.max_header_bytes) + 4096
 
 
 def digest(buf: Buffer) -> str:
@@ -56,37 +71,61 @@ def _mac(key: bytes, frames: Sequence[Buffer]) -> bytes:
     return mac.digest()
 
 
+def _chunks(buf: Buffer) -> list[memoryview]:
+    view = memoryview(buf).cast("B")
+    if view.nbytes <= CHUNK:
+        return [view]
+    return [view[i : i + CHUNK] for i in range(0, view.nbytes, CHUNK)]
+
+
 class ReplayGuard:
-    """Rejects a message id seen before, and any message outside the time window."""
+    """Rejects a message id seen before, and any message outside the time window.
 
-    def __init__(self, window: float = 120.0, clock: Callable[[], float] = time.time) -> None:
+    A large message may legitimately arrive later than the window: the window is
+    extended by the time its bytes take at ``min_bandwidth``, and its id is
+    remembered for as long.
+    """
+
+    def __init__(
+        self,
+        window: float = 120.0,
+        clock: Callable[[], float] = time.time,
+        min_bandwidth: float = 10e6,
+    ) -> None:
         self.window = window
+        self.min_bandwidth = min_bandwidth
         self._clock = clock
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._seen: set[str] = set()
+        self._expiry: list[tuple[float, str]] = []  # heap of (forget at, id)
 
-    def check(self, msg_id: str, sent: float) -> None:
+    def _allowance(self, nbytes: int) -> float:
+        return nbytes / self.min_bandwidth
+
+    def check(self, msg_id: str, sent: float, nbytes: int = 0) -> None:
         """Raise :class:`MessageRejected` if ``msg_id`` was seen or ``sent`` is stale."""
-        now = self._clock()
-        skew = now - sent
-        if abs(skew) > self.window:
+        skew = self._clock() - sent
+        late = self.window + self._allowance(nbytes)
+        if skew > late or skew < -self.window:
             raise MessageRejected(
                 f"message {msg_id[:8]} was sent {skew:+.0f} s from this machine's clock, "
-                f"outside the ±{self.window:.0f} s replay window; a replayed message, or the "
-                "two machines' clocks differ (sync them with NTP)"
+                f"outside the replay window (-{self.window:.0f} s to +{late:.0f} s); a replayed "
+                "message, or the two machines' clocks differ (sync them with NTP)"
             )
         if msg_id in self._seen:
             raise MessageRejected(f"message {msg_id[:8]} was already received (replay)")
 
-    def record(self, msg_id: str) -> None:
+    def record(self, msg_id: str, nbytes: int = 0) -> None:
         """Remember ``msg_id`` (after the whole message verified) and forget old ids."""
         now = self._clock()
-        self._seen[msg_id] = now
-        horizon = now - 2 * self.window
-        while self._seen:
-            oldest_id, seen_at = next(iter(self._seen.items()))
-            if seen_at >= horizon:
-                break
-            del self._seen[oldest_id]
+        self._seen.add(msg_id)
+        # Past this, the window check alone rejects the message.
+        forget = now + 2 * self.window + self._allowance(nbytes)
+        heapq.heappush(self._expiry, (forget, msg_id))
+        while self._expiry and self._expiry[0][0] < now:
+            self._seen.discard(heapq.heappop(self._expiry)[1])
+
+    def __len__(self) -> int:
+        return len(self._seen)
 
 
 class Wire:
@@ -107,13 +146,19 @@ class Wire:
             raise ValueError("the shared key must be at least 16 bytes")
         self.key = key
         self.limits = limits or Limits()
-        self.replay = ReplayGuard(window, clock)
+        self.replay = ReplayGuard(window, clock, self.limits.min_bandwidth)
         self._clock = clock
 
     # -- encoding -------------------------------------------------------------
 
     def encode(self, msg: Message) -> list[Buffer]:
         """Frames for ``msg``, signature included (buffers are not copied)."""
+        declared: list[list[Any]] = []
+        frames: list[Buffer] = []
+        for buf in msg.buffers:
+            chunks = _chunks(buf)
+            declared.append([memoryview(buf).nbytes, digest(buf), len(chunks)])
+            frames.extend(chunks)
         header = {
             "v": PROTOCOL_VERSION,
             "id": msg.id,
@@ -123,7 +168,7 @@ class Wire:
             "to": msg.to,
             "sent": msg.sent,
             "content": msg.content,
-            "buffers": [[memoryview(b).nbytes, digest(b)] for b in msg.buffers],
+            "buffers": declared,
         }
         prelude: list[Buffer] = [
             MAGIC,
@@ -131,7 +176,7 @@ class Wire:
             msg.kind.encode(),
             json.dumps(header, separators=(",", ":")).encode(),
         ]
-        return [*prelude, _mac(self.key, prelude), *msg.buffers]
+        return [*prelude, _mac(self.key, prelude), *frames]
 
     @staticmethod
     def encode_notice(
@@ -156,13 +201,17 @@ class Wire:
 
     # -- decoding -------------------------------------------------------------
 
-    def decode(self, frames: Sequence[Buffer], *, trusted_hop: bool = False) -> Message:
+    def decode(
+        self, frames: Sequence[Buffer], *, trusted_hop: bool = False, assemble: bool = True
+    ) -> Message:
         """Check and parse ``frames``; raise a :class:`ProtocolError` on any failure.
 
         ``trusted_hop=True`` is for a message that was already fully verified by
         this worker's service and handed to its executor over a private socket:
         the signature is still checked, but buffers are not re-hashed and the
         replay window is not applied (the cell may have waited in a queue).
+        ``assemble=False`` verifies everything but returns no buffers (the
+        service only relays them): chunked buffers are then not copied together.
         """
         views = [memoryview(f) for f in frames]
         if len(views) < _PRELUDE or bytes(views[0]) != MAGIC:
@@ -179,7 +228,7 @@ class Wire:
             raise MessageRejected(f"unknown message kind {kind!r}")
         if len(views) - _PRELUDE > self.limits.max_frames:
             raise MessageRejected(
-                f"message has {len(views) - _PRELUDE} buffers, more than the limit of "
+                f"message has {len(views) - _PRELUDE} buffer frames, more than the limit of "
                 f"{self.limits.max_frames}"
             )
         if views[3].nbytes > self.limits.max_header_bytes:
@@ -195,42 +244,56 @@ class Wire:
         header = _parse_header(views[3])
         if header["kind"] != kind:
             raise MessageRejected("header kind does not match the kind frame")
-        buffers = views[_PRELUDE:]
-        if trusted_hop:
-            self._check_buffers(header["buffers"], buffers, verify=False)
-        else:
-            self.replay.check(header["id"], header["sent"])
-            self._check_buffers(header["buffers"], buffers, verify=True)
-            self.replay.record(header["id"])
+        declared = header["buffers"]
+        total = sum(int(entry[0]) for entry in declared)
+        if total > self.limits.max_bytes:
+            raise MessageRejected(
+                f"message carries {total} bytes, over the limit of {self.limits.max_bytes}"
+            )
+        if not trusted_hop:
+            self.replay.check(header["id"], header["sent"], total)
+        buffers = self._buffers(declared, views[_PRELUDE:], not trusted_hop, assemble)
+        if not trusted_hop:
+            self.replay.record(header["id"], total)
         return Message(
             kind=kind,
             content=header["content"],
-            buffers=list(buffers),
+            buffers=buffers,
             session=header["session"],
             parent=header["parent"],
             to=header["to"],
             id=header["id"],
             sent=header["sent"],
-            digests=[str(d) for _, d in header["buffers"]],
+            digests=[str(entry[1]) for entry in declared],
+            declared_bytes=total,
         )
 
-    def _check_buffers(
-        self, declared: list[list[Any]], buffers: Sequence[memoryview], verify: bool
-    ) -> None:
-        if len(declared) != len(buffers):
+    def _buffers(
+        self, declared: list[list[Any]], frames: Sequence[memoryview], verify: bool, assemble: bool
+    ) -> list[Buffer]:
+        wanted = sum(int(entry[2]) for entry in declared)
+        if wanted != len(frames):
             raise MessageRejected(
-                f"header declares {len(declared)} buffers but {len(buffers)} arrived"
+                f"header declares {len(declared)} buffers in {wanted} frames, but "
+                f"{len(frames)} frames arrived"
             )
-        total = sum(int(n) for n, _ in declared)
-        if total > self.limits.max_bytes:
-            raise MessageRejected(
-                f"message carries {total} bytes, over the limit of {self.limits.max_bytes}"
-            )
-        for i, ((nbytes, expected), buf) in enumerate(zip(declared, buffers, strict=True)):
-            if buf.nbytes != nbytes:
-                raise MessageRejected(f"buffer {i} is {buf.nbytes} bytes, the header says {nbytes}")
-            if verify and not hmac.compare_digest(digest(buf), str(expected)):
-                raise AuthenticationError(f"buffer {i} does not match its signed digest")
+        out: list[Buffer] = []
+        pos = 0
+        for i, (nbytes, expected, count) in enumerate(declared):
+            chunks = frames[pos : pos + count]
+            pos += count
+            if sum(c.nbytes for c in chunks) != nbytes or any(c.nbytes > CHUNK for c in chunks):
+                raise MessageRejected(f"buffer {i} does not match the {nbytes} bytes declared")
+            if verify:
+                threads = blake3.blake3.AUTO if nbytes >= _PARALLEL_HASH_BYTES else 1
+                hasher = blake3.blake3(max_threads=threads)
+                for chunk in chunks:
+                    hasher.update(chunk)
+                if not hmac.compare_digest(hasher.hexdigest(), str(expected)):
+                    raise AuthenticationError(f"buffer {i} does not match its signed digest")
+            if assemble:
+                out.append(chunks[0] if count == 1 else _join(chunks, nbytes))
+        return out
 
     @staticmethod
     def _notice(header_frame: memoryview) -> Message:
@@ -248,6 +311,16 @@ class Wire:
             parent=parent,
             authenticated=False,
         )
+
+
+def _join(chunks: Sequence[memoryview], nbytes: int) -> bytearray:
+    # One copy into writable memory, so arrays built on it are writable.
+    out = bytearray(nbytes)
+    pos = 0
+    for chunk in chunks:
+        out[pos : pos + chunk.nbytes] = chunk
+        pos += chunk.nbytes
+    return out
 
 
 def _parse_header(frame: memoryview) -> dict[str, Any]:
@@ -273,9 +346,11 @@ def _parse_header(frame: memoryview) -> dict[str, Any]:
     for entry in header["buffers"]:
         if not (
             isinstance(entry, list)
-            and len(entry) == 2
-            and isinstance(entry[0], int)
+            and len(entry) == 3
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in (entry[0], entry[2]))
             and isinstance(entry[1], str)
+            and entry[0] >= 0
+            and entry[2] >= 1
         ):
             raise MessageRejected("header buffer list is malformed")
     header["sent"] = float(header["sent"])
