@@ -238,6 +238,10 @@ class Client:
             reply = self._recv(remaining)
             if reply is None:
                 continue
+            if not reply.authenticated:
+                if reply.parent in (msg.id, ""):
+                    raise self.transport.notice_error(reply)
+                continue
             self._last_heard = self._clock()
             if reply.parent != msg.id:
                 continue
@@ -403,6 +407,11 @@ class Client:
                 log.warning("%s", exc)
                 reply = None
             now = self._clock()
+            if reply is not None and not reply.authenticated:
+                if reply.parent in sent:  # the worker refused something this wait sent
+                    raise self.transport.notice_error(reply)
+                log.warning("%s", self.transport.notice_error(reply))
+                reply = None
             if reply is not None:
                 restarted = reply.content.get("code") == "wrong-recipient"
                 if reply.kind == m.ERROR and restarted and reply.parent in sent:
@@ -605,7 +614,10 @@ def fetch_statuses(clients: Sequence[Client], timeout: float = 2.0) -> list[Stat
                 continue
             del pending[sock]
             poller.unregister(sock)
-            if reply.kind == m.STATUS_REPLY:
+            if not reply.authenticated:
+                problem = str(client.transport.notice_error(reply))
+                replies[i] = StatusReply(None, float("inf"), problem)
+            elif reply.kind == m.STATUS_REPLY:
                 client._last_heard = time.monotonic()
                 replies[i] = StatusReply(reply.content, time.monotonic() - t0)
             elif reply.kind == m.ERROR and i not in retried:

@@ -19,7 +19,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.display import DisplayHandle, publish_display_data
 
 from worker_kernel.config import parse_size
-from worker_kernel.protocol.errors import Lan2GPUError
+from worker_kernel.protocol.errors import Lan2GPUError, WorkerLost
 from worker_kernel.protocol.serialize import dump_values
 
 from . import capture, results, tables
@@ -83,6 +83,14 @@ def _cell_parser() -> _Parser:
         dest="outputs",
         metavar="C,D",
         help="bring back exactly these names; missing or unpicklable is an error",
+    )
+    p.add_argument(
+        "--retry",
+        type=int,
+        default=0,
+        metavar="N",
+        help="if the worker is lost mid-cell, run the cell again on another matching "
+        "worker, up to N times (default 0: raise WorkerLost)",
     )
     p.add_argument(
         "--session",
@@ -214,19 +222,32 @@ class Lan2GPUMagics(Magics):
         )
         ns = shell.user_ns
         payload, _ = dump_values({name: ns[name] for name in plan.inputs}, namespace=ns)
-        client, placement = self.pool.choose(self._requirements(args))
-        request = ExecuteRequest(
-            code=cell,
-            plan=plan,
-            session=args.session or client.session,
-            timeout=args.timeout or self.settings.default_timeout or None,
-            filename=filename,
-            line_offset=1,
-            gpus=tuple(g.index for g in placement.gpus),
-            cpu=placement.cpu,
-        )
-        progress = _Progress(placement)
-        result = client.execute(request, payload, self._handlers(progress))
+        requirements = self._requirements(args)
+        lost: set[str] = set()  # workers lost during this cell, for --retry
+        while True:
+            client, placement = self.pool.choose(requirements, exclude=lost)
+            request = ExecuteRequest(
+                code=cell,
+                plan=plan,
+                session=args.session or client.session,
+                timeout=args.timeout or self.settings.default_timeout or None,
+                filename=filename,
+                line_offset=1,
+                gpus=tuple(g.index for g in placement.gpus),
+                cpu=placement.cpu,
+            )
+            progress = _Progress(placement)
+            try:
+                result = client.execute(request, payload, self._handlers(progress))
+                break
+            except WorkerLost as exc:
+                if len(lost) >= args.retry:
+                    raise
+                lost.add(placement.worker.address)
+                self._say(
+                    f"lan2gpu: {exc.args[0].split('.')[0]}; running the cell again on another "
+                    f"worker (retry {len(lost)} of {args.retry})"
+                )
         progress.finished(float(result.stats.get("total_seconds", 0.0)))
         results.apply(result, shell.user_ns, warn=self._say)
         if result.value_repr:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,13 +210,16 @@ class WorkerPool:
         ]
         return rows
 
-    def choose(self, req: Requirements) -> tuple[Client, Placement]:
-        """The client of the best worker for ``req``, and where on it to run."""
+    def choose(self, req: Requirements, exclude: Collection[str] = ()) -> tuple[Client, Placement]:
+        """The client of the best worker for ``req``, and where on it to run.
+
+        Workers whose address is in ``exclude`` are not considered (retries).
+        """
         self._discover()
         if not self._entries and self.allow_embedded:
             self._start_embedded()
         rows = self.rows()
-        views = [r.view for r in rows if r.view is not None]
+        views = [r.view for r in rows if r.view is not None and r.address not in exclude]
         try:
             placement = choose_worker(req, views)
         except NoWorkerAvailable as exc:

@@ -68,7 +68,9 @@ def _error(msg: Message, worker: str, timeout: float | None) -> Lan2GPUError:
         remote = RemoteTraceback.from_json(dict(c["error"]))
         lines = tuple(render(remote, worker))
         message = f"{remote.ename}: {remote.evalue} (raised on worker {worker})"
-        return RemoteExecutionError(message, worker, remote, lines)
+        error = RemoteExecutionError(message, worker, remote, lines)
+        error.session_lost = lost
+        return error
     if status == "timeout":
         limit = f" of {timeout:g} s" if timeout else ""
         return ExecutionTimeout(

@@ -22,7 +22,7 @@ from worker_kernel.protocol.errors import (
     TransportError,
     VersionMismatch,
 )
-from worker_kernel.protocol.messages import REJECT, Message
+from worker_kernel.protocol.messages import Message
 from worker_kernel.protocol.wire import Limits, Wire
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,9 @@ class Transport:
     def recv(self, timeout: float) -> Message | None:
         """The next verified message, or None after ``timeout`` seconds.
 
-        An unsigned rejection notice from the worker raises the error it names;
-        a message that fails verification raises :class:`ProtocolError`.
+        An unsigned rejection notice comes back as a message with
+        ``authenticated=False`` (see :meth:`notice_error`); a message that fails
+        verification raises :class:`ProtocolError`.
         """
         sock = self._socket()
         try:
@@ -101,19 +102,22 @@ class Transport:
                 f"a message from {self.address} was dropped: {exc}. If this repeats, the "
                 "worker uses a different key file than this notebook."
             ) from None
-        if msg.kind == REJECT and not msg.authenticated:
-            reason = str(msg.content.get("reason", ""))
-            code = str(msg.content.get("code", ""))
-            error = _NOTICE_ERRORS.get(code, MessageRejected)
-            if "signature" in reason:
-                error = AuthenticationError
-            raise error(
-                f"{reason}\nThe worker at {self.address} refused our message. For a signature "
-                "error, this notebook's key file differs from the worker's: copy the worker's "
-                "key file (see `python -m worker_kernel keygen --help`) and pass it with "
+        return msg
+
+    def notice_error(self, notice: Message) -> ProtocolError:
+        """The error an unsigned rejection notice from the worker stands for."""
+        reason = str(notice.content.get("reason", ""))
+        code = str(notice.content.get("code", ""))
+        error = _NOTICE_ERRORS.get(code, MessageRejected)
+        hint = ""
+        if error is AuthenticationError or "signature" in reason:
+            error = AuthenticationError
+            hint = (
+                " This notebook's key file differs from the worker's: copy the worker's key "
+                "file (see `python -m worker_kernel keygen --help`) and pass it with "
                 "--key-file or LAN2GPU_KEY_FILE."
             )
-        return msg
+        return error(f"{reason}\nThe worker at {self.address} refused our message.{hint}")
 
     def close(self, term: bool = True) -> None:
         """Close the socket (and the context if this transport made it). Idempotent."""

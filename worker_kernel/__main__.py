@@ -7,9 +7,11 @@ import asyncio
 import logging
 import sys
 
+import zmq
+
 from .capabilities import detect
 from .config import build_parser, config_from_args
-from .protocol.errors import Lan2GPUError
+from .protocol.errors import ConfigurationError, Lan2GPUError
 from .protocol.keys import default_key_file, generate_key_file, load_key
 from .service import WorkerService
 
@@ -27,9 +29,23 @@ def _keygen(argv: list[str]) -> int:
     return 0
 
 
+MIN_LIBZMQ = (4, 3, 3)
+
+
+def check_libzmq(version: tuple[int, int, int]) -> None:
+    """Refuse libzmq releases with known remotely exploitable bugs."""
+    if version < MIN_LIBZMQ:
+        have = ".".join(map(str, version))
+        raise ConfigurationError(
+            f"libzmq {have} is older than 4.3.3, which fixed bugs a peer on the network "
+            "can exploit; upgrade pyzmq (`pip install -U pyzmq` brings a current libzmq)"
+        )
+
+
 def _serve(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     config = config_from_args(args)
+    check_libzmq(zmq.zmq_version_info())
     logging.basicConfig(
         level=config.log_level,
         format="%(asctime)s %(levelname)s [lan2gpu-worker %(process)d] %(message)s",

@@ -53,6 +53,7 @@ class WorkerConfig:
     parent_pid: int | None = None
     log_level: str = "INFO"
     faults: tuple[str, ...] = ()  # test hooks, see --fault
+    memory_limit: int = 0  # per executor, bytes; 0: none
 
 
 # (flag, env var, help) for every option; the parser and --help come from this.
@@ -62,6 +63,7 @@ environment variables (the command line wins over them):
   LAN2GPU_GPUS, LAN2GPU_SIMULATED_GPUS, LAN2GPU_ADVERTISE (1|0),
   LAN2GPU_HEARTBEAT, LAN2GPU_REPLAY_WINDOW, LAN2GPU_MAX_MESSAGE_BYTES,
   LAN2GPU_EXECUTOR_START_TIMEOUT, LAN2GPU_CANCEL_GRACE, LAN2GPU_SESSION_IDLE,
+  LAN2GPU_MEMORY_LIMIT,
   LAN2GPU_LOG_LEVEL
 
 create a key first (mode 0600; copy it to every notebook machine):
@@ -189,6 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit when this process exits (used by the notebook's embedded worker)",
     )
     parser.add_argument(
+        "--memory-limit",
+        type=_memory_limit,
+        default=_memory_limit(env("LAN2GPU_MEMORY_LIMIT", "75%")),
+        metavar="SIZE",
+        help="memory each executor may allocate (RLIMIT_DATA), e.g. 16G, 50%% of RAM, or "
+        "none; a cell going past it gets a MemoryError [LAN2GPU_MEMORY_LIMIT; default 75%%]",
+    )
+    parser.add_argument(
         "--fault",
         action="append",
         default=[],
@@ -203,6 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="[LAN2GPU_LOG_LEVEL; default %(default)s]",
     )
     return parser
+
+
+def _memory_limit(text: str) -> int:
+    text = text.strip().lower()
+    if text in ("none", "0", "off"):
+        return 0
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1]) / 100
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a percentage") from None
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * share)
+    try:
+        return parse_size(text)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _gpu_list(text: str) -> list[int] | None:
@@ -244,4 +270,5 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         parent_pid=args.parent_pid,
         log_level=args.log_level,
         faults=tuple(args.fault),
+        memory_limit=args.memory_limit,
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import dataclasses
 import linecache
 import sys
 import time
@@ -26,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from . import health
 from .display import mimebundle
 from .protocol.errors import RemoteFrame, RemoteTraceback, SerializationError
 from .protocol.messages import DISPLAY, RESULT, STREAM, TRANSFER, Buffer, Message
@@ -89,6 +91,7 @@ class CellRequest:
 @dataclass
 class Outcome:
     ran: bool = False  # the cell's code started (its bindings may be worth returning)
+    poisoned: bool = False  # a sticky CUDA error: this executor must be replaced
     status: str = "ok"  # ok | error | timeout | cancelled
     error: RemoteTraceback | None = None
     value: Any = None
@@ -103,9 +106,12 @@ def new_namespace(display: Callable[..., None]) -> dict[str, Any]:
     return {"__name__": "__main__", "__builtins__": cell_builtins}
 
 
-def _remote_traceback(exc: BaseException, filename: str) -> RemoteTraceback:
+def _remote_traceback(
+    exc: BaseException, filename: str, notes: tuple[str, ...] = ()
+) -> RemoteTraceback:
     te = traceback.TracebackException.from_exception(exc)
-    return _convert(te, filename, top=True)
+    tb = _convert(te, filename, top=True)
+    return dataclasses.replace(tb, notes=tb.notes + notes) if notes else tb
 
 
 def _convert(te: traceback.TracebackException, filename: str, top: bool) -> RemoteTraceback:
@@ -193,8 +199,11 @@ class _Stash:
 class CellRunner:
     """Runs cells of one session; owns its namespace."""
 
-    def __init__(self, worker: str, channel: OutputChannel, send: Send) -> None:
+    def __init__(
+        self, worker: str, channel: OutputChannel, send: Send, memory_limit: int = 0
+    ) -> None:
         self.worker = worker
+        self.memory_limit = memory_limit
         self.channel = channel
         self.send = send
         self.armed = False  # True while user code runs: interrupts may raise
@@ -304,7 +313,11 @@ class CellRunner:
             outcome.status = "timeout"
         except BaseException as exc:  # the cell's own error, SystemExit included
             outcome.status = "error"
-            outcome.error = _remote_traceback(exc, req.filename)
+            outcome.poisoned = health.poisons_context(exc)
+            notes: tuple[str, ...] = (health.POISONED_NOTE,) if outcome.poisoned else ()
+            if isinstance(exc, MemoryError) and self.memory_limit:
+                notes += (health.memory_note(self.memory_limit),)
+            outcome.error = _remote_traceback(exc, req.filename, notes)
         finally:
             self.armed = False
             outcome.seconds = time.perf_counter() - t0
@@ -325,6 +338,8 @@ class CellRunner:
         content: dict[str, Any] = {"status": outcome.status, "worker": self.worker}
         if outcome.error is not None:
             content["error"] = outcome.error.to_json()
+        if outcome.poisoned:
+            content["poisoned"] = content["session_lost"] = True
         if not outcome.ran:
             return content, []
         # Even when the cell raised, what it bound before that comes back, as in IPython.

@@ -26,6 +26,7 @@ from typing import Any
 
 import zmq
 
+from . import health
 from .execute import CellRunner, TimeoutInterrupt
 from .protocol.messages import Message
 from .protocol.wire import Wire
@@ -72,7 +73,9 @@ def _warm_imports() -> None:
 class Executor:
     """Owns the context and socket to the service, and the session's runner."""
 
-    def __init__(self, endpoint: str, identity: str, worker: str, key: bytes) -> None:
+    def __init__(
+        self, endpoint: str, identity: str, worker: str, key: bytes, memory_limit: int = 0
+    ) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 5000)  # let the last result go out
@@ -81,7 +84,7 @@ class Executor:
         self.wire = Wire(key)
         self.lock = threading.Lock()
         self.channel = OutputChannel()
-        self.runner = CellRunner(worker, self.channel, self.send)
+        self.runner = CellRunner(worker, self.channel, self.send, memory_limit)
         _route_display(self.runner.display)
         self._main_sending = False  # the main thread is inside send_multipart
         self._deferred: type[BaseException] | None = None
@@ -137,12 +140,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--identity", required=True)
     parser.add_argument("--worker", required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--memory-limit", type=int, default=0)
+    parser.add_argument("--fault", action="append", default=[])
     args = parser.parse_args(argv)
     key = bytes.fromhex(sys.stdin.readline().strip())
     sys.stdin.close()
     threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
     _warm_imports()
-    executor = Executor(args.connect, args.identity, args.worker, key)
+    if args.memory_limit:
+        health.apply_memory_limit(args.memory_limit)
+    if "poison-hook" in args.fault:
+        builtins.lan2gpu_poison_context = health.poison_hook  # type: ignore[attr-defined]
+    executor = Executor(args.connect, args.identity, args.worker, key, args.memory_limit)
     try:
         executor.serve()
     finally:

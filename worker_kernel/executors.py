@@ -65,6 +65,8 @@ class ExecutorPool:
         simulate: bool,
         start_timeout: float,
         on_exit: ExitCallback,
+        memory_limit: int = 0,
+        faults: tuple[str, ...] = (),
     ) -> None:
         self._dir = tempfile.mkdtemp(prefix="lan2gpu-")  # mode 0700
         self.endpoint = f"ipc://{self._dir}/executors"
@@ -77,6 +79,7 @@ class ExecutorPool:
         self._simulate = simulate
         self._start_timeout = start_timeout
         self._on_exit = on_exit
+        self._extra = [f"--memory-limit={memory_limit}", *(f"--fault={f}" for f in faults)]
         self._by_id: dict[str, ExecutorHandle] = {}
         self._by_slot: dict[tuple[str, tuple[str, ...]], ExecutorHandle] = {}
         self._watchers: set[asyncio.Task[None]] = set()
@@ -129,6 +132,7 @@ class ExecutorPool:
             self._worker,
             "--parent-pid",
             str(os.getpid()),
+            *self._extra,
             stdin=asyncio.subprocess.PIPE,
             env=env,
             # Own process group: a Ctrl-C meant for the service must not hit cells.

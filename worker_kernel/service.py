@@ -80,6 +80,8 @@ class WorkerService:
             simulate=capabilities.simulator,
             start_timeout=config.executor_start_timeout,
             on_exit=self._on_executor_exit,
+            memory_limit=config.memory_limit,
+            faults=config.faults,
         )
         self.dispatcher = Dispatcher(
             self.pool,
@@ -94,6 +96,7 @@ class WorkerService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.failed = False  # an internal error stopped the service (exit non-zero)
         self.results = ResultCache()
+        self.rejections = RejectionLog(log)
         self._dropped = False  # the drop-first-result fault was applied
 
     # -- lifecycle ------------------------------------------------------------
@@ -196,9 +199,12 @@ class WorkerService:
         msg = Message(kind=kind, content=content, session=req.session, parent=req.id, to=to)
         await self._send(rid, msg)
 
-    async def _reject(self, rid: bytes, exc: ProtocolError) -> None:
+    async def _reject(self, rid: bytes, exc: ProtocolError, body: list[Any]) -> None:
         reason = f"worker {self.config.name} rejected the message: {exc}"
-        await self._deliver(rid, Wire.encode_notice(reason, code=type(exc).__name__), "notice")
+        # Echo the message id if it can be read, so the client knows which request
+        # failed (the notice is unsigned and only ever shown as text).
+        notice = Wire.encode_notice(reason, code=type(exc).__name__, parent=_claimed_id(body))
+        await self._deliver(rid, notice, "notice")
 
     # -- client messages ------------------------------------------------------
 
@@ -213,8 +219,9 @@ class WorkerService:
                 else:
                     msg = self.wire.decode(body, assemble=False)
             except ProtocolError as exc:
-                log.warning("rejected a message from %s: %s", rid.hex()[:8], exc)
-                await self._reject(rid, exc)
+                peer = f"{_peer_address(frames[0])} ({rid.hex()[:8]})"
+                self.rejections.note(peer, str(exc))
+                await self._reject(rid, exc, body)
                 continue
             try:
                 await self._on_message(rid, msg, frames[1:])
@@ -407,6 +414,11 @@ class WorkerService:
                 handle.cell = None
                 handle.last_used = time.monotonic()
                 content = json.loads(body[3].bytes).get("content", {})
+                if content.get("poisoned"):
+                    log.warning(
+                        "cell %s left its GPU context unusable; replacing the executor", cell.id[:8]
+                    )
+                    self._spawn(self.pool.stop(handle))
                 self.dispatcher.done(
                     cell, str(content.get("status")), dict(content.get("stats", {}))
                 )
@@ -500,6 +512,44 @@ class WorkerService:
             "queued": [cell_info(c) for c in d.queue.order()],
             "sessions": sorted({h.session for h in self.pool.handles()}),
         }
+
+
+def _claimed_id(body: list[Any]) -> str:
+    try:
+        claimed = json.loads(bytes(body[3])).get("id", "")
+    except (IndexError, ValueError, AttributeError, TypeError):
+        return ""
+    return claimed if isinstance(claimed, str) and len(claimed) <= 64 else ""
+
+
+def _peer_address(frame: Any) -> str:
+    try:
+        return str(frame.get("Peer-Address"))
+    except (zmq.ZMQError, AttributeError):
+        return "?"
+
+
+class RejectionLog:
+    """Logs the first rejected message of a peer, then at most one summary a minute,
+    so a misconfigured client or a flood cannot fill the log."""
+
+    def __init__(self, logger: logging.Logger, quiet: float = 60.0) -> None:
+        self._log = logger
+        self._quiet = quiet
+        self._peers: dict[str, tuple[float, int]] = {}  # peer -> (last logged, suppressed)
+
+    def note(self, peer: str, reason: str) -> None:
+        now = time.monotonic()
+        logged, suppressed = self._peers.get(peer, (float("-inf"), 0))
+        if now - logged < self._quiet:
+            self._peers[peer] = (logged, suppressed + 1)
+            return
+        more = f" ({suppressed} more since the last report)" if suppressed else ""
+        self._log.warning("rejected a message from %s: %s%s", peer, reason, more)
+        self._peers[peer] = (now, 0)
+        if len(self._peers) > 4096:  # forget the quietest peers
+            for old in sorted(self._peers, key=lambda p: self._peers[p][0])[:2048]:
+                del self._peers[old]
 
 
 class BadRequest(Exception):

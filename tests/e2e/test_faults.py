@@ -21,6 +21,8 @@ from lan2gpu_magic import (
 from lan2gpu_magic.errors import AuthenticationError
 from worker_kernel.protocol.keys import generate_key_file
 
+pytestmark = pytest.mark.faults
+
 
 def test_timeout_stops_a_runaway_cell_and_keeps_the_session(client):
     client.run("kept = 'still here'", {})

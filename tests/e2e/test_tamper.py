@@ -24,6 +24,8 @@ from worker_kernel.protocol.serialize import Payload, dumps
 from worker_kernel.protocol.versions import local_versions
 from worker_kernel.protocol.wire import Wire, _mac
 
+pytestmark = pytest.mark.faults
+
 
 class Tripwire:
     """Unpickling this creates ``path``."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import io
+import os
 import pickle
 import types
 import weakref
@@ -151,8 +152,16 @@ def dumps_inband(value: Any) -> bytes:
     return out.getvalue()
 
 
+# Test instrumentation: with LAN2GPU_UNPICKLE_LOG set, every unpickling is
+# recorded there, so tests can assert that rejected messages were never loaded.
+_UNPICKLE_LOG: Final = os.environ.get("LAN2GPU_UNPICKLE_LOG")
+
+
 def loads(frames: Sequence[Buffer]) -> Any:
     """Inverse of :func:`dumps`; buffers become (writable, if the frames are) arrays."""
+    if _UNPICKLE_LOG:
+        with open(_UNPICKLE_LOG, "a") as fh:
+            fh.write(f"{os.getpid()} {memoryview(frames[0]).nbytes}\n")
     return pickle.loads(frames[0], buffers=frames[1:])
 
 

@@ -1,0 +1,167 @@
+"""Faults that real labs see: poisoned GPU contexts, memory hogs, long cells, clients
+that vanish, connection churn, lost workers, and load. Real processes throughout."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lan2gpu_magic import RemoteExecutionError, connect
+
+from .kernel_driver import Kernel
+
+pytestmark = pytest.mark.faults
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_a_poisoned_gpu_context_recycles_the_executor(worker_factory):
+    worker = worker_factory("poisoned", "--fault", "poison-hook")
+    with connect(worker.address, key_file=worker.key_file) as c:
+        c.run("kept = 1", {})
+        with pytest.raises(RemoteExecutionError, match="ILLEGAL_ADDRESS") as info:
+            c.run("lan2gpu_poison_context()", {})
+        assert info.value.session_lost
+        assert "executor was replaced" in "\n".join(info.value._render_traceback_())
+        for i in range(50):
+            assert c.run("x = i * 2", {"i": i}).outputs == {"x": i * 2}
+        ns: dict = {}
+        c.run("fresh = 'kept' not in dir()", ns)
+        assert ns["fresh"] is True  # a new executor: the old session state is gone
+    assert "GPU context unusable; replacing the executor" in worker.log()
+
+
+def test_memory_limit_stops_a_hog_with_a_clear_error(worker_factory):
+    worker = worker_factory("small-memory", "--memory-limit", "600M")
+    with connect(worker.address, key_file=worker.key_file) as c:
+        c.run("import numpy as np\nkept = 1", {})
+        with pytest.raises(RemoteExecutionError, match="MemoryError") as info:
+            c.run("hog = np.ones(2 * 1024**3 // 8)", {})
+        text = "\n".join(info.value._render_traceback_())
+        assert "memory limit is 0.6 GiB" in text and "--memory-limit" in text
+        assert not info.value.session_lost
+        ns: dict = {}
+        c.run("still = kept + 1", ns)  # same executor, session intact
+        assert ns["still"] == 2
+    assert worker.alive()
+
+
+@pytest.mark.slow
+def test_a_long_busy_cell_is_not_declared_dead(client):
+    t0 = time.monotonic()
+    ns: dict = {}
+    client.run(
+        "import time\nend = time.time() + 60\nn = 0\nwhile time.time() < end:\n    n += 1", ns
+    )
+    assert time.monotonic() - t0 >= 60
+    assert ns["n"] > 0
+
+
+CLIENT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from lan2gpu_magic import connect
+    with connect(sys.argv[1], key_file=sys.argv[2]) as c:
+        print("connected", flush=True)
+        c.run("import time\\ntime.sleep(120)", {})
+    """
+)
+
+
+def test_a_killed_client_has_its_cell_cancelled_and_the_gpu_freed(shared_worker):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CLIENT_SCRIPT, shared_worker.address, str(shared_worker.key_file)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "connected"
+        time.sleep(1.5)  # the cell is running
+        proc.kill()
+    finally:
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    with connect(shared_worker.address, key_file=shared_worker.key_file) as c:
+        t0 = time.monotonic()
+        c.run("x = 1", {})  # waits for the GPU the dead client's cell held
+        waited = time.monotonic() - t0
+    assert waited < 15  # the worker noticed within its liveness window (5 s) + grace
+    assert "silent for" in shared_worker.log()
+
+
+def test_connection_churn_leaves_files_and_memory_flat(shared_worker):
+    def cycle(n: int) -> None:
+        for _ in range(n):
+            with connect(shared_worker.address, key_file=shared_worker.key_file):
+                pass
+
+    cycle(100)  # warm up caches and allocator
+    fds, rss = _fds(shared_worker.pid), _rss(shared_worker.pid)
+    cycle(1000)
+    time.sleep(1.0)
+    assert _fds(shared_worker.pid) - fds <= 2
+    assert _rss(shared_worker.pid) - rss < 20 << 20
+
+
+def test_load_of_100_clients_times_10_cells_on_2_workers(worker_factory):
+    workers = [worker_factory("load-a"), worker_factory("load-b")]
+    results: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def client(i: int) -> None:
+        worker = workers[i % 2]
+        try:
+            with connect(worker.address, key_file=worker.key_file, connect_timeout=60) as c:
+                got = []
+                for k in range(10):
+                    ns = {"i": i, "k": k}
+                    c.run("r = i * 1000 + k", ns, session=f"s{i % 8}")
+                    got.append(ns["r"])
+                results[i] = got
+        except BaseException as exc:  # collected and re-raised below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors[:3]
+    assert len(results) == 100
+    for i, got in results.items():
+        assert got == [i * 1000 + k for k in range(10)]  # none lost, duplicated or crossed
+
+
+def test_retry_reruns_a_cell_whose_worker_was_lost(worker_factory):
+    a = worker_factory("retry-a")
+    b = worker_factory("retry-b", key_file=a.key_file)
+    k = Kernel({"LAN2GPU_WORKERS": f"{a.address},{b.address}", "LAN2GPU_KEY_FILE": str(a.key_file)})
+    try:
+        k.run("%load_ext lan2gpu_magic")
+        where = k.run("%%lan2gpu\nimport time, socket\ntime.sleep(2.5)\nname = 1").progress()
+        first = a if "retry-a" in where[0] else b
+        threading.Timer(1.0, os.kill, (first.pid, signal.SIGKILL)).start()
+        run = k.run("%%lan2gpu --retry 1\nimport time\ntime.sleep(2.5)\ndone = 'yes'", timeout=120)
+        assert run.reply["status"] == "ok", run.error()
+        assert "running the cell again on another worker (retry 1 of 1)" in run.stream("stderr")
+        assert k.run("print(done)").stream() == "yes\n"
+    finally:
+        k.shutdown()
