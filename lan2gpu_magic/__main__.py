@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from worker_kernel.protocol.curve import CLIENT, ensure_keypair, key_dir
 from worker_kernel.protocol.errors import Lan2GPUError
 from worker_kernel.protocol.keys import default_key_file, generate_key_file
 
@@ -56,10 +57,10 @@ def demo(notebook: Path, timeout: float) -> int:
     return 0
 
 
-def ping(address: str, key_file: str | None) -> int:
+def ping(address: str, key_file: str | None, server_key: str | None = None) -> int:
     from .client import connect
 
-    with connect(address, key_file=key_file) as client:
+    with connect(address, key_file=key_file, server_key=server_key) as client:
         rtt = client.ping()
         print(f"{client.info.describe()}: round trip {rtt * 1000:.2f} ms")
         for warning in client.info.warnings:
@@ -75,9 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--timeout", type=float, default=600, help="per-cell limit in seconds")
     k = sub.add_parser("keygen", help="create a shared key file (mode 0600)")
     k.add_argument("--key-file", default=str(default_key_file()))
+    c = sub.add_parser(
+        "curve-keygen", help="create this machine's CurveZMQ key pair, for --encrypt workers"
+    )
+    c.add_argument("--key-file", default=str(default_key_file()))
     p = sub.add_parser("ping", help="handshake with a worker and time a round trip")
     p.add_argument("address")
     p.add_argument("--key-file")
+    p.add_argument("--server-key", help="the worker's worker.key (--encrypt workers)")
     args = parser.parse_args(argv)
     try:
         if args.command == "demo":
@@ -85,7 +91,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "keygen":
             print(f"wrote a new key to {generate_key_file(args.key_file)} (mode 0600)")
             return 0
-        return ping(args.address, args.key_file)
+        if args.command == "curve-keygen":
+            public, _ = ensure_keypair(key_dir(args.key_file), CLIENT)
+            print(f"client public key: {public}")
+            print(
+                "add it to each --encrypt worker's authorized_keys directory, e.g. "
+                f"scp {public} gpuhost:.config/lan2gpu/authorized_keys/$(hostname).key"
+            )
+            return 0
+        return ping(args.address, args.key_file, args.server_key)
     except Lan2GPUError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

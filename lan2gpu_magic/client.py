@@ -30,6 +30,7 @@ from typing import Any
 import zmq
 
 from worker_kernel.protocol import messages as m
+from worker_kernel.protocol.curve import CLIENT, ensure_keypair, key_dir, load_keypair, load_public
 from worker_kernel.protocol.errors import (
     ConnectionClosed,
     Lan2GPUError,
@@ -39,7 +40,7 @@ from worker_kernel.protocol.errors import (
     WorkerLost,
     WorkerUnreachable,
 )
-from worker_kernel.protocol.keys import load_key
+from worker_kernel.protocol.keys import default_key_file, load_key
 from worker_kernel.protocol.messages import Message, new_id
 from worker_kernel.protocol.serialize import Payload, dump_values
 from worker_kernel.protocol.versions import check_compatible, local_versions
@@ -48,7 +49,7 @@ from . import capture, results
 from .capture import CellPlan
 from .results import RunResult
 from .tracebacks import register_source
-from .transport import Transport
+from .transport import Curve, Transport
 
 _FRESH = 1.0  # skip the pre-flight ping if the worker spoke this recently
 _CANCEL_WAIT = 5.0  # after an interrupt, how long to wait for the worker's answer
@@ -157,6 +158,8 @@ class Client:
         liveness: int = 3,
         min_bandwidth: float = 10e6,
         clock: Callable[[], float] = time.monotonic,
+        server_key: str | os.PathLike[str] | None = None,
+        client_key: str | os.PathLike[str] | None = None,
     ) -> None:
         self.address = address
         self.key_file = Path(key_file).expanduser() if key_file else None
@@ -169,8 +172,12 @@ class Client:
         self._cells = 0
         self._used_default_session = False
         self.load: dict[str, Any] = {}  # the worker's live numbers, from heartbeats
+        self.curve = _curve(key_file, server_key, client_key)
         self.transport = Transport(
-            address, key if key is not None else load_key(key_file), context=context
+            address,
+            key if key is not None else load_key(key_file),
+            context=context,
+            curve=self.curve,
         )
         try:
             self.info = self._handshake(connect_timeout)
@@ -219,7 +226,9 @@ class Client:
         key, context = self.transport.wire.key, self.transport.context
         own = self.transport.owns_context
         self.transport.close(term=own)
-        self.transport = Transport(self.address, key, context=None if own else context)
+        self.transport = Transport(
+            self.address, key, context=None if own else context, curve=self.curve
+        )
         self._last_heard = float("-inf")
         self.info = self._handshake(10.0)
 
@@ -230,10 +239,17 @@ class Client:
         while True:
             remaining = deadline - self._clock()
             if remaining <= 0:
+                hint = ""
+                if self.curve is not None:
+                    hint = (
+                        " With encryption, the worker ignores clients it does not know: is "
+                        "this machine's client.key in its authorized_keys directory, and is "
+                        "--server-key that worker's worker.key?"
+                    )
                 raise WorkerUnreachable(
                     f"worker at {self.address} did not answer within {timeout:g} s; is it "
                     "running (`python -m worker_kernel --help`), and is the address right? "
-                    "Raise the limit with connect_timeout=/--timeout."
+                    f"Raise the limit with connect_timeout=/--timeout.{hint}"
                 )
             reply = self._recv(remaining)
             if reply is None:
@@ -632,6 +648,20 @@ def fetch_statuses(clients: Sequence[Client], timeout: float = 2.0) -> list[Stat
     return replies
 
 
+def _curve(
+    key_file: str | os.PathLike[str] | None,
+    server_key: str | os.PathLike[str] | None,
+    client_key: str | os.PathLike[str] | None,
+) -> Curve | None:
+    """Keys for an encrypted connection, or None; this machine's pair is made if needed."""
+    if server_key is None:
+        return None
+    if client_key is None:
+        client_key = ensure_keypair(key_dir(key_file or default_key_file()), CLIENT)[1]
+    public, secret = load_keypair(client_key)
+    return Curve(load_public(server_key), public, secret)
+
+
 def dict_of(namespace: Mapping[str, Any]) -> dict[str, Any] | None:
     """The namespace as functions see it (their ``__globals__``), if it is a dict."""
     return namespace if isinstance(namespace, dict) else None
@@ -643,13 +673,22 @@ def connect(
     key_file: str | os.PathLike[str] | None = None,
     key: bytes | None = None,
     connect_timeout: float = 10.0,
+    server_key: str | os.PathLike[str] | None = None,
 ) -> Client:
     """Connect to a worker and shake hands.
 
     ``key_file`` defaults to ``$LAN2GPU_KEY_FILE`` or ``~/.config/lan2gpu/key``.
-    Raises :class:`WorkerUnreachable` if nothing answers within ``connect_timeout``.
+    ``server_key`` (the worker's ``worker.key``) turns on CurveZMQ encryption for
+    a worker started with ``--encrypt``. Raises :class:`WorkerUnreachable` if
+    nothing answers within ``connect_timeout``.
     """
-    return Client(address, key=key, key_file=key_file, connect_timeout=connect_timeout)
+    return Client(
+        address,
+        key=key,
+        key_file=key_file,
+        connect_timeout=connect_timeout,
+        server_key=server_key,
+    )
 
 
 __all__ = [

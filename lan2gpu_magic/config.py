@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from traitlets import Bool, Float, List, Unicode, default
+from traitlets import Bool, Dict, Float, List, Unicode, default
 from traitlets.config import Configurable
 
 from .pool import workers_from_env
@@ -23,6 +23,11 @@ class Lan2GPU(Configurable):
     ).tag(config=True)
     key_file = Unicode(
         help="Shared key file. Default: $LAN2GPU_KEY_FILE, else ~/.config/lan2gpu/key."
+    ).tag(config=True)
+    server_keys = Dict(
+        value_trait=Unicode(),
+        help="For workers run with --encrypt: address -> that worker's public key file "
+        "(worker.key), pinned when connecting.",
     ).tag(config=True)
     embedded_worker = Bool(
         True,

@@ -29,6 +29,7 @@ class Found:
     name: str
     address: str
     protocol: str
+    encrypted: bool = False
 
     @property
     def compatible(self) -> bool:
@@ -47,7 +48,12 @@ def _found(info: ServiceInfo) -> Found | None:
             return None
         address = f"tcp://{ips[0]}:{info.port}"
     name = props.get("name") or info.name.split(".")[0]
-    return Found(name=name, address=address, protocol=props.get("protocol", "?"))
+    return Found(
+        name=name,
+        address=address,
+        protocol=props.get("protocol", "?"),
+        encrypted=props.get("encrypted") == "1",
+    )
 
 
 class Browser(ServiceListener):

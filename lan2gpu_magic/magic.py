@@ -106,6 +106,11 @@ def _line_parser() -> _Parser:
     c = sub.add_parser("connect", help="connect to a worker")
     c.add_argument("address", help="e.g. tcp://10.0.0.7:7340")
     c.add_argument("--key-file", metavar="PATH")
+    c.add_argument(
+        "--server-key",
+        metavar="PATH",
+        help="the worker's worker.key, for a worker run with --encrypt (CurveZMQ)",
+    )
     d = sub.add_parser("disconnect", help="forget a worker")
     d.add_argument("address")
     sub.add_parser("workers", help="list known workers")
@@ -164,6 +169,7 @@ class Lan2GPUMagics(Magics):
             discovery_wait=self.settings.discovery_wait,
             connect_timeout=self.settings.connect_timeout,
             announce=self._say,
+            server_keys=self.settings.server_keys,
         )
         self._cell_args = _cell_parser()
         self._line_args = _line_parser()
@@ -283,7 +289,7 @@ class Lan2GPUMagics(Magics):
     def _line(self, line: str) -> Any:
         args = self._line_args.parse_args(shlex.split(line))
         if args.command == "connect":
-            connected = self.pool.connect(args.address, args.key_file)
+            connected = self.pool.connect(args.address, args.key_file, args.server_key)
             self._say(f"lan2gpu: connected to {connected.info.describe()}")
             for warning in connected.info.warnings:
                 self._say(f"lan2gpu: warning: {warning}")

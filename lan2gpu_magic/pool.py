@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ class _Entry:
     address: str
     key_file: str | None
     origin: str
+    server_key: str | None = None  # the worker's CurveZMQ public key file (--encrypt)
     client: Client | None = None
     problem: str = ""
     retry_at: float = 0.0  # skip this worker until then (it just failed)
@@ -101,6 +102,7 @@ class WorkerPool:
         connect_timeout: float = 10.0,
         status_timeout: float = 2.0,
         announce: Callable[[str], None] = print,
+        server_keys: Mapping[str, str] | None = None,
     ) -> None:
         self.key_file = key_file
         self.connect_timeout = connect_timeout
@@ -113,21 +115,36 @@ class WorkerPool:
         self._browser: Browser | None = None
         self._waited_for_discovery = False
         self.embedded: EmbeddedWorker | None = None
+        self.server_keys = dict(server_keys or {})
         for address in addresses:
-            self._entries[address] = _Entry(address, key_file, CONFIGURED)
+            entry = _Entry(address, key_file, CONFIGURED, self.server_keys.get(address))
+            self._entries[address] = entry
 
     # -- membership -------------------------------------------------------------
 
-    def connect(self, address: str, key_file: str | None = None) -> Client:
-        """Add a worker and connect now (errors are raised, not recorded)."""
+    def connect(
+        self, address: str, key_file: str | None = None, server_key: str | None = None
+    ) -> Client:
+        """Add a worker and connect now (errors are raised, not recorded).
+
+        ``server_key``: the worker's public key file, for a worker run with --encrypt.
+        """
         entry = self._entries.get(address)
         if entry is not None and entry.client is not None:
             entry.client.close()
-        entry = self._entries[address] = _Entry(address, key_file or self.key_file, CONFIGURED)
-        entry.client = Client(
-            address, key_file=entry.key_file, connect_timeout=self.connect_timeout
-        )
+        server_key = server_key or self.server_keys.get(address)
+        entry = _Entry(address, key_file or self.key_file, CONFIGURED, server_key)
+        self._entries[address] = entry
+        entry.client = self._client(entry)
         return entry.client
+
+    def _client(self, entry: _Entry) -> Client:
+        return Client(
+            entry.address,
+            key_file=entry.key_file,
+            connect_timeout=self.connect_timeout,
+            server_key=entry.server_key,
+        )
 
     def disconnect(self, address: str) -> bool:
         entry = self._entries.pop(address, None)
@@ -148,8 +165,16 @@ class WorkerPool:
         for found in self._browser.workers(wait=wait):
             if found.address in self._entries:
                 continue
-            entry = _Entry(found.address, self.key_file, DISCOVERED)
-            if not found.compatible:
+            entry = _Entry(
+                found.address, self.key_file, DISCOVERED, self.server_keys.get(found.address)
+            )
+            if found.encrypted and entry.server_key is None:
+                entry.problem = (
+                    "encrypted (--encrypt): connect with `%lan2gpu connect "
+                    f"{found.address} --server-key PATH-TO-ITS-worker.key`"
+                )
+                entry.retry_at = float("inf")
+            elif not found.compatible:
                 entry.problem = (
                     f"announces lan2gpu protocol {found.protocol}; this notebook speaks "
                     "another: install the same lan2gpu version on both"
@@ -163,9 +188,7 @@ class WorkerPool:
             if entry.client is not None or entry.retry_at > now:
                 continue
             try:
-                entry.client = Client(
-                    entry.address, key_file=entry.key_file, connect_timeout=self.connect_timeout
-                )
+                entry.client = self._client(entry)
                 entry.problem = ""
             except Lan2GPUError as exc:
                 entry.problem = str(exc)
@@ -180,7 +203,8 @@ class WorkerPool:
             self.embedded.close()
             self.embedded = None
             raise
-        self._entries[address] = _Entry(address, str(self.embedded.key_file), EMBEDDED, client)
+        key_file = str(self.embedded.key_file)
+        self._entries[address] = _Entry(address, key_file, EMBEDDED, client=client)
         kind = "CUDA simulator" if client.info.simulator else client.info.describe()
         self._announce(
             f"lan2gpu: no worker configured or found on the LAN; started a local worker on "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import zmq
 
@@ -33,6 +34,15 @@ _NOTICE_ERRORS: dict[str, type[ProtocolError]] = {
 }
 
 
+@dataclass(frozen=True)
+class Curve:
+    """CurveZMQ keys for an encrypted connection (z85-encoded)."""
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+
 class Transport:
     """Owns one DEALER socket (and its context, unless one is given)."""
 
@@ -44,8 +54,10 @@ class Transport:
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         limits: Limits | None = None,
         replay_window: float = 120.0,
+        curve: Curve | None = None,
     ) -> None:
         self.address = address
+        self.curve = curve
         self.owns_context = context is None
         self.context: zmq.Context[zmq.Socket[bytes]] = context or zmq.Context()
         self.wire = Wire(key, limits=limits, window=replay_window)
@@ -53,6 +65,11 @@ class Transport:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
         self.sock.setsockopt(zmq.MAXMSGSIZE, self.wire.limits.max_frame_bytes)
+        if curve is not None:
+            # CurveZMQ: the worker's public key is pinned; ours must be on its allow-list.
+            self.sock.curve_serverkey = curve.server_public
+            self.sock.curve_publickey = curve.public
+            self.sock.curve_secretkey = curve.secret
         try:
             self.sock.connect(address)
         except zmq.ZMQError as exc:

@@ -6,11 +6,13 @@ import argparse
 import asyncio
 import logging
 import sys
+from pathlib import Path
 
 import zmq
 
 from .capabilities import detect
 from .config import build_parser, config_from_args
+from .protocol.curve import WORKER, authorized, authorized_keys_dir, ensure_keypair, key_dir
 from .protocol.errors import ConfigurationError, Lan2GPUError
 from .protocol.keys import default_key_file, generate_key_file, load_key
 from .service import WorkerService
@@ -57,11 +59,48 @@ def _serve(argv: list[str]) -> int:
     return 1 if service.failed else 0
 
 
+def _curve_keygen(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker_kernel curve-keygen",
+        description="Create this worker's CurveZMQ key pair for --encrypt (kept if it exists) "
+        "next to the shared key, and the authorized_keys directory for client keys.",
+    )
+    parser.add_argument("--key-file", default=str(default_key_file()), metavar="PATH")
+    args = parser.parse_args(argv)
+    public, _ = ensure_keypair(key_dir(args.key_file), WORKER)
+    allowed = authorized_keys_dir(args.key_file)
+    allowed.mkdir(parents=True, exist_ok=True, mode=0o700)
+    print(f"worker public key: {public}  (copy it to notebook machines: --server-key)")
+    print(f"allowed clients:   {allowed}/*.key  (their client.key files)")
+    return 0
+
+
+def _authorized_keys(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m worker_kernel authorized-keys",
+        description="List the client public keys an --encrypt worker accepts.",
+    )
+    parser.add_argument("--key-file", default=str(default_key_file()), metavar="PATH")
+    parser.add_argument("--authorized-keys", type=Path, metavar="DIR")
+    args = parser.parse_args(argv)
+    folder = args.authorized_keys or authorized_keys_dir(args.key_file)
+    keys = authorized(folder)
+    for name, public in keys:
+        print(f"{name}  {public.decode()}")
+    print(f"{len(keys)} client key(s) in {folder}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    commands = {
+        "keygen": _keygen,
+        "curve-keygen": _curve_keygen,
+        "authorized-keys": _authorized_keys,
+    }
     try:
-        if argv[:1] == ["keygen"]:
-            return _keygen(argv[1:])
+        if argv[:1] and argv[0] in commands:
+            return commands[argv[0]](argv[1:])
         return _serve(argv)
     except Lan2GPUError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -36,8 +36,9 @@ def _host_ipv4_addresses() -> list[str]:
 class Advertiser:
     """Registers the service while the worker runs; :meth:`close` withdraws it."""
 
-    def __init__(self, name: str, address: str, instance: str) -> None:
+    def __init__(self, name: str, address: str, instance: str, encrypted: bool = False) -> None:
         self.name = name
+        self.encrypted = encrypted
         self.address = address
         self.instance = instance
         self._zc: AsyncZeroconf | None = None
@@ -76,6 +77,7 @@ class Advertiser:
                 "address": announced,
                 "protocol": str(PROTOCOL_VERSION),
                 "instance": self.instance,
+                "encrypted": "1" if self.encrypted else "0",
             },
             server=f"{socket.gethostname()}.local.",
         )

@@ -54,6 +54,8 @@ class WorkerConfig:
     log_level: str = "INFO"
     faults: tuple[str, ...] = ()  # test hooks, see --fault
     memory_limit: int = 0  # per executor, bytes; 0: none
+    encrypt: bool = False
+    authorized_keys: Path | None = None  # CURVE client keys accepted (--encrypt)
 
 
 # (flag, env var, help) for every option; the parser and --help come from this.
@@ -63,7 +65,7 @@ environment variables (the command line wins over them):
   LAN2GPU_GPUS, LAN2GPU_SIMULATED_GPUS, LAN2GPU_ADVERTISE (1|0),
   LAN2GPU_HEARTBEAT, LAN2GPU_REPLAY_WINDOW, LAN2GPU_MAX_MESSAGE_BYTES,
   LAN2GPU_EXECUTOR_START_TIMEOUT, LAN2GPU_CANCEL_GRACE, LAN2GPU_SESSION_IDLE,
-  LAN2GPU_MEMORY_LIMIT,
+  LAN2GPU_MEMORY_LIMIT, LAN2GPU_ENCRYPT, LAN2GPU_AUTHORIZED_KEYS,
   LAN2GPU_LOG_LEVEL
 
 create a key first (mode 0600; copy it to every notebook machine):
@@ -191,6 +193,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="exit when this process exits (used by the notebook's embedded worker)",
     )
     parser.add_argument(
+        "--encrypt",
+        action=argparse.BooleanOptionalAction,
+        default=env("LAN2GPU_ENCRYPT", "0") in ("1", "true", "yes"),
+        help="encrypt every connection with CurveZMQ: clients pin this worker's public key "
+        "(worker.key next to the key file, made on first use) and only clients whose public "
+        "key is in --authorized-keys may connect [LAN2GPU_ENCRYPT; default off]",
+    )
+    parser.add_argument(
+        "--authorized-keys",
+        type=Path,
+        default=env("LAN2GPU_AUTHORIZED_KEYS"),
+        metavar="DIR",
+        help="with --encrypt: client public keys (*.key) allowed to connect; re-read when it "
+        "changes [LAN2GPU_AUTHORIZED_KEYS; default: authorized_keys/ next to the key file]",
+    )
+    parser.add_argument(
         "--memory-limit",
         type=_memory_limit,
         default=_memory_limit(env("LAN2GPU_MEMORY_LIMIT", "75%")),
@@ -271,4 +289,6 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         log_level=args.log_level,
         faults=tuple(args.fault),
         memory_limit=args.memory_limit,
+        encrypt=args.encrypt,
+        authorized_keys=Path(args.authorized_keys).expanduser() if args.authorized_keys else None,
     )

@@ -21,6 +21,7 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
 
 from .advertise import Advertiser
 from .capabilities import Capabilities, GpuMonitor
@@ -28,6 +29,14 @@ from .config import WorkerConfig
 from .dispatch import Dispatcher
 from .executors import ExecutorHandle, ExecutorPool
 from .protocol import messages as m
+from .protocol.curve import (
+    WORKER,
+    authorized,
+    authorized_keys_dir,
+    ensure_keypair,
+    key_dir,
+    load_keypair,
+)
 from .protocol.errors import ProtocolError, VersionMismatch
 from .protocol.messages import Message
 from .protocol.versions import check_compatible, local_versions
@@ -96,19 +105,42 @@ class WorkerService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.failed = False  # an internal error stopped the service (exit non-zero)
         self.results = ResultCache()
+        self.auth: AsyncioAuthenticator | None = None
         self.rejections = RejectionLog(log)
         self._dropped = False  # the drop-first-result fault was applied
 
     # -- lifecycle ------------------------------------------------------------
 
+    def _setup_encryption(self) -> None:
+        """CurveZMQ on the client-facing socket, and a ZAP allow-list of client keys."""
+        public, secret = load_keypair(ensure_keypair(key_dir(self.config.key_file), WORKER)[1])
+        folder = self.config.authorized_keys or authorized_keys_dir(self.config.key_file)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.auth = AsyncioAuthenticator(self.ctx)
+        self.auth.start()
+        self.auth.configure_curve_callback(domain="*", credentials_provider=AllowList(folder))
+        self.sock.curve_secretkey = secret
+        self.sock.curve_publickey = public
+        self.sock.curve_server = True
+        log.info(
+            "encrypting with CurveZMQ; clients pin %s and must be listed in %s (%d now)",
+            key_dir(self.config.key_file) / f"{WORKER}.key",
+            folder,
+            len(authorized(folder)),
+        )
+
     async def run(self) -> None:
+        if self.config.encrypt:
+            self._setup_encryption()
         self.sock.bind(self.config.bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
         if self.config.advertise:
-            self.advertiser = Advertiser(self.config.name, self.address, self.instance)
+            self.advertiser = Advertiser(
+                self.config.name, self.address, self.instance, encrypted=self.config.encrypt
+            )
             try:
                 await self.advertiser.start()
             except Exception as exc:  # mDNS is a convenience; the worker serves without it
@@ -135,6 +167,8 @@ class WorkerService:
             await asyncio.gather(*workers, return_exceptions=True)
             if self.advertiser is not None:
                 await self.advertiser.close()
+            if self.auth is not None:
+                self.auth.stop()
             await self.pool.close()
             self.monitor.close()
             self.sock.close()
@@ -512,6 +546,30 @@ class WorkerService:
             "queued": [cell_info(c) for c in d.queue.order()],
             "sessions": sorted({h.session for h in self.pool.handles()}),
         }
+
+
+class AllowList:
+    """ZAP credentials check: is the client's public key in the allow-list directory?
+
+    Read again whenever the directory changes, so adding or removing a client key
+    takes effect at its next connection, without a restart.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._stamp = -1
+        self._keys: set[bytes] = set()
+        self._refusals = RejectionLog(log)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        stamp = self.folder.stat().st_mtime_ns if self.folder.exists() else 0
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._keys = {public for _, public in authorized(self.folder)}
+        allowed = key in self._keys
+        if not allowed:
+            self._refusals.note(f"client key {key.decode()[:10]}...", "not in " + str(self.folder))
+        return allowed
 
 
 def _claimed_id(body: list[Any]) -> str:
