@@ -29,9 +29,11 @@ from typing import Any
 
 import zmq
 
+from worker_kernel.protocol import compress, refs
 from worker_kernel.protocol import messages as m
 from worker_kernel.protocol.curve import CLIENT, ensure_keypair, key_dir, load_keypair, load_public
 from worker_kernel.protocol.errors import (
+    ConfigurationError,
     ConnectionClosed,
     Lan2GPUError,
     MessageRejected,
@@ -44,8 +46,10 @@ from worker_kernel.protocol.keys import default_key_file, load_key
 from worker_kernel.protocol.messages import Message, new_id
 from worker_kernel.protocol.serialize import Payload, dump_values
 from worker_kernel.protocol.versions import check_compatible, local_versions
+from worker_kernel.protocol.wire import digest
 
-from . import capture, results
+from . import cache, capture, results
+from .cache import HeldArrays
 from .capture import CellPlan
 from .results import RunResult
 from .tracebacks import register_source
@@ -57,6 +61,8 @@ _BIG_UPLOAD = 8 << 20  # announce uploads this large, so the worker heartbeats m
 _POLL_SLICE = 0.1  # how often a waiting client looks at its interrupt flag
 _TIMEOUT_GRACE = 30.0  # beyond a cell's --timeout, before the client stops waiting
 _FETCH_EVERY = 2.0  # at most this often, ask again for a result that did not come
+_PROBE_BYTES = 1 << 20  # sent once to measure the link, when a large transfer comes
+_COMPRESS_MODES = ("auto", "on", "off")
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +144,9 @@ class ExecuteRequest:
     plan: CellPlan
     session: str
     timeout: float | None = None
+    local: Mapping[str, Any] = field(default_factory=dict)  # the namespace, for the cache
+    cache: bool = True  # False: send every array, even ones the session holds
+    compress: str | None = None  # "auto", "on", "off"; None: the client's setting
     filename: str = ""
     line_offset: int = 0
     gpus: tuple[int, ...] = ()  # the worker's GPU numbers; () lets the worker pick one
@@ -160,8 +169,16 @@ class Client:
         clock: Callable[[], float] = time.monotonic,
         server_key: str | os.PathLike[str] | None = None,
         client_key: str | os.PathLike[str] | None = None,
+        cache: bool = True,
+        compress: str = "auto",
     ) -> None:
         self.address = address
+        if compress not in _COMPRESS_MODES:
+            raise ConfigurationError(f"compress={compress!r}: use one of {_COMPRESS_MODES}")
+        self.cache = cache  # send unchanged arrays as digests
+        self.compress = compress
+        self.held = HeldArrays()
+        self._link_bandwidth: float | None = None
         self.key_file = Path(key_file).expanduser() if key_file else None
         self.id = new_id()
         self.session = f"{socket.gethostname()}:{os.getpid()}:{self.id[:8]}"
@@ -322,14 +339,56 @@ class Client:
         payload: Payload,
         handlers: OutputHandlers | None = None,
     ) -> RunResult:
-        """Send a planned cell with its serialized inputs; stream output; return results."""
+        """Send a planned cell with its serialized inputs; stream output; return results.
+
+        Large frames the session already holds go as digests (a miss is resent);
+        large buffers are compressed when that pays on this link.
+        """
         handlers = handlers or OutputHandlers()
-        self._used_default_session |= request.session == self.session
+        session = request.session
+        self._used_default_session |= session == self.session
         if self._clock() - self._last_heard > _FRESH or payload.nbytes > _BIG_UPLOAD:
             # Fail fast before uploading, re-handshake after a worker restart, and
             # tell the worker how much is coming so it keeps heartbeating us.
             self.ping(expect_bytes=payload.nbytes)
+        digests = [digest(f) for f in payload.frames]  # once: for the signature and the cache
+        use_cache = self.cache and request.cache
+        local = cache.local_buffers(request.plan.outputs, request.local) if use_cache else {}
+        local.update(zip(digests, (memoryview(f).cast("B") for f in payload.frames), strict=True))
+        for _ in range(3):  # a cache miss costs one more round, with the data
+            reply = self._submit(request, payload, digests, local if use_cache else {}, handlers)
+            if reply.content.get("status") != "cache-miss":
+                break
+            self.held.forget(session, reply.content.get("missing", []))
+        else:
+            raise ProtocolError(f"worker {self.info.name} keeps missing cached arrays")
+        full, full_digests, missing = refs.join(
+            reply.buffers, reply.digests, dict(reply.content.get("refs", {})), cache.copy_of(local)
+        )
+        if missing:
+            raise ProtocolError(f"worker {self.info.name} referred to arrays this client lacks")
+        reply.buffers = full
+        if reply.content.get("session_lost"):
+            self.held.forget(session)
+        else:
+            self.held.learn(session, payload.frames, digests)
+            self.held.learn(session, full, full_digests)
+        return results.parse_result(reply, request.plan, request.timeout)
+
+    def _submit(
+        self,
+        request: ExecuteRequest,
+        payload: Payload,
+        digests: list[str],
+        local: dict[str, memoryview],
+        handlers: OutputHandlers,
+    ) -> Message:
         plan = request.plan
+        holds = self.held.holds(request.session) if local else (lambda _: False)
+        frames, sent_digests, in_refs = refs.split(payload.frames, digests, holds)
+        mode = request.compress or self.compress
+        bandwidth = self._bandwidth(payload.nbytes) if mode == "auto" else 0.0
+        link = {"bandwidth": bandwidth, "compress": mode}
         msg = self._message(
             m.EXECUTE,
             {
@@ -344,15 +403,30 @@ class Client:
                 "timeout": request.timeout,
                 "gpus": list(request.gpus),
                 "cpu": request.cpu,
+                "refs": in_refs,
+                "have": sorted(local),
+                "link": link,
             },
-            buffers=payload.frames,
+            buffers=frames,
             session=request.session,
         )
+        msg.digests = sent_digests
+        msg.codecs = compress.choose(frames, bandwidth, mode)
         # The request id makes retries idempotent: the worker runs it at most once.
         msg.content["request"] = msg.id
         self.transport.send(msg)
-        reply = self._wait(msg, handlers, request.timeout)
-        return results.parse_result(reply, plan, request.timeout)
+        return self._wait(msg, handlers, request.timeout)
+
+    def _bandwidth(self, nbytes: int) -> float:
+        """The link's speed (bytes/s), measured once, when a large transfer first needs it."""
+        if self._link_bandwidth is None and nbytes >= compress.MIN_BYTES:
+            base = self.ping()
+            probe = self._message(m.PING, buffers=[os.urandom(_PROBE_BYTES)])
+            t0 = self._clock()
+            self._request(probe, {m.PONG}, 10.0)
+            seconds = max(self._clock() - t0 - base, 1e-6)
+            self._link_bandwidth = _PROBE_BYTES / seconds
+        return self._link_bandwidth or 0.0
 
     def _wait(
         self, request: Message, handlers: OutputHandlers, timeout: float | None = None
@@ -565,6 +639,7 @@ class Client:
             filename=filename,
             gpus=tuple(gpus),
             cpu=cpu,
+            local=ns,
         )
         register_source(filename, code)
         result = self.execute(request, payload, handlers)

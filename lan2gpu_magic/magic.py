@@ -85,6 +85,16 @@ def _cell_parser() -> _Parser:
         help="bring back exactly these names; missing or unpicklable is an error",
     )
     p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="send every array, even ones the worker's session already holds",
+    )
+    p.add_argument(
+        "--compress",
+        choices=["auto", "on", "off"],
+        help="compress large arrays with LZ4 (default auto: only when it pays on the link)",
+    )
+    p.add_argument(
         "--retry",
         type=int,
         default=0,
@@ -241,6 +251,9 @@ class Lan2GPUMagics(Magics):
                 line_offset=1,
                 gpus=tuple(g.index for g in placement.gpus),
                 cpu=placement.cpu,
+                local=ns,
+                cache=not args.no_cache,
+                compress=args.compress,
             )
             progress = _Progress(placement)
             try:

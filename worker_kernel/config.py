@@ -54,6 +54,7 @@ class WorkerConfig:
     log_level: str = "INFO"
     faults: tuple[str, ...] = ()  # test hooks, see --fault
     memory_limit: int = 0  # per executor, bytes; 0: none
+    cache_memory: int = 0  # per executor: arrays kept by digest; 0: no cache
     encrypt: bool = False
     authorized_keys: Path | None = None  # CURVE client keys accepted (--encrypt)
 
@@ -65,7 +66,7 @@ environment variables (the command line wins over them):
   LAN2GPU_GPUS, LAN2GPU_SIMULATED_GPUS, LAN2GPU_ADVERTISE (1|0),
   LAN2GPU_HEARTBEAT, LAN2GPU_REPLAY_WINDOW, LAN2GPU_MAX_MESSAGE_BYTES,
   LAN2GPU_EXECUTOR_START_TIMEOUT, LAN2GPU_CANCEL_GRACE, LAN2GPU_SESSION_IDLE,
-  LAN2GPU_MEMORY_LIMIT, LAN2GPU_ENCRYPT, LAN2GPU_AUTHORIZED_KEYS,
+  LAN2GPU_MEMORY_LIMIT, LAN2GPU_CACHE_MEMORY, LAN2GPU_ENCRYPT, LAN2GPU_AUTHORIZED_KEYS,
   LAN2GPU_LOG_LEVEL
 
 create a key first (mode 0600; copy it to every notebook machine):
@@ -217,6 +218,15 @@ def build_parser() -> argparse.ArgumentParser:
         "none; a cell going past it gets a MemoryError [LAN2GPU_MEMORY_LIMIT; default 75%%]",
     )
     parser.add_argument(
+        "--cache-memory",
+        type=_memory_limit,
+        default=_memory_limit(env("LAN2GPU_CACHE_MEMORY", "25%")),
+        metavar="SIZE",
+        help="memory each session may use to keep arrays by content, so an unchanged "
+        "array is not sent again (e.g. 4G, 25%%, or none) [LAN2GPU_CACHE_MEMORY; "
+        "default 25%%]",
+    )
+    parser.add_argument(
         "--fault",
         action="append",
         default=[],
@@ -289,6 +299,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         log_level=args.log_level,
         faults=tuple(args.fault),
         memory_limit=args.memory_limit,
+        cache_memory=args.cache_memory,
         encrypt=args.encrypt,
         authorized_keys=Path(args.authorized_keys).expanduser() if args.authorized_keys else None,
     )

@@ -28,7 +28,9 @@ from typing import Any
 import numpy as np
 
 from . import health
+from .array_cache import ArrayCache
 from .display import mimebundle
+from .protocol import compress, refs
 from .protocol.errors import RemoteFrame, RemoteTraceback, SerializationError
 from .protocol.messages import DISPLAY, RESULT, STREAM, TRANSFER, Buffer, Message
 from .protocol.serialize import dump_values, dumps, load_values
@@ -69,6 +71,10 @@ class CellRequest:
     required: frozenset[str]
     always: frozenset[str]
     deletes: tuple[str, ...]
+    refs: dict[str, str]  # input frames sent by reference: index -> digest
+    have: frozenset[str]  # digests the client can supply for outputs
+    bandwidth: float  # the link, as the client measured it (bytes/s; 0: unknown)
+    compress: str  # "auto", "on" or "off"
 
     @classmethod
     def from_message(cls, msg: Message, client: str) -> CellRequest:
@@ -85,6 +91,10 @@ class CellRequest:
             required=frozenset(c.get("required", [])),
             always=frozenset(c.get("always", [])),
             deletes=tuple(c.get("deletes", [])),
+            refs={str(k): str(v) for k, v in dict(c.get("refs", {})).items()},
+            have=frozenset(str(d) for d in c.get("have", [])),
+            bandwidth=float(dict(c.get("link", {})).get("bandwidth", 0.0)),
+            compress=str(dict(c.get("link", {})).get("compress", "auto")),
         )
 
 
@@ -200,10 +210,17 @@ class CellRunner:
     """Runs cells of one session; owns its namespace."""
 
     def __init__(
-        self, worker: str, channel: OutputChannel, send: Send, memory_limit: int = 0
+        self,
+        worker: str,
+        channel: OutputChannel,
+        send: Send,
+        *,
+        memory_limit: int = 0,
+        cache_budget: int = 1 << 30,
     ) -> None:
         self.worker = worker
         self.memory_limit = memory_limit
+        self.cache = ArrayCache(cache_budget)
         self.channel = channel
         self.send = send
         self.armed = False  # True while user code runs: interrupts may raise
@@ -246,14 +263,27 @@ class CellRunner:
     def run(self, msg: Message, client: str) -> dict[str, Any]:
         """Run the cell in ``msg``; send stream/display/result messages; return stats."""
         req = CellRequest.from_message(msg, client)
+        frames, digests, missing = refs.join(msg.buffers, msg.digests, req.refs, self.cache.get)
+        if missing:
+            # Evicted, or changed in place: the client sends these again, no harm done.
+            miss = {"status": "cache-miss", "worker": self.worker, "missing": missing}
+            self.send(self._reply(req, RESULT, miss))
+            return {"status": "cache-miss"}
+        for frame, checksum in zip(frames, digests, strict=True):
+            self.cache.put(checksum, frame)
         self._current = req
         started = time.perf_counter()
         try:
-            outcome = self._execute(req, msg)
-            content, frames = self._result(req, outcome)
+            outcome = self._execute(req, frames, digests)
+            content, out = self._result(req, outcome)
         finally:
             self._current = None
-        nbytes = sum(memoryview(f).nbytes for f in frames)
+        out_digests = [digest(f) for f in out]
+        for frame, checksum in zip(out, out_digests, strict=True):
+            self.cache.put(checksum, frame)
+        sent, sent_digests, out_refs = refs.split(out, out_digests, req.have.__contains__)
+        content["refs"] = out_refs
+        nbytes = sum(memoryview(f).nbytes for f in sent)
         if nbytes >= TRANSFER_NOTICE_BYTES:
             self.send(self._reply(req, TRANSFER, {"bytes": nbytes}))
         content["stats"] = {
@@ -261,21 +291,26 @@ class CellRunner:
             "total_seconds": time.perf_counter() - started,
             "bytes_in": msg.nbytes,
             "bytes_out": nbytes,
+            "cached_in": len(req.refs),
+            "cached_out": len(out_refs),
         }
-        self.send(self._reply(req, RESULT, content, frames))
+        reply = self._reply(req, RESULT, content, sent)
+        reply.digests = sent_digests
+        reply.codecs = compress.choose(sent, req.bandwidth, req.compress)
+        self.send(reply)
         return {"status": content["status"], **content["stats"]}
 
-    def _execute(self, req: CellRequest, msg: Message) -> Outcome:
+    def _execute(self, req: CellRequest, frames: list[Buffer], digests: list[str]) -> Outcome:
         outcome = Outcome()
         self._fresh, self._inputs, self._input_digests = set(), {}, {}
         ns = self.namespace
         cell_builtins: dict[str, Any] = ns["__builtins__"]
-        values, failed = load_values(req.inputs, msg.buffers, namespace=ns)
+        values, failed = load_values(req.inputs, frames, namespace=ns)
         ns["__builtins__"] = cell_builtins  # cloudpickle resets it when loading functions
         pos = 0
         for entry in req.inputs:
             count = int(entry["nframes"])
-            self._input_digests[str(entry["name"])] = msg.digests[pos : pos + count]
+            self._input_digests[str(entry["name"])] = digests[pos : pos + count]
             pos += count
         if failed:
             lines = [f"  {name}: {reason}" for name, reason in failed.items()]

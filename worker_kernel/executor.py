@@ -74,7 +74,14 @@ class Executor:
     """Owns the context and socket to the service, and the session's runner."""
 
     def __init__(
-        self, endpoint: str, identity: str, worker: str, key: bytes, memory_limit: int = 0
+        self,
+        endpoint: str,
+        identity: str,
+        worker: str,
+        key: bytes,
+        *,
+        memory_limit: int = 0,
+        cache_memory: int = 0,
     ) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -84,7 +91,9 @@ class Executor:
         self.wire = Wire(key)
         self.lock = threading.Lock()
         self.channel = OutputChannel()
-        self.runner = CellRunner(worker, self.channel, self.send, memory_limit)
+        self.runner = CellRunner(
+            worker, self.channel, self.send, memory_limit=memory_limit, cache_budget=cache_memory
+        )
         _route_display(self.runner.display)
         self._main_sending = False  # the main thread is inside send_multipart
         self._deferred: type[BaseException] | None = None
@@ -141,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--memory-limit", type=int, default=0)
+    parser.add_argument("--cache-memory", type=int, default=0)
     parser.add_argument("--fault", action="append", default=[])
     args = parser.parse_args(argv)
     key = bytes.fromhex(sys.stdin.readline().strip())
@@ -151,7 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         health.apply_memory_limit(args.memory_limit)
     if "poison-hook" in args.fault:
         builtins.lan2gpu_poison_context = health.poison_hook  # type: ignore[attr-defined]
-    executor = Executor(args.connect, args.identity, args.worker, key, args.memory_limit)
+    executor = Executor(
+        args.connect,
+        args.identity,
+        args.worker,
+        key,
+        memory_limit=args.memory_limit,
+        cache_memory=args.cache_memory,
+    )
     try:
         executor.serve()
     finally:

@@ -67,6 +67,7 @@ class ExecutorPool:
         on_exit: ExitCallback,
         memory_limit: int = 0,
         faults: tuple[str, ...] = (),
+        cache_memory: int = 0,
     ) -> None:
         self._dir = tempfile.mkdtemp(prefix="lan2gpu-")  # mode 0700
         self.endpoint = f"ipc://{self._dir}/executors"
@@ -79,7 +80,11 @@ class ExecutorPool:
         self._simulate = simulate
         self._start_timeout = start_timeout
         self._on_exit = on_exit
-        self._extra = [f"--memory-limit={memory_limit}", *(f"--fault={f}" for f in faults)]
+        self._extra = [
+            f"--memory-limit={memory_limit}",
+            f"--cache-memory={cache_memory}",
+            *(f"--fault={f}" for f in faults),
+        ]
         self._by_id: dict[str, ExecutorHandle] = {}
         self._by_slot: dict[tuple[str, tuple[str, ...]], ExecutorHandle] = {}
         self._watchers: set[asyncio.Task[None]] = set()

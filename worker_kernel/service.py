@@ -91,6 +91,7 @@ class WorkerService:
             on_exit=self._on_executor_exit,
             memory_limit=config.memory_limit,
             faults=config.faults,
+            cache_memory=config.cache_memory,
         )
         self.dispatcher = Dispatcher(
             self.pool,

@@ -95,6 +95,7 @@ class Message:
     authenticated: bool = True
     digests: list[str] = field(default_factory=list)  # of the buffers, as signed
     declared_bytes: int = 0  # the buffers' total, as signed (also when not assembled)
+    codecs: list[str] = field(default_factory=list)  # per buffer, "" or "lz4" (sending)
 
     @property
     def nbytes(self) -> int:

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import blake3
 
+from . import compress
 from .errors import AuthenticationError, MessageRejected, VersionMismatch
 from .messages import KINDS, MAGIC, PROTOCOL_VERSION, REJECT, Buffer, Message
 
@@ -50,13 +51,16 @@ class Limits:
 
     @property
     def max_frame_bytes(self) -> int:
-        """The largest single frame a valid message has (for ``zmq.MAXMSGSIZE``)."""
-        return max(CHUNK, self.max_header_bytes) + 4096
+        """The largest single frame a valid message has (for ``zmq.MAXMSGSIZE``);
+        an LZ4 chunk of incompressible data is a little larger than the chunk."""
+        return max(CHUNK + CHUNK // 200, self.max_header_bytes) + 4096
 
 
 def digest(buf: Buffer) -> str:
     """BLAKE3 hex digest of a buffer (threads for large ones; releases the GIL)."""
     view = memoryview(buf)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")  # e.g. a float32 array: hash its bytes
     threads = blake3.blake3.AUTO if view.nbytes >= _PARALLEL_HASH_BYTES else 1
     return str(blake3.blake3(view, max_threads=threads).hexdigest())
 
@@ -152,12 +156,19 @@ class Wire:
     # -- encoding -------------------------------------------------------------
 
     def encode(self, msg: Message) -> list[Buffer]:
-        """Frames for ``msg``, signature included (buffers are not copied)."""
+        """Frames for ``msg``, signature included (buffers are not copied unless
+        compressed). ``msg.digests`` and ``msg.codecs``, if given, must match
+        ``msg.buffers``: digests already computed are not computed again."""
         declared: list[list[Any]] = []
         frames: list[Buffer] = []
-        for buf in msg.buffers:
-            chunks = _chunks(buf)
-            declared.append([memoryview(buf).nbytes, digest(buf), len(chunks)])
+        given = len(msg.digests) == len(msg.buffers)
+        for i, buf in enumerate(msg.buffers):
+            chunks: list[Buffer] = list(_chunks(buf))
+            codec = msg.codecs[i] if i < len(msg.codecs) else ""
+            if codec == compress.LZ4:
+                chunks = [compress.compress_chunk(c) for c in chunks]
+            checksum = msg.digests[i] if given else digest(buf)
+            declared.append([memoryview(buf).nbytes, checksum, len(chunks), codec])
             frames.extend(chunks)
         header = {
             "v": PROTOCOL_VERSION,
@@ -279,20 +290,25 @@ class Wire:
             )
         out: list[Buffer] = []
         pos = 0
-        for i, (nbytes, expected, count) in enumerate(declared):
-            chunks = frames[pos : pos + count]
+        for i, (nbytes, expected, count, codec) in enumerate(declared):
+            chunks: Sequence[Buffer] = frames[pos : pos + count]
             pos += count
-            if sum(c.nbytes for c in chunks) != nbytes or any(c.nbytes > CHUNK for c in chunks):
+            if codec == compress.LZ4:
+                chunks = _inflate(chunks, nbytes, i)
+            elif codec:
+                raise MessageRejected(f"buffer {i} uses an unknown codec {codec!r}")
+            views = [memoryview(c) for c in chunks]
+            if sum(v.nbytes for v in views) != nbytes or any(v.nbytes > CHUNK for v in views):
                 raise MessageRejected(f"buffer {i} does not match the {nbytes} bytes declared")
             if verify:
                 threads = blake3.blake3.AUTO if nbytes >= _PARALLEL_HASH_BYTES else 1
                 hasher = blake3.blake3(max_threads=threads)
-                for chunk in chunks:
-                    hasher.update(chunk)
+                for view in views:
+                    hasher.update(view)
                 if not hmac.compare_digest(hasher.hexdigest(), str(expected)):
                     raise AuthenticationError(f"buffer {i} does not match its signed digest")
             if assemble:
-                out.append(chunks[0] if count == 1 else _join(chunks, nbytes))
+                out.append(views[0] if count == 1 else _join(views, nbytes))
         return out
 
     @staticmethod
@@ -311,6 +327,18 @@ class Wire:
             parent=parent,
             authenticated=False,
         )
+
+
+def _inflate(chunks: Sequence[Buffer], nbytes: int, index: int) -> list[Buffer]:
+    sizes = [min(CHUNK, nbytes - start) for start in range(0, nbytes, CHUNK)] or [0]
+    if len(sizes) != len(chunks):
+        raise MessageRejected(
+            f"buffer {index} has {len(chunks)} compressed chunks, not {len(sizes)}"
+        )
+    try:
+        return [compress.decompress_chunk(c, size) for c, size in zip(chunks, sizes, strict=True)]
+    except Exception as exc:  # LZ4Error and friends on corrupt data
+        raise MessageRejected(f"buffer {index} does not decompress: {exc}") from None
 
 
 def _join(chunks: Sequence[memoryview], nbytes: int) -> bytearray:
@@ -346,9 +374,10 @@ def _parse_header(frame: memoryview) -> dict[str, Any]:
     for entry in header["buffers"]:
         if not (
             isinstance(entry, list)
-            and len(entry) == 3
+            and len(entry) == 4
             and all(isinstance(x, int) and not isinstance(x, bool) for x in (entry[0], entry[2]))
             and isinstance(entry[1], str)
+            and isinstance(entry[3], str)
             and entry[0] >= 0
             and entry[2] >= 1
         ):

@@ -1,0 +1,82 @@
+"""Moving arrays: the content cache and compression, against a real worker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lan2gpu_magic import connect
+from lan2gpu_magic.client import Client
+
+MB = 1 << 20
+
+
+@pytest.fixture
+def big() -> np.ndarray:
+    return np.random.default_rng(3).random(2 * MB // 8)  # 2 MiB of incompressible data
+
+
+def test_an_unchanged_input_and_identical_output_travel_as_digests(client: Client, big):
+    ns = {"a": big}
+    first = client.run("b = -a", ns)
+    assert first.stats["bytes_out"] >= big.nbytes and first.stats["cached_in"] == 0
+    second = client.run("b = -a", ns)
+    assert second.stats["bytes_in"] < 10_000  # `a` went as a digest...
+    assert second.stats["cached_in"] == 1
+    assert second.stats["cached_out"] == 1  # ...and so did `b`, which this side holds
+    assert second.stats["bytes_out"] < 10_000
+    assert np.array_equal(ns["b"], -big)
+    ns["b"][0] = 42.0  # the new `b` does not alias the old one
+    assert ns["b"][1] == -big[1]
+
+
+def test_an_output_used_as_the_next_input_is_not_sent_back(client: Client, big):
+    ns = {"a": big}
+    client.run("b = a * 2", ns)
+    third = client.run("c = b.sum()", ns)
+    assert third.stats["cached_in"] == 1 and third.stats["bytes_in"] < 10_000
+    assert ns["c"] == pytest.approx(2 * big.sum())
+
+
+def test_changes_on_either_side_are_never_served_stale(client: Client, big):
+    ns = {"a": big.copy()}
+    client.run("s = a.sum()", ns)
+    ns["a"][0] = 1e6  # changed here: a new digest, sent in full
+    again = client.run("s = a.sum()", ns)
+    assert again.stats["cached_in"] == 0 and ns["s"] == pytest.approx(ns["a"].sum())
+    client.run("a[1] = -7.0\nt = a.sum()", ns)  # changed there, in place: comes back
+    assert ns["a"][1] == -7.0
+    # The worker's cached copy was changed in place: it notices, asks, gets it again.
+    ns["a"][1] = big[1]
+    assert client.run("u = a.sum()", ns).outputs["u"] == pytest.approx(ns["a"].sum())
+
+
+def test_a_replaced_executor_means_a_resend_not_an_error(client: Client, big):
+    ns = {"a": big}
+    client.run("s = a.sum()", ns)
+    with pytest.raises(Exception, match="exit code 3"):
+        client.run("import os\nos._exit(3)", {})
+    result = client.run("s2 = a.sum()", ns)  # the new executor has no cache
+    assert ns["s2"] == pytest.approx(big.sum())
+    assert result.stats["cached_in"] == 0
+
+
+def test_no_cache_sends_everything(shared_worker, big):
+    with connect(shared_worker.address, key_file=shared_worker.key_file) as c:
+        c.cache = False
+        ns = {"a": big}
+        c.run("b = -a", ns)
+        again = c.run("b = -a", ns)
+        assert again.stats["cached_in"] == 0 and again.stats["bytes_out"] >= big.nbytes
+
+
+@pytest.mark.parametrize("mode", ["on", "off", "auto"])
+def test_compression_modes_give_the_same_arrays(shared_worker, mode):
+    smooth = np.zeros(3 * MB // 4, dtype=np.float32)
+    smooth[::1000] = 1.0
+    with connect(shared_worker.address, key_file=shared_worker.key_file) as c:
+        c.compress = mode
+        c.cache = False
+        ns = {"a": smooth}
+        c.run("b = a + 1", ns)
+        assert np.array_equal(ns["b"], smooth + 1)

@@ -1,0 +1,61 @@
+"""The executor's arrays by content digest, so an unchanged input is not sent again.
+
+A session keeps the large buffers it received or produced, least recently used
+first out, within a memory budget. A cell may change an array in place, so an
+entry is checked against its digest before it is used; one that no longer
+matches is dropped and the client sends the data again (a miss is never an
+error).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .protocol.messages import Buffer
+from .protocol.refs import MIN_BYTES
+from .protocol.wire import digest
+
+
+class ArrayCache:
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._entries: OrderedDict[str, Buffer] = OrderedDict()
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def put(self, checksum: str, buf: Buffer) -> None:
+        size = memoryview(buf).nbytes
+        if size < MIN_BYTES or size > self.budget:
+            return
+        if checksum in self._entries:
+            self._entries.move_to_end(checksum)
+            return
+        self._entries[checksum] = buf
+        self._bytes += size
+        while self._bytes > self.budget:
+            _, old = self._entries.popitem(last=False)
+            self._bytes -= memoryview(old).nbytes
+
+    def get(self, checksum: str) -> Buffer | None:
+        buf = self._entries.get(checksum)
+        if buf is not None and digest(buf) == checksum:
+            self._entries.move_to_end(checksum)
+            self.hits += 1
+            return buf
+        if buf is not None:  # changed in place since: useless now
+            del self._entries[checksum]
+            self._bytes -= memoryview(buf).nbytes
+        self.misses += 1
+        return None
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._bytes = 0
