@@ -55,6 +55,8 @@ class WorkerConfig:
     faults: tuple[str, ...] = ()  # test hooks, see --fault
     memory_limit: int = 0  # per executor, bytes; 0: none
     cache_memory: int = 0  # per executor: arrays kept by digest; 0: no cache
+    max_kernels: int = 8  # whole Jupyter kernels hosted for IDEs
+    kernel_grace: float = 30.0  # a kernel outlives its silent forwarder this long
     encrypt: bool = False
     authorized_keys: Path | None = None  # CURVE client keys accepted (--encrypt)
 
@@ -67,6 +69,7 @@ environment variables (the command line wins over them):
   LAN2GPU_HEARTBEAT, LAN2GPU_REPLAY_WINDOW, LAN2GPU_MAX_MESSAGE_BYTES,
   LAN2GPU_EXECUTOR_START_TIMEOUT, LAN2GPU_CANCEL_GRACE, LAN2GPU_SESSION_IDLE,
   LAN2GPU_MEMORY_LIMIT, LAN2GPU_CACHE_MEMORY, LAN2GPU_ENCRYPT, LAN2GPU_AUTHORIZED_KEYS,
+  LAN2GPU_MAX_KERNELS, LAN2GPU_KERNEL_GRACE,
   LAN2GPU_LOG_LEVEL
 
 create a key first (mode 0600; copy it to every notebook machine):
@@ -227,6 +230,22 @@ def build_parser() -> argparse.ArgumentParser:
         "default 25%%]",
     )
     parser.add_argument(
+        "--max-kernels",
+        type=int,
+        default=int(env("LAN2GPU_MAX_KERNELS", "8")),
+        metavar="N",
+        help="most Jupyter kernels this worker hosts for IDEs at once [LAN2GPU_MAX_KERNELS; "
+        "default %(default)s]",
+    )
+    parser.add_argument(
+        "--kernel-grace",
+        type=float,
+        default=float(env("LAN2GPU_KERNEL_GRACE", "30")),
+        metavar="SECONDS",
+        help="shut a hosted kernel down when its notebook machine has been silent this long "
+        "[LAN2GPU_KERNEL_GRACE; default %(default)s]",
+    )
+    parser.add_argument(
         "--fault",
         action="append",
         default=[],
@@ -300,6 +319,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         faults=tuple(args.fault),
         memory_limit=args.memory_limit,
         cache_memory=args.cache_memory,
+        max_kernels=args.max_kernels,
+        kernel_grace=args.kernel_grace,
         encrypt=args.encrypt,
         authorized_keys=Path(args.authorized_keys).expanduser() if args.authorized_keys else None,
     )

@@ -18,25 +18,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
+from . import views
 from .advertise import Advertiser
 from .capabilities import Capabilities, GpuMonitor
 from .config import WorkerConfig
 from .dispatch import Dispatcher
 from .executors import ExecutorHandle, ExecutorPool
+from .gate import BadRequest, RejectionLog, claimed_id, encrypt, number, peer_address
+from .kernels import KernelError, KernelHost, RemoteKernel
 from .protocol import messages as m
-from .protocol.curve import (
-    WORKER,
-    authorized,
-    authorized_keys_dir,
-    ensure_keypair,
-    key_dir,
-    load_keypair,
-)
 from .protocol.errors import ProtocolError, VersionMismatch
 from .protocol.messages import Message
 from .protocol.versions import check_compatible, local_versions
@@ -101,6 +97,13 @@ class WorkerService:
             spawn=self._spawn,
         )
         self.clients: dict[bytes, ClientState] = {}
+        self.kernels = KernelHost(
+            ip=_kernel_ip(config.bind),
+            simulate=capabilities.simulator,
+            max_kernels=config.max_kernels,
+            grace=config.kernel_grace,
+            on_death=self._kernel_died,
+        )
         self.advertiser: Advertiser | None = None
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -112,27 +115,11 @@ class WorkerService:
 
     # -- lifecycle ------------------------------------------------------------
 
-    def _setup_encryption(self) -> None:
-        """CurveZMQ on the client-facing socket, and a ZAP allow-list of client keys."""
-        public, secret = load_keypair(ensure_keypair(key_dir(self.config.key_file), WORKER)[1])
-        folder = self.config.authorized_keys or authorized_keys_dir(self.config.key_file)
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.auth = AsyncioAuthenticator(self.ctx)
-        self.auth.start()
-        self.auth.configure_curve_callback(domain="*", credentials_provider=AllowList(folder))
-        self.sock.curve_secretkey = secret
-        self.sock.curve_publickey = public
-        self.sock.curve_server = True
-        log.info(
-            "encrypting with CurveZMQ; clients pin %s and must be listed in %s (%d now)",
-            key_dir(self.config.key_file) / f"{WORKER}.key",
-            folder,
-            len(authorized(folder)),
-        )
-
     async def run(self) -> None:
         if self.config.encrypt:
-            self._setup_encryption()
+            self.auth = encrypt(
+                self.ctx, self.sock, self.config.key_file, self.config.authorized_keys
+            )
         self.sock.bind(self.config.bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         loop = asyncio.get_running_loop()
@@ -170,6 +157,7 @@ class WorkerService:
                 await self.advertiser.close()
             if self.auth is not None:
                 self.auth.stop()
+            await self.kernels.close()
             await self.pool.close()
             self.monitor.close()
             self.sock.close()
@@ -219,6 +207,8 @@ class WorkerService:
             await self.sock.send_multipart([rid, *frames], flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:  # EAGAIN: its queue is full; EHOSTUNREACH: gone
             log.debug("dropped %s for client %s: %s", what, rid.hex()[:8], exc)
+            if exc.errno == zmq.EHOSTUNREACH and not self._client_cells(rid):
+                self.clients.pop(rid, None)  # disconnected: stop heartbeating it
             return False
         return True
 
@@ -238,7 +228,7 @@ class WorkerService:
         reason = f"worker {self.config.name} rejected the message: {exc}"
         # Echo the message id if it can be read, so the client knows which request
         # failed (the notice is unsigned and only ever shown as text).
-        notice = Wire.encode_notice(reason, code=type(exc).__name__, parent=_claimed_id(body))
+        notice = Wire.encode_notice(reason, code=type(exc).__name__, parent=claimed_id(body))
         await self._deliver(rid, notice, "notice")
 
     # -- client messages ------------------------------------------------------
@@ -254,7 +244,7 @@ class WorkerService:
                 else:
                     msg = self.wire.decode(body, assemble=False)
             except ProtocolError as exc:
-                peer = f"{_peer_address(frames[0])} ({rid.hex()[:8]})"
+                peer = f"{peer_address(frames[0])} ({rid.hex()[:8]})"
                 self.rejections.note(peer, str(exc))
                 await self._reject(rid, exc, body)
                 continue
@@ -278,7 +268,7 @@ class WorkerService:
         if client is None:
             client = self.clients[rid] = ClientState(rid)
         client.last_seen = now
-        expect = _number(msg.content, "expect_bytes") if msg.kind == m.PING else 0.0
+        expect = number(msg.content, "expect_bytes") if msg.kind == m.PING else 0.0
         client.attached_until = max(
             client.attached_until, now + _ATTACH_SECONDS + expect / _MIN_BANDWIDTH
         )
@@ -321,6 +311,13 @@ class WorkerService:
         elif msg.kind == m.CLOSE_SESSION:
             closed = await self._close_session(str(msg.content.get("session", msg.session)))
             await self._reply(msg, rid, m.STATUS_REPLY, {"closed": closed})
+        elif msg.kind == m.START_KERNEL:
+            await self._start_kernel(rid, client, msg)
+        elif msg.kind == m.STOP_KERNEL:
+            kernel = self.kernels.kernels.get(str(msg.content.get("kernel", "")))
+            if kernel is not None and kernel.owner == client.client:
+                await self.kernels.stop(kernel)
+            await self._reply(msg, rid, m.STATUS_REPLY, {"stopped": kernel is not None})
         elif msg.kind != m.HEARTBEAT:
             log.warning("ignored unexpected %s from %s", msg.kind, rid.hex()[:8])
 
@@ -349,6 +346,32 @@ class WorkerService:
                 "heartbeat": self.config.heartbeat,
                 "warnings": warnings,
             },
+        )
+
+    async def _start_kernel(self, rid: bytes, client: ClientState, msg: Message) -> None:
+        c = msg.content
+        resources = self._resources(c)
+        key, scheme = c.get("key"), c.get("signature_scheme", "hmac-sha256")
+        if isinstance(resources, str):
+            raise BadRequest(resources)
+        if not isinstance(key, str) or not 0 < len(key) <= 256 or scheme != "hmac-sha256":
+            raise BadRequest("a kernel needs a Jupyter key (at most 256 characters), hmac-sha256")
+        gpus = [int(r[3:]) for r in resources if r.startswith("gpu")]
+        try:
+            kernel = await self.kernels.start(client.client, rid, gpus, key, scheme)
+        except KernelError as exc:
+            await self._reply(msg, rid, m.ERROR, {"code": "kernel", "reason": str(exc)})
+            return
+        await self._reply(
+            msg, rid, m.KERNEL_STARTED, {"kernel": kernel.id, "ports": kernel.connection}
+        )
+
+    async def _kernel_died(self, kernel: RemoteKernel, returncode: int) -> None:
+        event = {"kernel": kernel.id, "event": "died", "returncode": returncode}
+        owner = self.clients.get(kernel.owner_rid)
+        await self._send(
+            kernel.owner_rid,
+            Message(kind=m.KERNEL_EVENT, content=event, to=owner.client if owner else ""),
         )
 
     def _resources(self, content: dict[str, Any]) -> tuple[str, ...] | str:
@@ -404,7 +427,7 @@ class WorkerService:
             error = {"ename": "ValueError", "evalue": f"worker {self.config.name}: {resources}"}
             await self._reply(msg, rid, m.RESULT, {"status": "error", "error": error})
             return
-        timeout = _number(msg.content, "timeout")
+        timeout = number(msg.content, "timeout")
         if not isinstance(msg.content.get("code"), str):
             raise BadRequest("execute without code")
         cell = Cell(
@@ -472,6 +495,11 @@ class WorkerService:
     async def _tick(self, now: float) -> None:
         self.capabilities = self.monitor.refresh(self.capabilities)
         load = self.load()
+        owners = {k.owner for k in self.kernels.kernels.values()}
+        seen = {c.client: now - c.last_seen for c in self.clients.values()}
+        for kernel in self.kernels.orphans(lambda owner: seen.get(owner, float("inf"))):
+            log.warning("kernel %s: its notebook machine went silent; shutting it down", kernel.id)
+            self._spawn(self.kernels.stop(kernel))
         liveness = _CLIENT_LIVENESS * self.config.heartbeat
         for client in list(self.clients.values()):
             cells = self._client_cells(client.rid)
@@ -484,7 +512,7 @@ class WorkerService:
                 )
                 for cell in cells:
                     await self.dispatcher.stop(cell, "cancelled")
-            elif cells or client.attached_until > now:
+            elif cells or client.attached_until > now or client.client in owners:
                 # Listing the client's unanswered cells lets it notice a lost result.
                 beat = {"load": load, "cells": [c.id for c in cells]}
                 await self._send(
@@ -510,118 +538,18 @@ class WorkerService:
     # -- views ------------------------------------------------------------------
 
     def load(self) -> dict[str, Any]:
-        """Live numbers: per-resource queues and GPU memory/utilization."""
-        caps = self.capabilities
-        return {
-            "queues": self.dispatcher.load(),
-            "gpus": [
-                {"index": g.index, "memory_free": g.memory_free, "utilization": g.utilization}
-                for g in caps.gpus
-            ],
-            "load_average": caps.load_average,
-            "memory_available": caps.memory_available,
-        }
+        return views.load(self.capabilities, self.dispatcher, self.kernels)
 
     def status(self) -> dict[str, Any]:
-        now = time.monotonic()
-
-        def cell_info(cell: Cell) -> dict[str, Any]:
-            return {
-                "id": cell.id,
-                "session": cell.session,
-                "client": cell.client,
-                "resources": list(cell.resources),
-                "bytes": cell.nbytes,
-                "waiting": now - cell.received if cell.started is None else 0.0,
-                "running": now - cell.started if cell.started is not None else 0.0,
-            }
-
-        d = self.dispatcher
-        return {
-            "worker": self.config.name,
-            "instance": self.instance,
-            "versions": local_versions(),
-            "capabilities": self.capabilities.to_json(),
-            "load": self.load(),
-            "running": [cell_info(c) for c in d.running.values()],
-            "queued": [cell_info(c) for c in d.queue.order()],
-            "sessions": sorted({h.session for h in self.pool.handles()}),
-        }
+        return views.status(self)
 
 
-class AllowList:
-    """ZAP credentials check: is the client's public key in the allow-list directory?
-
-    Read again whenever the directory changes, so adding or removing a client key
-    takes effect at its next connection, without a restart.
-    """
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self._stamp = -1
-        self._keys: set[bytes] = set()
-        self._refusals = RejectionLog(log)
-
-    def callback(self, domain: str, key: bytes) -> bool:
-        stamp = self.folder.stat().st_mtime_ns if self.folder.exists() else 0
-        if stamp != self._stamp:
-            self._stamp = stamp
-            self._keys = {public for _, public in authorized(self.folder)}
-        allowed = key in self._keys
-        if not allowed:
-            self._refusals.note(f"client key {key.decode()[:10]}...", "not in " + str(self.folder))
-        return allowed
-
-
-def _claimed_id(body: list[Any]) -> str:
-    try:
-        claimed = json.loads(bytes(body[3])).get("id", "")
-    except (IndexError, ValueError, AttributeError, TypeError):
-        return ""
-    return claimed if isinstance(claimed, str) and len(claimed) <= 64 else ""
-
-
-def _peer_address(frame: Any) -> str:
-    try:
-        return str(frame.get("Peer-Address"))
-    except (zmq.ZMQError, AttributeError):
-        return "?"
-
-
-class RejectionLog:
-    """Logs the first rejected message of a peer, then at most one summary a minute,
-    so a misconfigured client or a flood cannot fill the log."""
-
-    def __init__(self, logger: logging.Logger, quiet: float = 60.0) -> None:
-        self._log = logger
-        self._quiet = quiet
-        self._peers: dict[str, tuple[float, int]] = {}  # peer -> (last logged, suppressed)
-
-    def note(self, peer: str, reason: str) -> None:
-        now = time.monotonic()
-        logged, suppressed = self._peers.get(peer, (float("-inf"), 0))
-        if now - logged < self._quiet:
-            self._peers[peer] = (logged, suppressed + 1)
-            return
-        more = f" ({suppressed} more since the last report)" if suppressed else ""
-        self._log.warning("rejected a message from %s: %s%s", peer, reason, more)
-        self._peers[peer] = (now, 0)
-        if len(self._peers) > 4096:  # forget the quietest peers
-            for old in sorted(self._peers, key=lambda p: self._peers[p][0])[:2048]:
-                del self._peers[old]
-
-
-class BadRequest(Exception):
-    """A signed message whose content makes no sense; answered with an error."""
-
-
-def _number(content: dict[str, Any], key: str) -> float:
-    value = content.get(key)
-    if value is None:
-        return 0.0
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise BadRequest(f"{key}={value!r} is not a non-negative number")
-    return float(value)
+def _kernel_ip(bind: str) -> str:
+    """Where hosted kernels listen: the interface the worker was told to use."""
+    host = urlsplit(bind).hostname or ""
+    if bind.startswith("tcp://*") or host in ("", "*"):
+        return "0.0.0.0"  # noqa: S104 - the worker itself was bound to every interface
+    return host
 
 
 def _alive(pid: int) -> bool:

@@ -27,6 +27,8 @@ PING: Final = "ping"
 CLOSE_SESSION: Final = "close_session"
 STATUS: Final = "status"
 FETCH: Final = "fetch"  # resend a result that did not arrive
+START_KERNEL: Final = "start_kernel"  # a whole Jupyter kernel, for an IDE
+STOP_KERNEL: Final = "stop_kernel"
 # Worker -> client.
 WELCOME: Final = "welcome"
 PONG: Final = "pong"
@@ -37,6 +39,8 @@ DISPLAY: Final = "display"
 TRANSFER: Final = "transfer"
 RESULT: Final = "result"
 STATUS_REPLY: Final = "status_reply"
+KERNEL_STARTED: Final = "kernel_started"
+KERNEL_EVENT: Final = "kernel_event"  # a kernel died
 ERROR: Final = "error"
 # Unsigned rejection notice: the only kind accepted without a signature, and only
 # ever shown as text (it carries no buffers and is never unpickled).
@@ -53,6 +57,10 @@ KINDS: Final = frozenset(
         CLOSE_SESSION,
         STATUS,
         FETCH,
+        START_KERNEL,
+        STOP_KERNEL,
+        KERNEL_STARTED,
+        KERNEL_EVENT,
         WELCOME,
         PONG,
         QUEUED,

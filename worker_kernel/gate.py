@@ -1,0 +1,125 @@
+"""What the worker lets in: client keys, rejection logging, request checks.
+
+Kept apart from the service loop: these are the pieces that face untrusted
+input (an unknown peer, a malformed but signed request).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
+
+from .protocol.curve import (
+    WORKER,
+    authorized,
+    authorized_keys_dir,
+    ensure_keypair,
+    key_dir,
+    load_keypair,
+)
+
+log = logging.getLogger(__name__)
+
+
+class AllowList:
+    """ZAP credentials check: is the client's public key in the allow-list directory?
+
+    Read again whenever the directory changes, so adding or removing a client key
+    takes effect at its next connection, without a restart.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._stamp = -1
+        self._keys: set[bytes] = set()
+        self._refusals = RejectionLog(log)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        stamp = self.folder.stat().st_mtime_ns if self.folder.exists() else 0
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._keys = {public for _, public in authorized(self.folder)}
+        allowed = key in self._keys
+        if not allowed:
+            self._refusals.note(f"client key {key.decode()[:10]}...", "not in " + str(self.folder))
+        return allowed
+
+
+def claimed_id(body: list[Any]) -> str:
+    try:
+        claimed = json.loads(bytes(body[3])).get("id", "")
+    except (IndexError, ValueError, AttributeError, TypeError):
+        return ""
+    return claimed if isinstance(claimed, str) and len(claimed) <= 64 else ""
+
+
+def peer_address(frame: Any) -> str:
+    try:
+        return str(frame.get("Peer-Address"))
+    except (zmq.ZMQError, AttributeError):
+        return "?"
+
+
+class RejectionLog:
+    """Logs the first rejected message of a peer, then at most one summary a minute,
+    so a misconfigured client or a flood cannot fill the log."""
+
+    def __init__(self, logger: logging.Logger, quiet: float = 60.0) -> None:
+        self._log = logger
+        self._quiet = quiet
+        self._peers: dict[str, tuple[float, int]] = {}  # peer -> (last logged, suppressed)
+
+    def note(self, peer: str, reason: str) -> None:
+        now = time.monotonic()
+        logged, suppressed = self._peers.get(peer, (float("-inf"), 0))
+        if now - logged < self._quiet:
+            self._peers[peer] = (logged, suppressed + 1)
+            return
+        more = f" ({suppressed} more since the last report)" if suppressed else ""
+        self._log.warning("rejected a message from %s: %s%s", peer, reason, more)
+        self._peers[peer] = (now, 0)
+        if len(self._peers) > 4096:  # forget the quietest peers
+            for old in sorted(self._peers, key=lambda p: self._peers[p][0])[:2048]:
+                del self._peers[old]
+
+
+class BadRequest(Exception):
+    """A signed message whose content makes no sense; answered with an error."""
+
+
+def number(content: dict[str, Any], key: str) -> float:
+    value = content.get(key)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise BadRequest(f"{key}={value!r} is not a non-negative number")
+    return float(value)
+
+
+def encrypt(
+    ctx: zmq.asyncio.Context, sock: zmq.asyncio.Socket, key_file: Path, allowed: Path | None
+) -> AsyncioAuthenticator:
+    """CurveZMQ on the client-facing socket, and a ZAP allow-list of client keys."""
+    public, secret = load_keypair(ensure_keypair(key_dir(key_file), WORKER)[1])
+    folder = allowed or authorized_keys_dir(key_file)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    auth = AsyncioAuthenticator(ctx)
+    auth.start()
+    auth.configure_curve_callback(domain="*", credentials_provider=AllowList(folder))
+    sock.curve_secretkey = secret
+    sock.curve_publickey = public
+    sock.curve_server = True
+    log.info(
+        "encrypting with CurveZMQ; clients pin %s and must be listed in %s (%d now)",
+        key_dir(key_file) / f"{WORKER}.key",
+        folder,
+        len(authorized(folder)),
+    )
+    return auth

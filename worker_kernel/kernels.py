@@ -1,0 +1,194 @@
+"""Whole Jupyter kernels on this worker, for IDEs (``python -m lan2gpu_magic.kernel``).
+
+A forwarder on the notebook machine asks, over the signed channel, for a kernel
+with some GPUs; this starts a real ipykernel bound to the worker's interface,
+with the Jupyter key the forwarder chose (so the frames it relays verify
+unchanged), pinned to those GPUs (or the simulator), and answers with its ports.
+A kernel is shut down when its forwarder says so, when the forwarder's
+heartbeats stop for longer than ``grace``, or when the worker stops; if a kernel
+dies on its own, its forwarder is told, and exits so the IDE offers a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .capabilities import gpu_env
+
+log = logging.getLogger(__name__)
+
+PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+_START_TIMEOUT = 60.0
+
+
+class KernelError(Exception):
+    """A kernel could not be started; the message says why."""
+
+
+@dataclass(eq=False)
+class RemoteKernel:
+    id: str
+    owner: str  # the forwarder's client id
+    owner_rid: bytes
+    gpus: list[int]
+    process: asyncio.subprocess.Process
+    connection: dict[str, Any]
+    started: float = field(default_factory=time.time)
+    last_activity: float = field(default_factory=time.monotonic)
+    stopping: bool = False
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "owner": self.owner,
+            "gpus": self.gpus,
+            "pid": self.process.pid,
+            "started": self.started,
+            "idle": time.monotonic() - self.last_activity,
+        }
+
+
+Notify = Callable[[RemoteKernel, int], Awaitable[None]]
+
+
+class KernelHost:
+    """Owns the kernel processes and their connection files."""
+
+    def __init__(
+        self,
+        *,
+        ip: str,
+        simulate: bool,
+        max_kernels: int,
+        grace: float,
+        on_death: Notify,
+    ) -> None:
+        self.ip = ip
+        self.simulate = simulate
+        self.max_kernels = max_kernels
+        self.grace = grace
+        self._on_death = on_death
+        self._dir = Path(tempfile.mkdtemp(prefix="lan2gpu-kernels-"))  # 0700
+        self.kernels: dict[str, RemoteKernel] = {}
+        self._watchers: set[asyncio.Task[None]] = set()
+
+    async def start(
+        self, owner: str, owner_rid: bytes, gpus: list[int], key: str, scheme: str
+    ) -> RemoteKernel:
+        if len(self.kernels) >= self.max_kernels:
+            raise KernelError(
+                f"this worker already hosts {len(self.kernels)} kernels, its --max-kernels; "
+                "shut one down or use another worker"
+            )
+        kernel_id = secrets.token_hex(8)
+        conn_file = self._dir / f"kernel-{kernel_id}.json"
+        info: dict[str, Any] = {
+            "ip": self.ip,
+            "transport": "tcp",
+            "key": key,
+            "signature_scheme": scheme,
+            **dict.fromkeys(PORTS, 0),  # the kernel picks free ports and writes them back
+        }
+        fd = os.open(conn_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(info, fh)
+        if self.simulate:
+            env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+        else:
+            env = gpu_env(os.environ, gpus)
+            env.pop("NUMBA_ENABLE_CUDASIM", None)
+        env["LAN2GPU_CELL_GPUS"] = ",".join(map(str, gpus))
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "ipykernel_launcher",
+            "-f",
+            str(conn_file),
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,  # signals for it come from its frontend, not ours
+        )
+        try:
+            connection = await self._ports(conn_file, process)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+            conn_file.unlink(missing_ok=True)
+            raise
+        kernel = RemoteKernel(kernel_id, owner, owner_rid, gpus, process, connection)
+        self.kernels[kernel_id] = kernel
+        watcher = asyncio.create_task(self._watch(kernel, conn_file))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        log.info(
+            "started kernel %s (pid %d) for client %s on GPU %s",
+            kernel_id,
+            process.pid,
+            owner[:8],
+            ",".join(map(str, gpus)) or "-",
+        )
+        return kernel
+
+    async def _ports(self, conn_file: Path, process: asyncio.subprocess.Process) -> dict[str, Any]:
+        deadline = time.monotonic() + _START_TIMEOUT
+        while time.monotonic() < deadline:
+            if process.returncode is not None:
+                raise KernelError(f"the kernel exited at start (code {process.returncode})")
+            with contextlib.suppress(OSError, ValueError):
+                info = json.loads(conn_file.read_text())
+                if all(int(info.get(p, 0)) > 0 for p in PORTS):
+                    return {p: int(info[p]) for p in PORTS}
+            await asyncio.sleep(0.05)
+        raise KernelError(f"the kernel did not start within {_START_TIMEOUT:.0f} s")
+
+    async def _watch(self, kernel: RemoteKernel, conn_file: Path) -> None:
+        returncode = await kernel.process.wait()
+        self.kernels.pop(kernel.id, None)
+        conn_file.unlink(missing_ok=True)
+        if kernel.stopping:
+            log.info("kernel %s shut down", kernel.id)
+            return
+        log.warning("kernel %s died (code %d)", kernel.id, returncode)
+        await self._on_death(kernel, returncode)
+
+    async def stop(self, kernel: RemoteKernel, grace: float = 5.0) -> None:
+        """SIGTERM the kernel's process group, then SIGKILL after ``grace``."""
+        kernel.stopping = True
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(kernel.process.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(kernel.process.wait(), grace)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(kernel.process.pid, signal.SIGKILL)
+            await kernel.process.wait()
+
+    def orphans(self, alive: Callable[[str], float]) -> list[RemoteKernel]:
+        """Kernels whose forwarder has been silent longer than the grace period.
+
+        ``alive(owner)`` gives the seconds since that client was last heard from.
+        """
+        return [k for k in self.kernels.values() if not k.stopping and alive(k.owner) > self.grace]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.stop(k) for k in list(self.kernels.values())))
+        if self._watchers:
+            await asyncio.gather(*self._watchers, return_exceptions=True)
+        for leftover in self._dir.glob("*"):
+            leftover.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self._dir.rmdir()
