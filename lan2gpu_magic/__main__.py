@@ -11,6 +11,8 @@ from worker_kernel.protocol.curve import CLIENT, ensure_keypair, key_dir
 from worker_kernel.protocol.errors import Lan2GPUError
 from worker_kernel.protocol.keys import default_key_file, generate_key_file
 
+from . import kernelspec
+
 DEFAULT_NOTEBOOK = Path("notebooks") / "01-quickstart.ipynb"
 
 
@@ -68,6 +70,38 @@ def ping(address: str, key_file: str | None, server_key: str | None = None) -> i
     return 0
 
 
+def list_kernels() -> int:
+    found = kernelspec.installed()
+    for name, folder, body in found:
+        placement = body.get("metadata", {}).get("lan2gpu", {}).get("placement", [])
+        where = " ".join(placement) or "(any worker)"
+        print(f"{name}  {body.get('display_name')!r}  {where}  {folder}")
+    if not found:
+        print("no LAN kernels installed; see `python -m lan2gpu_magic install-kernel --help`")
+    return 0
+
+
+def install_kernel(args: argparse.Namespace) -> int:
+    placement: list[str] = []
+    for flag in ("worker", "gpu", "min_memory", "min_cc", "gpus", "key_file", "server_key"):
+        value = getattr(args, flag)
+        if value is not None:
+            placement += [f"--{flag.replace('_', '-')}", str(value)]
+    placement += [f"--{flag}" for flag in ("cpu", "simulate") if getattr(args, flag)]
+    if args.workers:
+        placement += ["--workers", args.workers]
+    prefix = sys.prefix if args.sys_prefix else args.prefix
+    folder = kernelspec.install(
+        args.name,
+        args.display_name or f"Python (LAN {args.name})",
+        placement,
+        user=args.user,
+        prefix=prefix,
+    )
+    print(f"installed kernelspec {args.name!r} in {folder}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lan2gpu_magic")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +110,28 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--timeout", type=float, default=600, help="per-cell limit in seconds")
     k = sub.add_parser("keygen", help="create a shared key file (mode 0600)")
     k.add_argument("--key-file", default=str(default_key_file()))
+    i = sub.add_parser(
+        "install-kernel",
+        help="install a kernelspec whose kernels run on a LAN worker (for IDEs)",
+        description="Install a Jupyter kernelspec: JupyterLab, Notebook, VS Code, PyCharm and "
+        "`jupyter console --kernel NAME` then start kernels on a worker that fits.",
+    )
+    i.add_argument("--name", required=True)
+    i.add_argument("--display-name", help="default: 'Python (LAN NAME)'")
+    where = i.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="for this user only")
+    where.add_argument("--sys-prefix", action="store_true", help="in this Python environment")
+    where.add_argument("--prefix", help="under this prefix (share/jupyter/kernels)")
+    for flag, meta in (("--worker", "NAME"), ("--gpu", "PATTERN"), ("--min-memory", "SIZE"),
+                       ("--min-cc", "X.Y"), ("--gpus", "N"), ("--key-file", "PATH"),
+                       ("--server-key", "PATH")):  # fmt: skip
+        i.add_argument(flag, metavar=meta, help="passed to the kernel's placement")
+    i.add_argument("--cpu", action="store_true")
+    i.add_argument("--simulate", action="store_true")
+    i.add_argument("--workers", metavar="ADDR,...", help="worker addresses, if not found by mDNS")
+    sub.add_parser("list-kernels", help="list installed LAN kernelspecs")
+    r = sub.add_parser("remove-kernel", help="remove a LAN kernelspec")
+    r.add_argument("name")
     c = sub.add_parser(
         "curve-keygen", help="create this machine's CurveZMQ key pair, for --encrypt workers"
     )
@@ -90,6 +146,20 @@ def main(argv: list[str] | None = None) -> int:
             return demo(args.notebook, args.timeout)
         if args.command == "keygen":
             print(f"wrote a new key to {generate_key_file(args.key_file)} (mode 0600)")
+            return 0
+        if args.command == "install-kernel":
+            return install_kernel(args)
+        if args.command == "list-kernels":
+            for name, folder, body in kernelspec.installed():
+                placement = " ".join(
+                    body.get("metadata", {}).get("lan2gpu", {}).get("placement", [])
+                )
+                print(
+                    f"{name}  {body.get('display_name')!r}  {placement or '(any worker)'}  {folder}"
+                )
+            return 0
+        if args.command == "remove-kernel":
+            print(f"removed {kernelspec.remove(args.name)}")
             return 0
         if args.command == "curve-keygen":
             public, _ = ensure_keypair(key_dir(args.key_file), CLIENT)

@@ -39,6 +39,7 @@ from worker_kernel.protocol.errors import (
     MessageRejected,
     ProtocolError,
     VersionMismatch,
+    WorkerError,
     WorkerLost,
     WorkerUnreachable,
 )
@@ -288,6 +289,8 @@ class Client:
         reason = str(reply.content.get("reason", "unknown error"))
         if code == "version":
             raise VersionMismatch(reason)
+        if code == "kernel":
+            raise WorkerError(f"worker {self.info.name} ({self.address}): {reason}", self.info.name)
         raise MessageRejected(f"worker at {self.address}: {reason}")
 
     def _handshake(self, timeout: float) -> WorkerInfo:
@@ -330,6 +333,26 @@ class Client:
         """Stop the session's executor on the worker (frees its GPU memory)."""
         msg = self._message(m.CLOSE_SESSION, {"session": session or self.session})
         return int(self._request(msg, {m.STATUS_REPLY}, timeout).content.get("closed", 0))
+
+    # -- whole kernels (for IDEs) ---------------------------------------------------
+
+    def start_kernel(
+        self, key: str, *, gpus: Sequence[int] = (), cpu: bool = False, timeout: float = 90.0
+    ) -> tuple[str, dict[str, int]]:
+        """Start a Jupyter kernel on the worker that verifies frames with ``key``.
+
+        Returns its id and ports (``shell_port``, ...); it listens on the worker's
+        host. See :mod:`lan2gpu_magic.kernel`.
+        """
+        msg = self._message(
+            m.START_KERNEL,
+            {"key": key, "signature_scheme": "hmac-sha256", "gpus": list(gpus), "cpu": cpu},
+        )
+        reply = self._request(msg, {m.KERNEL_STARTED, m.ERROR}, timeout)
+        return str(reply.content["kernel"]), {k: int(v) for k, v in reply.content["ports"].items()}
+
+    def stop_kernel(self, kernel: str, timeout: float = 15.0) -> None:
+        self._request(self._message(m.STOP_KERNEL, {"kernel": kernel}), {m.STATUS_REPLY}, timeout)
 
     # -- running cells ----------------------------------------------------------
 

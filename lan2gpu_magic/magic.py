@@ -241,7 +241,7 @@ class Lan2GPUMagics(Magics):
         requirements = self._requirements(args)
         lost: set[str] = set()  # workers lost during this cell, for --retry
         while True:
-            client, placement = self.pool.choose(requirements, exclude=lost)
+            client, placement = self.pool.choose(requirements, exclude=lost, session=args.session)
             request = ExecuteRequest(
                 code=cell,
                 plan=plan,

@@ -11,10 +11,13 @@ Policy, in order:
    for a GPU cell when the user allows it (``--simulate``), or when no worker
    with a real GPU is known at all (a laptop demo, CI). A lab with real GPUs
    never sends work to a simulator by accident.
-3. Rank, best first: real GPUs before simulators; then the shortest queue (cells
-   running or waiting on the chosen GPUs), because waiting dominates; then the
-   most free memory; then the lowest utilization; then the lowest round-trip
-   latency. CPU cells rank by queue, then load per core, then latency.
+3. Rank, best first: real GPUs before simulators; then GPUs where the cell's
+   session already has an executor (its variables and compiled kernels are
+   there, and a second executor would hold a second CUDA context); then the
+   shortest queue (cells running or waiting on the chosen GPUs, and hosted
+   kernels), because waiting dominates; then the most free memory; then the
+   lowest utilization; then the lowest round-trip latency. CPU cells rank by
+   their session's home, queue, load per core, then latency.
 4. Name, then address: a stable tie-break, so the same cell lands on the same
    worker (and finds its session there) run after run.
 
@@ -69,6 +72,7 @@ class GpuView:
     utilization: float | None = None
     queue: int = 0  # cells running or waiting on this GPU
     simulated: bool = False
+    sticky: bool = False  # the cell's session already has an executor here
 
     def describe(self) -> str:
         return f"GPU{self.index} ({self.name}, {_gb(self.memory_free)} free)"
@@ -86,6 +90,7 @@ class WorkerView:
     load_average: float = 0.0
     cpu_queue: int = 0
     latency: float = 0.0
+    cpu_sticky: bool = False
 
     def describe(self) -> str:
         if self.simulator:
@@ -144,12 +149,18 @@ def _gpu_fits(req: Requirements, gpu: GpuView, pattern: re.Pattern[str] | None) 
     )
 
 
-def _gpu_rank(g: GpuView) -> tuple[int, int, float, int]:
-    return (g.queue, -g.memory_free, g.utilization or 0.0, g.index)
+def _gpu_rank(g: GpuView) -> tuple[bool, int, int, float, int]:
+    return (not g.sticky, g.queue, -g.memory_free, g.utilization or 0.0, g.index)
 
 
-def choose_worker(req: Requirements, workers: Sequence[WorkerView]) -> Placement:
-    """The best placement for ``req`` (policy above)."""
+def choose_worker(
+    req: Requirements, workers: Sequence[WorkerView], *, real_gpus_known: bool = False
+) -> Placement:
+    """The best placement for ``req`` (policy above).
+
+    ``real_gpus_known``: a real GPU worker was seen before, even if it is not among
+    ``workers`` now (it missed this status round); simulators still need consent.
+    """
     try:
         pattern = re.compile(req.gpu, re.IGNORECASE) if req.gpu else None
     except re.error as exc:
@@ -160,10 +171,10 @@ def choose_worker(req: Requirements, workers: Sequence[WorkerView]) -> Placement
     simulators_ok = True
     if req.cpu:
         for w in named:
-            rank = (w.cpu_queue, w.load_average / max(1, w.cpu_count), w.latency)
+            rank = (not w.cpu_sticky, w.cpu_queue, w.load_average / max(1, w.cpu_count), w.latency)
             options.append(((*rank, w.name, w.address), Placement(w)))
     else:
-        real_known = any(not w.simulator and w.gpus for w in workers)
+        real_known = real_gpus_known or any(not w.simulator and w.gpus for w in workers)
         simulators_ok = req.allow_simulator or not real_known or req.worker is not None
         for w in named:
             if w.simulator and not simulators_ok:
@@ -173,7 +184,7 @@ def choose_worker(req: Requirements, workers: Sequence[WorkerView]) -> Placement
                 continue
             chosen = tuple(fitting[: req.gpus])
             worst = max(chosen, key=_gpu_rank)
-            rank = (w.simulator, *_gpu_rank(worst)[:3], w.latency)
+            rank = (w.simulator, *_gpu_rank(worst)[:4], w.latency)
             options.append(((*rank, w.name, w.address), Placement(w, chosen)))
     if not options:
         known = "; ".join(w.describe() for w in workers) or "none"

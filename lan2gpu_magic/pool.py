@@ -28,7 +28,9 @@ from .placement import GpuView, Placement, Requirements, WorkerView, choose_work
 CONFIGURED, DISCOVERED, EMBEDDED = "configured", "discovered", "embedded"
 
 
-_RETRY_AFTER = 30.0  # seconds before a worker that failed is tried again
+_RETRY_AFTER = 30.0  # seconds before a worker that failed is tried again (doubling)
+_MAX_BACKOFF = 600.0
+_RETRY_CONNECT = 3.0  # handshake limit when trying a failed worker again
 
 
 @dataclass
@@ -40,6 +42,15 @@ class _Entry:
     client: Client | None = None
     problem: str = ""
     retry_at: float = 0.0  # skip this worker until then (it just failed)
+    failures: int = 0  # in a row: the wait before the next try doubles
+
+    def failed(self, problem: str, now: float) -> None:
+        self.problem = problem
+        self.retry_at = now + min(_MAX_BACKOFF, _RETRY_AFTER * 2**self.failures)
+        self.failures += 1
+
+    def succeeded(self) -> None:
+        self.problem, self.retry_at, self.failures = "", 0.0, 0
 
 
 @dataclass(frozen=True)
@@ -53,15 +64,24 @@ class WorkerRow:
     problem: str = ""
 
 
-def view_from_status(address: str, status: dict[str, Any], latency: float) -> WorkerView:
-    """Placement's view of a worker from its status reply."""
+def view_from_status(
+    address: str, status: dict[str, Any], latency: float, session: str = ""
+) -> WorkerView:
+    """Placement's view of a worker from its status reply; GPUs where ``session``
+    already has an executor are marked sticky."""
     caps = status.get("capabilities", {})
     load = status.get("load", {})
     queues: dict[str, dict[str, int]] = load.get("queues", {})
+    homes = {
+        slot
+        for executor in status.get("executors", [])
+        if executor.get("session") == session
+        for slot in executor.get("resources", [])
+    }
 
     def queued(slot: str) -> int:
         q = queues.get(slot, {})
-        return int(q.get("running", 0)) + int(q.get("waiting", 0))
+        return int(q.get("running", 0)) + int(q.get("waiting", 0)) + int(q.get("kernels", 0))
 
     gpus = tuple(
         GpuView(
@@ -73,6 +93,7 @@ def view_from_status(address: str, status: dict[str, Any], latency: float) -> Wo
             utilization=g.get("utilization"),
             queue=queued(f"gpu{g['index']}"),
             simulated=bool(g.get("simulated")),
+            sticky=f"gpu{g['index']}" in homes,
         )
         for g in caps.get("gpus", [])
     )
@@ -85,6 +106,7 @@ def view_from_status(address: str, status: dict[str, Any], latency: float) -> Wo
         load_average=float(caps.get("load_average", 0.0)),
         cpu_queue=queued("cpu"),
         latency=latency,
+        cpu_sticky="cpu" in homes,
     )
 
 
@@ -115,6 +137,7 @@ class WorkerPool:
         self._browser: Browser | None = None
         self._waited_for_discovery = False
         self.embedded: EmbeddedWorker | None = None
+        self.real_gpu_workers: set[str] = set()  # addresses that ever reported a real GPU
         self.server_keys = dict(server_keys or {})
         for address in addresses:
             entry = _Entry(address, key_file, CONFIGURED, self.server_keys.get(address))
@@ -138,11 +161,11 @@ class WorkerPool:
         entry.client = self._client(entry)
         return entry.client
 
-    def _client(self, entry: _Entry) -> Client:
+    def _client(self, entry: _Entry, timeout: float | None = None) -> Client:
         return Client(
             entry.address,
             key_file=entry.key_file,
-            connect_timeout=self.connect_timeout,
+            connect_timeout=timeout or self.connect_timeout,
             server_key=entry.server_key,
         )
 
@@ -162,7 +185,12 @@ class WorkerPool:
         # The first time, give announcements a moment to arrive.
         wait = 0.0 if self._waited_for_discovery else self.discovery_wait
         self._waited_for_discovery = True
-        for found in self._browser.workers(wait=wait):
+        announced = self._browser.workers(wait=wait)
+        current = {found.address for found in announced}
+        for entry in [e for e in self._entries.values() if e.origin == DISCOVERED]:
+            if entry.address not in current:  # stopped announcing: gone, or moved
+                self.disconnect(entry.address)
+        for found in announced:
             if found.address in self._entries:
                 continue
             entry = _Entry(
@@ -188,11 +216,12 @@ class WorkerPool:
             if entry.client is not None or entry.retry_at > now:
                 continue
             try:
-                entry.client = self._client(entry)
-                entry.problem = ""
+                # A worker that failed before gets a short try: it must not stall cells.
+                timeout = _RETRY_CONNECT if entry.failures else self.connect_timeout
+                entry.client = self._client(entry, min(timeout, self.connect_timeout))
+                entry.succeeded()
             except Lan2GPUError as exc:
-                entry.problem = str(exc)
-                entry.retry_at = now + _RETRY_AFTER
+                entry.failed(str(exc), now)
 
     def _start_embedded(self) -> None:
         self.embedded = EmbeddedWorker()
@@ -213,8 +242,12 @@ class WorkerPool:
 
     # -- looking and choosing -----------------------------------------------------
 
-    def rows(self) -> list[WorkerRow]:
-        """Every known worker with its live status, or the reason it is unusable."""
+    def rows(self, session: str | None = None) -> list[WorkerRow]:
+        """Every known worker with its live status, or the reason it is unusable.
+
+        ``session``: the cell's session (default: each client's own), so each
+        view marks the GPUs where that session already has an executor.
+        """
         self._discover()
         self._connect_pending()
         now = time.monotonic()
@@ -223,29 +256,37 @@ class WorkerPool:
         replies = fetch_statuses([e.client for e in asked if e.client], self.status_timeout)
         rows: list[WorkerRow] = []
         for entry, reply in zip(asked, replies, strict=True):
-            if reply.status is None:
-                entry.problem, entry.retry_at = reply.problem, now + _RETRY_AFTER
+            if reply.status is None or entry.client is None:
+                entry.failed(reply.problem, now)
             else:
-                entry.problem = ""
-                view = view_from_status(entry.address, reply.status, reply.latency)
+                entry.succeeded()
+                mine = session or entry.client.session
+                view = view_from_status(entry.address, reply.status, reply.latency, mine)
+                if not view.simulator and view.gpus:
+                    self.real_gpu_workers.add(entry.address)
                 rows.append(WorkerRow(entry.address, entry.origin, view, reply.status))
         rows += [
             WorkerRow(e.address, e.origin, None, None, e.problem) for e in entries if e.problem
         ]
         return rows
 
-    def choose(self, req: Requirements, exclude: Collection[str] = ()) -> tuple[Client, Placement]:
+    def choose(
+        self, req: Requirements, exclude: Collection[str] = (), session: str | None = None
+    ) -> tuple[Client, Placement]:
         """The client of the best worker for ``req``, and where on it to run.
 
-        Workers whose address is in ``exclude`` are not considered (retries).
+        Workers whose address is in ``exclude`` are not considered (retries);
+        ``session`` (default: each client's own) decides where the cell is at home.
         """
         self._discover()
         if not self._entries and self.allow_embedded:
             self._start_embedded()
-        rows = self.rows()
+        rows = self.rows(session)
         views = [r.view for r in rows if r.view is not None and r.address not in exclude]
         try:
-            placement = choose_worker(req, views)
+            # Consent for simulators looks at every real GPU worker ever seen, not
+            # only those that answered just now.
+            placement = choose_worker(req, views, real_gpus_known=bool(self.real_gpu_workers))
         except NoWorkerAvailable as exc:
             problems = [f"{r.address}: {r.problem}" for r in rows if r.view is None]
             if problems:

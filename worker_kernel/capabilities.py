@@ -86,11 +86,19 @@ def _load_average() -> float:
 
 
 def gpu_env(env: Mapping[str, str], gpus: list[int] | None) -> dict[str, str]:
-    """``env`` with the GPUs a process may see pinned (``[]``: none; None: all)."""
+    """``env`` with the GPUs a process may see pinned (``[]``: none; None: all).
+
+    GPU numbers are those the worker sees: if its operator limited it with
+    ``CUDA_VISIBLE_DEVICES=2,3``, GPU 0 here is the operator's device 2.
+    """
     out = dict(env)
     out["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     if gpus is not None:
-        out["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+        inherited = [d.strip() for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        if inherited:
+            out["CUDA_VISIBLE_DEVICES"] = ",".join(inherited[g] for g in gpus if g < len(inherited))
+        else:
+            out["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
     return out
 
 

@@ -198,7 +198,8 @@ class Dispatcher:
         )
         if self.running.pop(cell.id, None) is not None:
             self.busy -= set(cell.resources)
-            self.pump()
+        # Always: a cancelled waiting cell may have held a reservation others wait on.
+        self.pump()
 
     # -- views -----------------------------------------------------------------
 

@@ -342,6 +342,7 @@ class CellRunner:
             exec(body, ns)  # noqa: S102 - running the user's cell is the point
             if last is not None:
                 outcome.value = eval(last, ns)  # noqa: S307
+            _synchronize_cuda()
         except KeyboardInterrupt:
             outcome.status = "cancelled"
         except TimeoutInterrupt:
@@ -433,6 +434,14 @@ class CellRunner:
             if frames is not None and [digest(f) for f in frames] != digests:
                 changed[name] = frames
         return changed
+
+
+def _synchronize_cuda() -> None:
+    """Wait for kernels still running, so their errors count as this cell's: CUDA
+    launches are asynchronous, and an illegal address may surface only here."""
+    driver = getattr(sys.modules.get("numba.cuda.cudadrv.driver"), "driver", None)
+    if driver is not None and getattr(driver, "is_initialized", False):
+        sys.modules["numba.cuda"].synchronize()
 
 
 def _dumps_or_none(value: Any) -> list[Buffer] | None:

@@ -6,8 +6,10 @@ input (an unknown peer, a malformed but signed request).
 
 from __future__ import annotations
 
-import json
+import contextlib
+import ctypes
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -27,37 +29,57 @@ from .protocol.curve import (
 
 log = logging.getLogger(__name__)
 
+_ANSWERED_PER_BURST = 20  # rejection notices sent to one peer per quiet period
+
 
 class AllowList:
     """ZAP credentials check: is the client's public key in the allow-list directory?
 
-    Read again whenever the directory changes, so adding or removing a client key
-    takes effect at its next connection, without a restart.
+    Read again whenever a key file is added, removed or rewritten, so changes take
+    effect at the next connection, without a restart. Any error denies.
     """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._stamp = -1
+        self._stamp: tuple[tuple[str, int, int], ...] | None = None
         self._keys: set[bytes] = set()
         self._refusals = RejectionLog(log)
 
+    def _current(self) -> tuple[tuple[str, int, int], ...]:
+        entries = []
+        for path in sorted(self.folder.glob("*.key")):
+            info = path.stat()
+            entries.append((path.name, info.st_mtime_ns, info.st_size))
+        return tuple(entries)
+
     def callback(self, domain: str, key: bytes) -> bool:
-        stamp = self.folder.stat().st_mtime_ns if self.folder.exists() else 0
-        if stamp != self._stamp:
-            self._stamp = stamp
-            self._keys = {public for _, public in authorized(self.folder)}
-        allowed = key in self._keys
+        try:
+            stamp = self._current()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                self._keys = {public for _, public in authorized(self.folder)}
+            allowed = key in self._keys
+        except Exception:  # a broken key file must not take ZAP down: deny, log
+            log.exception("cannot read the authorized keys in %s", self.folder)
+            allowed = False
         if not allowed:
-            self._refusals.note(f"client key {key.decode()[:10]}...", "not in " + str(self.folder))
+            self._refusals.note(f"client key {key[:10]!r}...", f"not in {self.folder}")
         return allowed
 
 
+_CLAIMED_ID = re.compile(rb'"id":"([0-9a-f]{8,64})"')
+
+
 def claimed_id(body: list[Any]) -> str:
+    """The id an unverified message says it has (to label a rejection), or "".
+
+    A regular expression over the first bytes, never a JSON parse: the header is
+    untrusted, and a deeply nested one would make ``json.loads`` recurse."""
     try:
-        claimed = json.loads(bytes(body[3])).get("id", "")
-    except (IndexError, ValueError, AttributeError, TypeError):
+        match = _CLAIMED_ID.search(bytes(body[3][:512]))
+    except (IndexError, TypeError):
         return ""
-    return claimed if isinstance(claimed, str) and len(claimed) <= 64 else ""
+    return match.group(1).decode() if match else ""
 
 
 def peer_address(frame: Any) -> str:
@@ -76,18 +98,20 @@ class RejectionLog:
         self._quiet = quiet
         self._peers: dict[str, tuple[float, int]] = {}  # peer -> (last logged, suppressed)
 
-    def note(self, peer: str, reason: str) -> None:
+    def note(self, peer: str, reason: str) -> bool:
+        """Log a rejection; False when it was one of a burst (then do not answer it)."""
         now = time.monotonic()
         logged, suppressed = self._peers.get(peer, (float("-inf"), 0))
         if now - logged < self._quiet:
             self._peers[peer] = (logged, suppressed + 1)
-            return
+            return suppressed < _ANSWERED_PER_BURST
         more = f" ({suppressed} more since the last report)" if suppressed else ""
         self._log.warning("rejected a message from %s: %s%s", peer, reason, more)
         self._peers[peer] = (now, 0)
         if len(self._peers) > 4096:  # forget the quietest peers
             for old in sorted(self._peers, key=lambda p: self._peers[p][0])[:2048]:
                 del self._peers[old]
+        return True
 
 
 class BadRequest(Exception):
@@ -123,3 +147,9 @@ def encrypt(
         len(authorized(folder)),
     )
     return auth
+
+
+def release_memory() -> None:
+    """Return freed heap pages to the system (glibc keeps them otherwise)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

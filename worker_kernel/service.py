@@ -30,8 +30,17 @@ from .capabilities import Capabilities, GpuMonitor
 from .config import WorkerConfig
 from .dispatch import Dispatcher
 from .executors import ExecutorHandle, ExecutorPool
-from .gate import BadRequest, RejectionLog, claimed_id, encrypt, number, peer_address
+from .gate import (
+    BadRequest,
+    RejectionLog,
+    claimed_id,
+    encrypt,
+    number,
+    peer_address,
+    release_memory,
+)
 from .kernels import KernelError, KernelHost, RemoteKernel
+from .outbox import Outbox
 from .protocol import messages as m
 from .protocol.errors import ProtocolError, VersionMismatch
 from .protocol.messages import Message
@@ -43,6 +52,7 @@ from .scheduler import CPU, Cell, gpu_slot
 log = logging.getLogger(__name__)
 
 _THREAD_DECODE_FRAMES = 8  # hash messages with several 1 MiB frames off the event loop
+_TRIM_AFTER = 64 << 20
 _CLIENT_LIVENESS = 5  # heartbeat intervals before a silent client's cells are cancelled
 _ATTACH_SECONDS = 10.0  # keep heartbeating a client this long after it spoke
 _MIN_BANDWIDTH = 10e6  # bytes/s assumed when a client announces a large upload
@@ -109,6 +119,9 @@ class WorkerService:
         self._tasks: set[asyncio.Task[Any]] = set()
         self.failed = False  # an internal error stopped the service (exit non-zero)
         self.results = ResultCache()
+        self.sock.setsockopt(zmq.SNDHWM, 10_000)  # messages per client before the outbox holds
+        self.outbox = Outbox(self.sock)
+        self.outbox.gone = self._client_gone
         self.auth: AsyncioAuthenticator | None = None
         self.rejections = RejectionLog(log)
         self._dropped = False  # the drop-first-result fault was applied
@@ -199,24 +212,15 @@ class WorkerService:
 
     # -- sending --------------------------------------------------------------
 
-    async def _deliver(self, rid: bytes, frames: list[Any], what: str) -> bool:
-        """Send without ever waiting: a client that does not read (asleep, gone)
-        must not stall the worker. What cannot be sent now is dropped; a dropped
-        result can be fetched again from the cache."""
-        try:
-            await self.sock.send_multipart([rid, *frames], flags=zmq.NOBLOCK, copy=False)
-        except zmq.ZMQError as exc:  # EAGAIN: its queue is full; EHOSTUNREACH: gone
-            log.debug("dropped %s for client %s: %s", what, rid.hex()[:8], exc)
-            if exc.errno == zmq.EHOSTUNREACH and not self._client_cells(rid):
-                self.clients.pop(rid, None)  # disconnected: stop heartbeating it
-            return False
-        return True
+    def _client_gone(self, rid: bytes) -> None:
+        if not self._client_cells(rid):
+            self.clients.pop(rid, None)  # disconnected: stop heartbeating it
 
     async def _send(self, rid: bytes, msg: Message) -> None:
         frames = self.wire.encode(msg)
         if msg.kind == m.RESULT:
             self.results.put(msg.parent, frames)
-        await self._deliver(rid, frames, msg.kind)
+        await self.outbox.deliver(rid, frames, msg.kind, msg.parent, msg.to)
 
     async def _reply(self, req: Message, rid: bytes, kind: str, content: dict[str, Any]) -> None:
         client = self.clients.get(rid)
@@ -229,7 +233,7 @@ class WorkerService:
         # Echo the message id if it can be read, so the client knows which request
         # failed (the notice is unsigned and only ever shown as text).
         notice = Wire.encode_notice(reason, code=type(exc).__name__, parent=claimed_id(body))
-        await self._deliver(rid, notice, "notice")
+        await self.outbox.deliver(rid, notice, m.REJECT, "", "")
 
     # -- client messages ------------------------------------------------------
 
@@ -245,9 +249,19 @@ class WorkerService:
                     msg = self.wire.decode(body, assemble=False)
             except ProtocolError as exc:
                 peer = f"{peer_address(frames[0])} ({rid.hex()[:8]})"
-                self.rejections.note(peer, str(exc))
-                await self._reject(rid, exc, body)
+                if self.rejections.note(peer, str(exc)):
+                    await self._reject(rid, exc, body)
+                big = sum(b.nbytes for b in body) > _TRIM_AFTER
+                del frames, body
+                if big:
+                    release_memory()  # a big rejected message: give its pages back
                 continue
+            finally:
+                # Fair to the other tasks (heartbeats, timers, executors) even when a
+                # flood keeps this socket always readable.
+                await asyncio.sleep(0)
+            if not msg.authenticated:
+                continue  # an unsigned notice is only ever shown, and clients send none
             try:
                 await self._on_message(rid, msg, frames[1:])
             except BadRequest as exc:
@@ -400,7 +414,7 @@ class WorkerService:
         result if it is recent, or route its output here if it is still going."""
         cached = self.results.get(cell_id)
         if cached is not None:
-            await self._deliver(rid, cached, "result (again)")
+            await self.outbox.deliver(rid, cached, m.RESULT, cell_id, client.client)
             return True
         cell = self.dispatcher.cells.get(cell_id)
         if cell is None:
@@ -409,7 +423,14 @@ class WorkerService:
             raise BadRequest(f"request id {cell_id[:8]} belongs to another client")
         cell.client_rid = rid  # the client may have reconnected with a new socket
         if cell.started is not None:
-            await self._reply(msg, rid, m.STARTED, {"gpus": cell.gpus})
+            started = Message(
+                kind=m.STARTED,
+                content={"gpus": cell.gpus},
+                session=cell.session,
+                parent=cell.id,  # the request's id, not this retry's
+                to=cell.client,
+            )
+            await self._send(rid, started)
         cell.position = -1  # report the position again
         await self.dispatcher.report_positions()
         return True
@@ -425,7 +446,10 @@ class WorkerService:
         resources = self._resources(msg.content)
         if isinstance(resources, str):
             error = {"ename": "ValueError", "evalue": f"worker {self.config.name}: {resources}"}
-            await self._reply(msg, rid, m.RESULT, {"status": "error", "error": error})
+            content = {"status": "error", "error": error, "worker": self.config.name}
+            reply = Message(kind=m.RESULT, content=content, session=msg.session, parent=request)
+            reply.to = client.client
+            await self._send(rid, reply)
             return
         timeout = number(msg.content, "timeout")
         if not isinstance(msg.content.get("code"), str):
@@ -467,7 +491,8 @@ class WorkerService:
                 self._dropped = True  # test hook: pretend the network lost it
                 log.warning("fault injection: dropped the result of cell %s", cell.id[:8])
             else:
-                await self._deliver(cell.client_rid, body, "output")
+                kind = body[2].bytes.decode()
+                await self.outbox.deliver(cell.client_rid, body, kind, cell.id, cell.client)
             if is_result:
                 handle.cell = None
                 handle.last_used = time.monotonic()
@@ -494,6 +519,15 @@ class WorkerService:
 
     async def _tick(self, now: float) -> None:
         self.capabilities = self.monitor.refresh(self.capabilities)
+        await self.outbox.flush_all()
+        for rid in list(self.clients):
+            for cell_id, to, count in self.outbox.take_dropped(rid):
+                text = (
+                    f"[lan2gpu: {count} message(s) of this cell's output were dropped: this "
+                    "notebook was not reading them fast enough]\n"
+                )
+                note = {"name": "stderr", "text": text}
+                await self._send(rid, Message(kind=m.STREAM, content=note, parent=cell_id, to=to))
         load = self.load()
         owners = {k.owner for k in self.kernels.kernels.values()}
         seen = {c.client: now - c.last_seen for c in self.clients.values()}

@@ -58,5 +58,9 @@ def status(service: WorkerService) -> dict[str, Any]:
         "running": [cell_info(c) for c in d.running.values()],
         "queued": [cell_info(c) for c in d.queue.order()],
         "sessions": sorted({h.session for h in service.pool.handles()}),
+        "executors": [
+            {"session": h.session, "resources": list(h.resources), "pid": h.pid}
+            for h in service.pool.handles()
+        ],
         "kernels": [k.info() for k in service.kernels.kernels.values()],
     }

@@ -10,12 +10,15 @@ ZeroMQ's certificate format (``zmq.auth``).
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import zmq.auth
 
 from .errors import ConfigurationError
+
+log = logging.getLogger(__name__)
 
 WORKER = "worker"
 CLIENT = "client"
@@ -72,6 +75,6 @@ def authorized(directory: str | os.PathLike[str]) -> list[tuple[str, bytes]]:
     for path in sorted(folder.glob("*.key")):
         try:
             keys.append((path.name, zmq.auth.load_certificate(path)[0]))
-        except (OSError, ValueError):
-            continue
+        except Exception as exc:  # a malformed file is skipped, never fatal
+            log.warning("ignoring %s: not a CurveZMQ public key file (%s)", path, exc)
     return keys

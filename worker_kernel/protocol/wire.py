@@ -21,6 +21,7 @@ import hashlib
 import heapq
 import hmac
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,13 +30,14 @@ from typing import Any, Final
 import blake3
 
 from . import compress
-from .errors import AuthenticationError, MessageRejected, VersionMismatch
+from .errors import AuthenticationError, MessageRejected, ProtocolError, VersionMismatch
 from .messages import KINDS, MAGIC, PROTOCOL_VERSION, REJECT, Buffer, Message
 
 CHUNK: Final = 1 << 20  # bytes per buffer frame
 _VERSION_FRAME: Final = str(PROTOCOL_VERSION).encode()
 _PRELUDE: Final = 5  # magic, version, kind, header, signature
 _PARALLEL_HASH_BYTES: Final = 1 << 20  # BLAKE3 uses threads past 1 MiB
+_NOTICE_BYTES: Final = 8192
 
 
 @dataclass(frozen=True)
@@ -215,6 +217,15 @@ class Wire:
     def decode(
         self, frames: Sequence[Buffer], *, trusted_hop: bool = False, assemble: bool = True
     ) -> Message:
+        """See :meth:`_decode`; any failure at all is a :class:`ProtocolError`."""
+        try:
+            return self._decode(frames, trusted_hop=trusted_hop, assemble=assemble)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # e.g. RecursionError on a hostile header
+            raise MessageRejected(f"malformed message ({type(exc).__name__})") from None
+
+    def _decode(self, frames: Sequence[Buffer], *, trusted_hop: bool, assemble: bool) -> Message:
         """Check and parse ``frames``; raise a :class:`ProtocolError` on any failure.
 
         ``trusted_hop=True`` is for a message that was already fully verified by
@@ -313,13 +324,17 @@ class Wire:
 
     @staticmethod
     def _notice(header_frame: memoryview) -> Message:
+        # Unsigned, so parsed defensively: small, and no nesting to recurse into.
+        raw = bytes(header_frame[:_NOTICE_BYTES])
         try:
-            header = json.loads(bytes(header_frame))
+            if raw.count(b"{") + raw.count(b"[") > 8:
+                raise ValueError("too deeply nested for a notice")
+            header = json.loads(raw)
             content = header.get("content", {})
-            reason = str(content.get("reason", "no reason given"))
-            code = str(content.get("code", ""))
-            parent = str(header.get("parent", ""))
-        except (ValueError, AttributeError):
+            reason = str(content.get("reason", "no reason given"))[:2000]
+            code = str(content.get("code", ""))[:64]
+            parent = str(header.get("parent", ""))[:64]
+        except Exception:  # anything unparsable is just an unreadable notice
             reason, code, parent = "unreadable rejection notice", "", ""
         return Message(
             kind=REJECT,
@@ -383,4 +398,9 @@ def _parse_header(frame: memoryview) -> dict[str, Any]:
         ):
             raise MessageRejected("header buffer list is malformed")
     header["sent"] = float(header["sent"])
+    if not math.isfinite(header["sent"]):
+        raise MessageRejected("header field 'sent' is not a time")
+    for entry in header["buffers"]:
+        if not entry[1].isascii() or len(entry[1]) > 128:
+            raise MessageRejected("header buffer digest is malformed")
     return header

@@ -1,0 +1,279 @@
+"""``python -m lan2gpu_magic.kernel -f CONNECTION_FILE [placement]``: a local
+stand-in for a kernel that runs on a LAN worker, for any Jupyter frontend.
+
+A kernelspec (``python -m lan2gpu_magic install-kernel``) starts this process
+where a frontend would start ``ipykernel``. It chooses a worker with the same
+placement code as ``%%lan2gpu``, asks it to start a real ipykernel that uses
+this connection file's Jupyter key, then relays the five channels between the
+ports of the local connection file and the remote kernel's, frames unchanged:
+
+    frontend ──shell/control/stdin (ROUTER)──▶ forwarder ──DEALER per frontend──▶ kernel
+    frontend ◀──────── iopub (PUB) ─────────── forwarder ◀────────── SUB ──────── kernel
+    frontend ──hb──▶ forwarder (answers while the kernel's own heartbeat answers it)
+
+Interrupts travel as messages (``interrupt_mode: message``). The remote kernel
+is shut down when this process exits; if it dies, this process exits, so the
+frontend sees a dead kernel and offers a restart (a new remote kernel, possibly
+on another worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import urlsplit
+
+import zmq
+from jupyter_client.session import Session
+
+from worker_kernel.config import parse_size
+from worker_kernel.protocol import messages as m
+from worker_kernel.protocol.errors import Lan2GPUError, ProtocolError
+
+from .client import Client
+from .placement import Requirements, parse_cc
+from .pool import WorkerPool, workers_from_env
+
+log = logging.getLogger("lan2gpu.kernel")
+
+_ROUTED = ("shell", "control", "stdin")
+_HEARTBEAT = 1.0  # seconds between pings of the remote kernel and of the worker
+_KERNEL_LIVENESS = 5  # missed kernel heartbeats before the kernel is taken for dead
+_WORKER_LIVENESS = 10.0  # seconds without hearing from the worker before giving up
+
+
+class Forwarder:
+    """Owns the local sockets (bound to the connection file's ports) and the remote ones."""
+
+    def __init__(self, connection: dict[str, Any], client: Client, ports: dict[str, int]) -> None:
+        self.client = client
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        local = f"{connection.get('transport', 'tcp')}://{connection.get('ip', '127.0.0.1')}"
+        host = urlsplit(client.address).hostname or "127.0.0.1"
+        channels = (*_ROUTED, "iopub", "hb")
+        self.remote = {name: f"tcp://{host}:{ports[f'{name}_port']}" for name in channels}
+        self.front: dict[str, zmq.Socket[bytes]] = {}
+        for name in channels:
+            kind = zmq.XPUB if name == "iopub" else zmq.ROUTER
+            self.front[name] = self._socket(kind, bind=f"{local}:{connection[f'{name}_port']}")
+        # To greet frontends on iopub as ipykernel does (JEP 65), with their key.
+        key = str(connection["key"]).encode()
+        self.session = Session(key=key, signature_scheme="hmac-sha256")
+        self.iopub = self._socket(zmq.SUB, connect=self.remote["iopub"])
+        self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.hb = self._socket(zmq.REQ, connect=self.remote["hb"])
+        self.hb.setsockopt(zmq.REQ_RELAXED, 1)
+        self.hb.setsockopt(zmq.REQ_CORRELATE, 1)
+        self.backs: dict[tuple[str, bytes], zmq.Socket[bytes]] = {}  # per frontend identity
+        self.owner: dict[zmq.Socket[bytes], tuple[str, bytes]] = {}
+        self.poller = zmq.Poller()
+        for sock in (*self.front.values(), self.iopub, self.hb):
+            self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(client.transport._socket(), zmq.POLLIN)
+        self.kernel_heard = time.monotonic()
+        self.stopping = False
+
+    def _socket(self, kind: int, *, bind: str = "", connect: str = "") -> zmq.Socket[bytes]:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if bind:
+            sock.bind(bind)
+        else:
+            sock.connect(connect)
+        return sock
+
+    def _back(self, channel: str, identity: bytes) -> zmq.Socket[bytes]:
+        """The socket that speaks to the remote kernel for one frontend, keeping its
+        identity so the kernel's replies (and stdin requests) find their way back."""
+        key = (channel, identity)
+        sock = self.backs.get(key)
+        if sock is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.IDENTITY, identity)
+            sock.connect(self.remote[channel])
+            self.backs[key] = sock
+            self.owner[sock] = key
+            self.poller.register(sock, zmq.POLLIN)
+        return sock
+
+    def wait_for_iopub(self, timeout: float = 15.0) -> None:
+        """Wait until the kernel's iopub has our subscription (its welcome message):
+        output published before that would be lost (PUB/SUB drops it)."""
+        if self.iopub.poll(int(timeout * 1000)):
+            first = self.iopub.recv_multipart()
+            if b"iopub_welcome" not in b"".join(first[:4]):
+                self.front["iopub"].send_multipart(first)
+        else:
+            log.warning("no iopub welcome from the kernel (an older ipykernel?); going on")
+
+    def serve(self) -> int:
+        """Relay until the kernel dies, the worker is lost, or we are told to stop."""
+        next_beat = time.monotonic()
+        while not self.stopping:
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + _HEARTBEAT
+                self.hb.send(b"ping")
+                self.client.transport.send(self.client._message(m.HEARTBEAT))
+            if now - self.kernel_heard > _KERNEL_LIVENESS * _HEARTBEAT:
+                log.error("the remote kernel stopped answering its heartbeat")
+                return 1
+            if now - self.client._last_heard > _WORKER_LIVENESS:
+                log.error("worker %s stopped answering", self.client.info.name)
+                return 1
+            for sock, _ in self.poller.poll(int(_HEARTBEAT * 1000)):
+                status = self._handle(sock)
+                if status is not None:
+                    return status
+        return 0
+
+    def _handle(self, sock: zmq.Socket[bytes]) -> int | None:
+        if sock is self.client.transport.sock:
+            return self._from_worker()
+        frames = sock.recv_multipart(copy=False)
+        if sock is self.front["iopub"]:
+            self._greet(frames)
+        elif sock is self.iopub:
+            self.front["iopub"].send_multipart(frames, copy=False)
+        elif sock is self.hb:
+            self.kernel_heard = time.monotonic()
+        elif sock is self.front["hb"]:
+            sock.send_multipart(frames, copy=False)  # echo: the kernel is known alive
+        elif sock in self.owner:
+            channel, identity = self.owner[sock]
+            self.front[channel].send_multipart([identity, *frames], copy=False)
+        else:
+            channel = next(name for name, s in self.front.items() if s is sock)
+            identity = frames[0].bytes
+            if channel == "shell":
+                # The kernel asks for input on stdin, addressed to this frontend's
+                # identity: its stdin route must exist before the request does.
+                self._back("stdin", identity)
+            self._back(channel, identity).send_multipart(frames[1:], copy=False)
+        return None
+
+    def _greet(self, frames: list[Any]) -> None:
+        for frame in frames:
+            event = frame.bytes
+            if event[:1] == b"\x01":  # a frontend subscribed
+                topic = event[1:].decode("utf-8", errors="replace")
+                self.session.send(
+                    self.front["iopub"],
+                    "iopub_welcome",
+                    {"subscription": topic},
+                    ident=[event[1:]] if topic else None,
+                )
+
+    def _from_worker(self) -> int | None:
+        try:
+            msg = self.client._recv(0)
+        except ProtocolError as exc:
+            log.warning("%s", exc)
+            return None
+        if msg is None:
+            return None
+        self.client._last_heard = time.monotonic()
+        if msg.kind == m.KERNEL_EVENT and msg.content.get("event") == "died":
+            log.error("the remote kernel died (code %s)", msg.content.get("returncode"))
+            return 1
+        return None
+
+    def close(self) -> None:
+        for sock in [*self.front.values(), *self.backs.values(), self.iopub, self.hb]:
+            sock.close(linger=0)
+        self.ctx.term()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m lan2gpu_magic.kernel",
+        description="Run a Jupyter kernel on a LAN GPU worker (started by a kernelspec).",
+    )
+    p.add_argument("-f", "--connection-file", required=True)
+    p.add_argument("--worker", metavar="NAME")
+    p.add_argument("--gpu", metavar="PATTERN")
+    p.add_argument("--min-memory", type=parse_size, default=0, metavar="SIZE")
+    p.add_argument("--min-cc", type=parse_cc, default=(0, 0), metavar="X.Y")
+    p.add_argument("--gpus", type=int, default=1, metavar="N")
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--simulate", action="store_true")
+    p.add_argument("--workers", default="", metavar="ADDR,...", help="default: $LAN2GPU_WORKERS")
+    p.add_argument("--key-file", metavar="PATH")
+    p.add_argument("--server-key", metavar="PATH", help="the worker's worker.key (--encrypt)")
+    p.add_argument("--no-discovery", action="store_true")
+    return p
+
+
+def requirements(args: argparse.Namespace) -> Requirements:
+    return Requirements(
+        worker=args.worker,
+        gpu=args.gpu,
+        min_memory=args.min_memory,
+        min_cc=args.min_cc,
+        gpus=args.gpus,
+        cpu=args.cpu,
+        allow_simulator=args.simulate,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[lan2gpu kernel] %(message)s")
+    connection = json.loads(Path(args.connection_file).read_text())
+    if connection.get("signature_scheme", "hmac-sha256") != "hmac-sha256":
+        log.error("only hmac-sha256 connection files are supported")
+        return 2
+    addresses = [a for a in args.workers.split(",") if a] or workers_from_env()
+    pool = WorkerPool(
+        addresses=addresses,
+        key_file=args.key_file,
+        embedded=False,
+        discovery=not args.no_discovery,
+        announce=log.info,
+        server_keys=dict.fromkeys(addresses, args.server_key) if args.server_key else None,
+    )
+    forwarder: Forwarder | None = None
+    kernel = ""
+    stop = {"requested": False}
+
+    def terminate(signum: int, frame: FrameType | None) -> None:
+        stop["requested"] = True
+        if forwarder is not None:
+            forwarder.stopping = True
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts come as messages
+    try:
+        client, placement = pool.choose(requirements(args))
+        gpus = [g.index for g in placement.gpus]
+        kernel, ports = client.start_kernel(connection["key"], gpus=gpus, cpu=placement.cpu)
+        log.info("kernel %s on %s", kernel, placement.describe())
+        forwarder = Forwarder(connection, client, ports)
+        forwarder.wait_for_iopub()
+        if stop["requested"]:
+            return 0
+        return forwarder.serve()
+    except Lan2GPUError as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        if forwarder is not None:
+            forwarder.close()
+        if kernel:
+            try:
+                client.stop_kernel(kernel, timeout=5)
+            except Lan2GPUError as exc:  # the worker shuts it down after its grace period
+                log.warning("could not stop the remote kernel: %s", exc)
+        pool.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

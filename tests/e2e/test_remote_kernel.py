@@ -1,0 +1,211 @@
+"""Whole kernels on a worker, started from an installed kernelspec by jupyter_client's
+KernelManager, the way JupyterLab, VS Code or PyCharm start them."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+
+from lan2gpu_magic import connect
+
+
+def _cli(*args: str, env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "lan2gpu_magic", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.fixture
+def lan_kernel(worker_factory, tmp_path, monkeypatch) -> tuple[Any, str]:
+    """A kernelspec 'lan-test' installed under a temporary JUPYTER_PATH."""
+    worker = worker_factory("kernel-host", "--kernel-grace", "3")
+    prefix = tmp_path / "prefix"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAN2GPU_")}
+    out = _cli(
+        "install-kernel", "--name", "lan-test", "--display-name", "Python (LAN test)",
+        "--prefix", str(prefix), "--workers", worker.address,
+        "--key-file", str(worker.key_file), "--simulate", env=env,
+    )  # fmt: skip
+    assert "installed kernelspec 'lan-test'" in out
+    monkeypatch.setenv("JUPYTER_PATH", str(prefix / "share" / "jupyter"))
+    listed = _cli("list-kernels", env={**env, "JUPYTER_PATH": str(prefix / "share" / "jupyter")})
+    assert "lan-test" in listed and "--simulate" in listed
+    return worker, "lan-test"
+
+
+class Session:
+    """A kernel started by KernelManager, and helpers to talk to it."""
+
+    def __init__(self, name: str) -> None:
+        self.km = KernelManager(kernel_name=name, kernel_spec_manager=KernelSpecManager())
+        self.km.start_kernel()
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+
+    def run(self, code: str, stdin: str | None = None, timeout: float = 60) -> list[dict[str, Any]]:
+        msg_id = self.kc.execute(code, allow_stdin=stdin is not None)
+        seen: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if stdin is not None:
+                try:
+                    request = self.kc.get_stdin_msg(timeout=0.05)
+                    seen.append(request)
+                    self.kc.input(stdin)
+                    stdin = None
+                except queue.Empty:
+                    pass
+            try:
+                msg = self.kc.get_iopub_msg(timeout=0.1)
+            except queue.Empty:
+                continue
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                return seen
+            seen.append(msg)
+        raise TimeoutError(code)
+
+    def text(self, msgs: list[dict[str, Any]]) -> str:
+        return "".join(m["content"].get("text", "") for m in msgs if m["msg_type"] == "stream")
+
+    def close(self) -> None:
+        self.kc.stop_channels()
+        if self.km.has_kernel:
+            self.km.shutdown_kernel(now=False)
+        self.km.cleanup_resources()
+
+
+def _hosted(worker) -> list[dict[str, Any]]:
+    with connect(worker.address, key_file=worker.key_file) as c:
+        return list(c.status()["kernels"])
+
+
+def test_a_frontend_runs_a_whole_kernel_on_the_worker(lan_kernel):
+    worker, name = lan_kernel
+    s = Session(name)
+    try:
+        out = s.run("import os\nprint(os.environ.get('NUMBA_ENABLE_CUDASIM'), os.getpid())")
+        sim, pid = s.text(out).split()
+        assert sim == "1"  # a simulator worker's kernel simulates CUDA
+        (hosted,) = _hosted(worker)
+        assert hosted["pid"] == int(pid)  # the code ran in the worker's kernel process
+        error = next(m for m in s.run("1 / 0") if m["msg_type"] == "error")
+        assert error["content"]["ename"] == "ZeroDivisionError"
+        shown = [
+            m
+            for m in s.run("from IPython.display import HTML\nHTML('<b>x</b>')")
+            if m["msg_type"] == "execute_result"
+        ]
+        assert shown[0]["content"]["data"]["text/html"] == "<b>x</b>"
+        reply = s.kc.complete("import collections; collections.Ord", 35, reply=True, timeout=30)
+        assert "OrderedDict" in reply["content"]["matches"]
+        reply = s.kc.inspect("len", 3, reply=True, timeout=30)
+        assert reply["content"]["found"]
+        asked = s.run("name = input('who? ')\nprint('hello', name)", stdin="ada")
+        assert asked[0]["content"]["prompt"] == "who? "
+        assert s.text(asked[1:]) == "hello ada\n"
+    finally:
+        s.close()
+    deadline = time.monotonic() + 20
+    while _hosted(worker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _hosted(worker) == []  # shut down with its frontend: no kernel left on the worker
+
+
+def test_interrupt_restart_and_comms(lan_kernel):
+    _, name = lan_kernel
+    s = Session(name)
+    try:
+        s.run("kept = 1")
+        t0 = time.monotonic()
+        msg_id = s.kc.execute("import time\ntime.sleep(60)")
+        time.sleep(1.5)
+        s.km.interrupt_kernel()  # interrupt_mode "message": travels on the control channel
+        error = None
+        while True:  # until the interrupted cell is over (ipykernel aborts what comes sooner)
+            msg = s.kc.get_iopub_msg(timeout=20)
+            if msg["parent_header"].get("msg_id") != msg_id:
+                continue
+            if msg["msg_type"] == "error":
+                error = msg
+            if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                break
+        assert error is not None and error["content"]["ename"] == "KeyboardInterrupt"
+        assert time.monotonic() - t0 < 10
+        survived = s.run("print(kept)")
+        assert s.text(survived) == "1\n", survived  # the kernel survived the interrupt
+        # A comm opened by the kernel, and a message round trip through it.
+        opened = s.run(
+            "from comm import create_comm\n"
+            "c = create_comm(target_name='echo', data={'hi': 1})\n"
+            "c.on_msg(lambda msg: c.send({'echo': msg['content']['data']}))"
+        )
+        comm_id = next(m for m in opened if m["msg_type"] == "comm_open")["content"]["comm_id"]
+        request = s.kc.session.msg("comm_msg", {"comm_id": comm_id, "data": {"x": 41}})
+        s.kc.shell_channel.send(request)
+        while True:
+            msg = s.kc.get_iopub_msg(timeout=20)
+            if msg["msg_type"] == "comm_msg" and msg["content"]["comm_id"] == comm_id:
+                break
+        assert msg["content"]["data"] == {"echo": {"x": 41}}
+        s.km.restart_kernel(now=False)
+        s.kc.wait_for_ready(timeout=60)
+        assert s.text(s.run("print('kept' in dir())")) == "False\n"  # a fresh remote kernel
+    finally:
+        s.close()
+
+
+def test_a_dead_remote_kernel_shows_as_dead_here(lan_kernel):
+    _, name = lan_kernel
+    s = Session(name)
+    try:
+        s.kc.execute("import os\nos._exit(1)")
+        deadline = time.monotonic() + 30
+        while s.km.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not s.km.is_alive()  # the forwarder exited: the IDE offers a restart
+    finally:
+        s.close()
+
+
+def test_the_worker_stops_kernels_whose_forwarder_vanished(lan_kernel):
+    worker, name = lan_kernel
+    s = Session(name)
+    try:
+        assert len(_hosted(worker)) == 1
+        forwarder = s.km.provisioner.pid  # type: ignore[union-attr]
+        os.kill(forwarder, signal.SIGKILL)  # no goodbye: only the heartbeats stop
+        deadline = time.monotonic() + 30
+        while _hosted(worker) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert _hosted(worker) == []  # after --kernel-grace 3
+        assert "went silent; shutting it down" in worker.log()
+    finally:
+        s.close()
+
+
+def test_remove_kernel(lan_kernel, tmp_path):
+    _, name = lan_kernel
+    env = dict(os.environ)
+    out = _cli("remove-kernel", name, env=env)
+    assert "removed" in out
+    assert name not in _cli("list-kernels", env=env)
+    assert not Path(out.split()[-1]).exists()
