@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -47,6 +48,7 @@ _ROUTED = ("shell", "control", "stdin")
 _HEARTBEAT = 1.0  # seconds between pings of the remote kernel and of the worker
 _KERNEL_LIVENESS = 5  # missed kernel heartbeats before the kernel is taken for dead
 _WORKER_LIVENESS = 10.0  # seconds without hearing from the worker before giving up
+_HOLD = 3.0  # longest wait for a frontend to subscribe to iopub
 
 
 class Forwarder:
@@ -79,6 +81,12 @@ class Forwarder:
         self.poller.register(client.transport._socket(), zmq.POLLIN)
         self.kernel_heard = time.monotonic()
         self.stopping = False
+        # Requests wait until a frontend listens on iopub (or a few seconds): a
+        # frontend that reconnects after a restart sends before it subscribes,
+        # and output published before that would be lost.
+        self.listening = False
+        self.held: list[tuple[str, list[Any]]] = []
+        self.hold_until = time.monotonic() + _HOLD
 
     def _socket(self, kind: int, *, bind: str = "", connect: str = "") -> zmq.Socket[bytes]:
         sock = self.ctx.socket(kind)
@@ -126,10 +134,12 @@ class Forwarder:
             if now - self.kernel_heard > _KERNEL_LIVENESS * _HEARTBEAT:
                 log.error("the remote kernel stopped answering its heartbeat")
                 return 1
+            self._release()  # held requests whose wait is over
             if now - self.client._last_heard > _WORKER_LIVENESS:
                 log.error("worker %s stopped answering", self.client.info.name)
                 return 1
-            for sock, _ in self.poller.poll(int(_HEARTBEAT * 1000)):
+            wait = 0.1 if self.held else _HEARTBEAT
+            for sock, _ in self.poller.poll(int(wait * 1000)):
                 status = self._handle(sock)
                 if status is not None:
                     return status
@@ -139,6 +149,9 @@ class Forwarder:
         if sock is self.client.transport.sock:
             return self._from_worker()
         frames = sock.recv_multipart(copy=False)
+        if log.isEnabledFor(logging.DEBUG):
+            where = next((n for n, s in self.front.items() if s is sock), None)
+            log.debug("%s: %d frames", where or self.owner.get(sock, "remote"), len(frames))
         if sock is self.front["iopub"]:
             self._greet(frames)
         elif sock is self.iopub:
@@ -152,18 +165,27 @@ class Forwarder:
             self.front[channel].send_multipart([identity, *frames], copy=False)
         else:
             channel = next(name for name, s in self.front.items() if s is sock)
+            self.held.append((channel, frames))
+        self._release()
+        return None
+
+    def _release(self) -> None:
+        if not self.held or not (self.listening or time.monotonic() >= self.hold_until):
+            return
+        for channel, frames in self.held:
             identity = frames[0].bytes
             if channel == "shell":
                 # The kernel asks for input on stdin, addressed to this frontend's
                 # identity: its stdin route must exist before the request does.
                 self._back("stdin", identity)
             self._back(channel, identity).send_multipart(frames[1:], copy=False)
-        return None
+        self.held.clear()
 
     def _greet(self, frames: list[Any]) -> None:
         for frame in frames:
             event = frame.bytes
             if event[:1] == b"\x01":  # a frontend subscribed
+                self.listening = True
                 topic = event[1:].decode("utf-8", errors="replace")
                 self.session.send(
                     self.front["iopub"],
@@ -226,7 +248,8 @@ def requirements(args: argparse.Namespace) -> Requirements:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[lan2gpu kernel] %(message)s")
+    level = logging.DEBUG if os.environ.get("LAN2GPU_KERNEL_DEBUG") else logging.INFO
+    logging.basicConfig(level=level, format="[lan2gpu kernel] %(asctime)s %(message)s")
     connection = json.loads(Path(args.connection_file).read_text())
     if connection.get("signature_scheme", "hmac-sha256") != "hmac-sha256":
         log.error("only hmac-sha256 connection files are supported")
