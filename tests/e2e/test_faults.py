@@ -6,6 +6,8 @@ import _thread
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -249,3 +251,91 @@ def test_a_retried_request_runs_once(client, tmp_path):
     )
     time.sleep(1.0)
     assert ran.read_text() == "x"  # three requests, one run
+
+
+def test_a_flood_of_bad_messages_does_not_starve_a_running_cell(shared_worker):
+    import zmq
+
+    stop = threading.Event()
+
+    def flood() -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.connect(shared_worker.address)
+        junk = [b"L2G", b"1", b"ping", b"{}", b"x" * 32]
+        while not stop.is_set():
+            for _ in range(500):
+                sock.send_multipart(junk)
+            while sock.poll(0):
+                sock.recv_multipart()
+        sock.close()
+        ctx.term()
+
+    floods = [threading.Thread(target=flood) for _ in range(2)]
+    for f in floods:
+        f.start()
+    try:
+        with connect(shared_worker.address, key_file=shared_worker.key_file) as c:
+            ns: dict = {}
+            c.run("import time\ntime.sleep(6)\ndone = True", ns)  # heartbeats keep flowing
+            assert ns["done"] is True
+    finally:
+        stop.set()
+        for f in floods:
+            f.join(30)
+
+
+def test_a_client_that_stops_reading_gets_all_its_output_later(shared_worker):
+    from lan2gpu_magic import OutputHandlers
+
+    lines: list[str] = []
+    paused = {"done": False}
+
+    def stream(name: str, text: str) -> None:
+        if not paused["done"]:
+            paused["done"] = True
+            time.sleep(5)  # a notebook busy elsewhere: the worker must hold, not drop
+        lines.extend(text.splitlines())
+
+    with connect(shared_worker.address, key_file=shared_worker.key_file) as c:
+        code = "for i in range(20000):\n    print(i, flush=True)"
+        c.run(code, {}, handlers=OutputHandlers(stream=stream), timeout=120)
+    assert lines == [str(i) for i in range(20000)]
+
+
+def test_cancelling_a_waiting_cell_releases_its_reservation(worker_factory):
+    worker = worker_factory("reserve", "--simulated-gpus", "2")
+    with (
+        connect(worker.address, key_file=worker.key_file) as a,
+        connect(worker.address, key_file=worker.key_file) as c,
+    ):
+        holder = threading.Thread(
+            target=a.run, args=("import time\ntime.sleep(8)", {}), kwargs={"gpus": (0,)}
+        )
+        holder.start()
+        time.sleep(1.0)
+        script = (
+            "import sys\nfrom lan2gpu_magic import connect\n"
+            "with connect(sys.argv[1], key_file=sys.argv[2]) as b:\n"
+            "    print('go', flush=True)\n"
+            "    b.run('x = 1', {}, gpus=(0, 1))\n"
+        )
+        b = subprocess.Popen(
+            [sys.executable, "-c", script, worker.address, str(worker.key_file)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert b.stdout is not None and b.stdout.readline().strip() == "go"
+            time.sleep(1.0)  # b waits for GPU 0 and holds GPU 1 for itself
+            b.kill()  # the worker cancels b once its heartbeats stop
+        finally:
+            b.wait(10)
+            if b.stdout is not None:
+                b.stdout.close()
+        t0 = time.monotonic()
+        c.run("y = 2", {}, gpus=(1,))  # GPU 1 is free again once b is cancelled
+        assert time.monotonic() - t0 < 7.5  # well before the holder's cell ends
+        holder.join(30)

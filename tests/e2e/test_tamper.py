@@ -225,3 +225,34 @@ def test_large_arrays_cross_in_chunks_both_ways(client):
     ns = {"big": big}
     client.run("doubled = big * 2", ns)
     assert np.array_equal(ns["doubled"], big * 2)
+
+
+def test_a_deeply_nested_header_is_rejected_not_fatal(shared_worker, peer):
+    nested = b"[" * 200_000 + b"]" * 200_000  # json.loads would recurse to death
+    peer.send([b"L2G", b"1", b"execute", nested, b"x" * 32])
+    reply = peer.recv()
+    assert reply is not None and reply[2] == b"reject"
+    time.sleep(0.3)
+    assert shared_worker.alive()
+    assert_still_serving(shared_worker)
+
+
+def test_unsigned_notices_from_a_client_are_ignored(shared_worker, peer):
+    peer.send(Wire.encode_notice("pretend"))
+    assert peer.recv(timeout=1.5) is None  # no answer, no state
+    assert_still_serving(shared_worker)
+
+
+def test_a_big_rejected_message_gives_its_memory_back(shared_worker):
+    before = _rss(shared_worker.pid)
+    p = RawPeer(shared_worker.address)
+    try:
+        chunk = os.urandom(1 << 20)
+        p.send([b"L2G", b"1", b"execute", b"{}", b"x" * 32, *([chunk] * 200)])  # 200 MiB
+        assert p.recv() is not None
+    finally:
+        p.close()
+    time.sleep(0.5)
+    # Without --encrypt the worker must receive a message before it can check it;
+    # afterwards the memory goes back to the system.
+    assert _rss(shared_worker.pid) - before < 40 << 20

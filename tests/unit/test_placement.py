@@ -157,3 +157,21 @@ def test_parse_cc(text, cc):
 def test_parse_cc_rejects_garbage():
     with pytest.raises(ConfigurationError, match=r"like 8\.0"):
         parse_cc("eight")
+
+
+def test_a_real_gpu_worker_seen_before_still_means_no_simulator_by_accident():
+    with pytest.raises(NoWorkerAvailable):
+        choose_worker(Requirements(), [sim()], real_gpus_known=True)
+    assert (
+        choose_worker(Requirements(allow_simulator=True), [sim()], real_gpus_known=True).worker.name
+        == "sim"
+    )
+
+
+def test_a_session_stays_on_the_gpu_where_its_executor_lives():
+    home = GpuView(1, "NVIDIA A100", (8, 0), 80 * GB, 40 * GB, sticky=True)
+    roomier = GpuView(0, "NVIDIA A100", (8, 0), 80 * GB, 70 * GB)
+    assert [g.index for g in place([worker("box", roomier, home)]).gpus] == [1]
+    busy_home = GpuView(1, "NVIDIA A100", (8, 0), 80 * GB, 40 * GB, queue=2, sticky=True)
+    # Home beats a shorter queue too: its variables and compiled kernels are there.
+    assert [g.index for g in place([worker("box", roomier, busy_home)]).gpus] == [1]

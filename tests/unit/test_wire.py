@@ -196,3 +196,22 @@ def test_large_messages_get_a_longer_window_for_their_transfer():
     too_late = Message(kind=m.PING, sent=now[0] - 200, buffers=[b"tiny"])
     with pytest.raises(MessageRejected, match="replay window"):
         wire.decode(Wire(KEY).encode(too_late))
+
+
+def test_a_signed_header_with_a_nan_time_or_odd_digest_is_rejected():
+    import math
+
+    for sent, digest_text in ((math.nan, None), (None, "é" * 10)):
+        msg = Message(kind=m.PING, buffers=[b"x"])
+        if sent is not None:
+            msg.sent = sent
+        frames = [bytes(f) for f in Wire(KEY).encode(msg)]
+        if digest_text is not None:
+            header = json.loads(frames[3])
+            header["buffers"][0][1] = digest_text
+            frames[3] = json.dumps(header).encode()
+            from worker_kernel.protocol.wire import _mac
+
+            frames[4] = _mac(KEY, frames[:4])
+        with pytest.raises(MessageRejected):
+            Wire(KEY).decode(frames)

@@ -1,0 +1,57 @@
+"""What the worker lets in: the CurveZMQ allow-list, rejection logging, request checks."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import zmq
+
+from worker_kernel.gate import AllowList, BadRequest, RejectionLog, claimed_id, number
+from worker_kernel.protocol.curve import CLIENT, ensure_keypair, load_keypair
+
+
+def test_allow_list_reads_changes_and_survives_broken_files(tmp_path):
+    allowed = tmp_path / "authorized_keys"
+    allowed.mkdir()
+    public, secret = ensure_keypair(tmp_path / "a", CLIENT)
+    key, _ = load_keypair(secret)
+    check = AllowList(allowed)
+    assert not check.callback("*", key)
+    (allowed / "a.key").write_bytes(public.read_bytes())
+    assert check.callback("*", key)
+    (allowed / "typo.key").write_text("public-key\n")  # malformed: skipped, not fatal
+    assert check.callback("*", key)
+    other_public, other_secret = ensure_keypair(tmp_path / "b", CLIENT)
+    (allowed / "a.key").write_bytes(other_public.read_bytes())  # rewritten in place
+    assert not check.callback("*", key)  # the old key is revoked at once
+    assert check.callback("*", load_keypair(other_secret)[0])
+
+
+def test_rejections_are_logged_once_per_peer_per_quiet_period(caplog):
+    log = RejectionLog(logging.getLogger("test"), quiet=60)
+    with caplog.at_level(logging.WARNING):
+        answers = [log.note("10.0.0.9", "bad signature") for _ in range(100)]
+    assert len(caplog.records) == 1
+    assert answers[0] and sum(answers) <= 21  # a burst is not answered forever
+
+
+def test_claimed_id_never_parses_hostile_headers():
+    assert claimed_id([b"", b"", b"", b'{"id":"' + b"a" * 32 + b'"}']) == "a" * 32
+    assert claimed_id([b"", b"", b"", b"[" * 100_000]) == ""
+    assert claimed_id([b""]) == ""
+
+
+@pytest.mark.parametrize("bad", ["soon", -1, True])
+def test_numbers_in_requests_are_checked(bad):
+    with pytest.raises(BadRequest):
+        number({"timeout": bad}, "timeout")
+
+
+def test_zmq_is_recent_enough_here():
+    from worker_kernel.__main__ import check_libzmq
+    from worker_kernel.protocol.errors import ConfigurationError
+
+    check_libzmq(zmq.zmq_version_info())
+    with pytest.raises(ConfigurationError, match=r"libzmq 4\.3\.2 is older than 4\.3\.3"):
+        check_libzmq((4, 3, 2))
