@@ -5,8 +5,10 @@ markdown table per section; ``benchmarks/README.md`` says how to read them.
 
 Layout::
 
-    run.py        options, the order of the sections, the summary of targets
+    run.py        options, the order of the sections
+    targets.py    what a run measured, and issue 5's targets next to it
     sections.py   trivial call, array round trip, second run, unchanged kernel
+    limits.py     what the machine can do at all: copy, hash, loopback TCP
     memory.py     peak resident memory, in fresh processes
     lan.py        an emulated 1 Gbit/s LAN: network namespaces, veth, tc tbf
     systems/      one module per system, each behind the same small interface

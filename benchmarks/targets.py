@@ -1,0 +1,104 @@
+"""What one run measured, and issue 5's targets next to it.
+
+The verdicts are information for the reader; nothing here (or anywhere in the
+benchmark) asserts on a timing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .lan import LanResult
+from .measure import MiB, Stats, rate, size_label
+from .memory import Peak
+from .report import Table, ratio
+from .sections import Failed, KernelRuns, SecondRun
+from .systems.lan2gpu import Lan2GPUApi, Lan2GPUMagic
+
+
+@dataclass
+class Results:
+    """Everything one run measured; a section that did not run stays None."""
+
+    trivial: list[tuple[str, str, Stats | Failed]] = field(default_factory=list)
+    roundtrip: dict[str, dict[int, Stats | Failed]] = field(default_factory=dict)
+    second: dict[int, SecondRun | Failed] | None = None
+    kernel: KernelRuns | Failed | None = None
+    memory: list[Peak] | BaseException | None = None
+    lan: LanResult | BaseException | str | None = None  # str: why it was skipped
+
+
+def _median(stats: object) -> float | None:
+    return stats.median if isinstance(stats, Stats) else None
+
+
+def targets(r: Results, sizes: Sequence[int], memory_bytes: int) -> Table:
+    table = Table("Targets (issue 5) against this run", ["target", "measured", "met"])
+
+    def add(goal: str, measured: str | None, ok: bool | None) -> None:
+        verdict = "—" if ok is None else ("yes" if ok else "no")
+        table.add(goal, measured or "not measured", verdict)
+
+    magic = _median(next((s for label, _, s in r.trivial if label == Lan2GPUMagic.label), None))
+    add(
+        "empty %%lan2gpu cell ≤ 1 ms median",
+        f"{magic * 1e3:.2f} ms" if magic else None,
+        magic <= 1e-3 if magic else None,
+    )
+
+    others = [label for label in r.roundtrip if label.startswith(("ipyparallel", "Dask"))]
+    for n in (64 * MiB, 512 * MiB):
+        goal = f"{size_label(n)} round trip ≥ 1.5x the fastest of ipyparallel/Dask"
+        ours = _median(r.roundtrip.get(Lan2GPUApi.label, {}).get(n))
+        theirs = [t for t in (_median(r.roundtrip[o].get(n)) for o in others) if t]
+        if ours is None or not theirs:
+            add(goal, None, None)
+            continue
+        x = min(theirs) / ours
+        text = f"{rate(2 * n, ours):.2f} vs {rate(2 * n, min(theirs)):.2f} GB/s: {ratio(x)}"
+        add(goal, text, x >= 1.5)
+
+    largest = max(sizes)
+    second = r.second.get(largest) if r.second else None
+    goal = f"second run, unchanged {size_label(largest)} input, ≥ 10x faster"
+    if isinstance(second, SecondRun):
+        x = second.first.median / second.second.median
+        add(goal, ratio(x), x >= 10)
+    else:
+        add(goal, None, None)
+
+    lan = r.lan if isinstance(r.lan, LanResult) else None
+    for kind, goal, limit in (
+        ("random", "1 Gbit/s LAN upload, incompressible ≤ 1.15x wire floor", 1.15),
+        ("sparse", "1 Gbit/s LAN upload, compressible < 1x wire floor", 1.0),
+    ):
+        up = _median(lan.cells.get(f"{kind} upload")) if lan else None
+        if lan is None or up is None:
+            add(goal, None, None)
+            continue
+        x = up / (lan.nbytes / lan.bandwidth_up)
+        add(goal, ratio(x), x <= limit if kind == "random" else x < limit)
+
+    for side in ("client", "worker"):
+        goal = f"peak memory ≤ 2x payload, {side} (above its baseline)"
+        peaks = (
+            [p for p in r.memory if p.process.startswith(side)]
+            if isinstance(r.memory, list)
+            else []
+        )
+        if not peaks:
+            add(goal, None, None)
+            continue
+        worst = max((p.peak - p.baseline) / memory_bytes for p in peaks)
+        add(goal, f"{worst:.2f}x ({size_label(memory_bytes)})", worst <= 2.0)
+
+    k = r.kernel if isinstance(r.kernel, KernelRuns) else None
+    add(
+        "zero recompiles of an unchanged kernel",
+        f"{k.recompiles} recompiles, {k.dispatcher_ids} dispatcher, {k.max_overloads} overload"
+        if k
+        else None,
+        k.recompiles == 0 and k.dispatcher_ids == 1 and k.max_overloads == 1 if k else None,
+    )
+    return table
