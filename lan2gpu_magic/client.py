@@ -33,6 +33,7 @@ from worker_kernel.protocol import compress, refs
 from worker_kernel.protocol import messages as m
 from worker_kernel.protocol.curve import CLIENT, ensure_keypair, key_dir, load_keypair, load_public
 from worker_kernel.protocol.errors import (
+    AuthenticationError,
     ConfigurationError,
     ConnectionClosed,
     Lan2GPUError,
@@ -325,9 +326,11 @@ class Client:
             self._request(self._message(m.PING, {"expect_bytes": expect_bytes}), {m.PONG}, timeout)
         return self._clock() - t0
 
-    def status(self, timeout: float = 10.0) -> dict[str, Any]:
-        """The worker's queues, running cells and sessions."""
-        return self._request(self._message(m.STATUS), {m.STATUS_REPLY}, timeout).content
+    def status(self, timeout: float = 10.0, detail: bool = False) -> dict[str, Any]:
+        """The worker's queues, running cells, sessions and kernels; with ``detail``,
+        also its GPU history and recently finished cells."""
+        msg = self._message(m.STATUS, {"detail": detail})
+        return self._request(msg, {m.STATUS_REPLY}, timeout).content
 
     def close_session(self, session: str | None = None, timeout: float = 10.0) -> int:
         """Stop the session's executor on the worker (frees its GPU memory)."""
@@ -687,24 +690,42 @@ class StatusReply:
     status: dict[str, Any] | None
     latency: float
     problem: str = ""
+    state: str = "up"  # else "unreachable", "key mismatch", "version mismatch", "refused"
 
 
-def fetch_statuses(clients: Sequence[Client], timeout: float = 2.0) -> list[StatusReply]:
+def state_of(exc: BaseException) -> str:
+    """A worker's state in a table, from the error talking to it raised."""
+    if isinstance(exc, AuthenticationError):
+        return "key mismatch"
+    if isinstance(exc, VersionMismatch):
+        return "version mismatch"
+    if isinstance(exc, WorkerUnreachable):
+        return "unreachable"
+    return "refused"
+
+
+def fetch_statuses(
+    clients: Sequence[Client], timeout: float = 2.0, detail: bool = False
+) -> list[StatusReply]:
     """Ask every worker for its status at once and wait for all (up to ``timeout``).
 
     Replies come back in the order of ``clients``; a worker that restarted since
     its handshake is shaken hands with again and asked once more.
     """
+
+    def failed(exc: Lan2GPUError) -> StatusReply:
+        return StatusReply(None, float("inf"), str(exc), state_of(exc))
+
     poller = zmq.Poller()
     pending: dict[Any, tuple[int, Client, str, float]] = {}
-    replies = [StatusReply(None, float("inf"), "no answer")] * len(clients)
+    replies = [StatusReply(None, float("inf"), "no answer", "unreachable")] * len(clients)
 
     def ask(i: int, client: Client) -> None:
-        msg = client._message(m.STATUS)
+        msg = client._message(m.STATUS, {"detail": detail})
         try:
             client.transport.send(msg)
         except Lan2GPUError as exc:
-            replies[i] = StatusReply(None, float("inf"), str(exc))
+            replies[i] = failed(exc)
             return
         sock = client.transport._socket()
         pending[sock] = (i, client, msg.id, time.monotonic())
@@ -720,7 +741,7 @@ def fetch_statuses(clients: Sequence[Client], timeout: float = 2.0) -> list[Stat
             try:
                 reply = client._recv(0)
             except Lan2GPUError as exc:
-                reply, replies[i] = None, StatusReply(None, float("inf"), str(exc))
+                reply, replies[i] = None, failed(exc)
                 del pending[sock]
                 poller.unregister(sock)
                 continue
@@ -729,8 +750,7 @@ def fetch_statuses(clients: Sequence[Client], timeout: float = 2.0) -> list[Stat
             del pending[sock]
             poller.unregister(sock)
             if not reply.authenticated:
-                problem = str(client.transport.notice_error(reply))
-                replies[i] = StatusReply(None, float("inf"), problem)
+                replies[i] = failed(client.transport.notice_error(reply))
             elif reply.kind == m.STATUS_REPLY:
                 client._last_heard = time.monotonic()
                 replies[i] = StatusReply(reply.content, time.monotonic() - t0)
@@ -740,9 +760,10 @@ def fetch_statuses(clients: Sequence[Client], timeout: float = 2.0) -> list[Stat
                     client.info = client._handshake(max(remaining, 0.1))
                     ask(i, client)
                 except Lan2GPUError as exc:
-                    replies[i] = StatusReply(None, float("inf"), str(exc))
+                    replies[i] = failed(exc)
     for i, _client, _, _ in pending.values():
-        replies[i] = StatusReply(None, float("inf"), f"did not answer within {timeout:g} s")
+        problem = f"did not answer within {timeout:g} s"
+        replies[i] = StatusReply(None, float("inf"), problem, "unreachable")
     return replies
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from worker_kernel.protocol.errors import Lan2GPUError, NoWorkerAvailable
 
-from .client import Client, fetch_statuses
+from .client import Client, fetch_statuses, state_of
 from .discovery import Browser
 from .embedded import EmbeddedWorker
 from .placement import GpuView, Placement, Requirements, WorkerView, choose_worker
@@ -41,16 +41,16 @@ class _Entry:
     server_key: str | None = None  # the worker's CurveZMQ public key file (--encrypt)
     client: Client | None = None
     problem: str = ""
+    state: str = "up"  # or why it is unusable: "unreachable", "key mismatch", ...
     retry_at: float = 0.0  # skip this worker until then (it just failed)
     failures: int = 0  # in a row: the wait before the next try doubles
 
-    def failed(self, problem: str, now: float) -> None:
-        self.problem = problem
-        self.retry_at = now + min(_MAX_BACKOFF, _RETRY_AFTER * 2**self.failures)
+    def failed(self, problem: str, state: str, retry_at: float) -> None:
+        self.problem, self.state, self.retry_at = problem, state, retry_at
         self.failures += 1
 
     def succeeded(self) -> None:
-        self.problem, self.retry_at, self.failures = "", 0.0, 0
+        self.problem, self.state, self.retry_at, self.failures = "", "up", 0.0, 0
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,7 @@ class WorkerRow:
     view: WorkerView | None
     status: dict[str, Any] | None
     problem: str = ""
+    state: str = "up"  # else "unreachable", "key mismatch", "version mismatch", ...
 
 
 def view_from_status(
@@ -125,6 +126,8 @@ class WorkerPool:
         status_timeout: float = 2.0,
         announce: Callable[[str], None] = print,
         server_keys: Mapping[str, str] | None = None,
+        retry_after: float = _RETRY_AFTER,
+        max_backoff: float = _MAX_BACKOFF,
     ) -> None:
         self.key_file = key_file
         self.connect_timeout = connect_timeout
@@ -132,6 +135,7 @@ class WorkerPool:
         self.allow_embedded = embedded
         self.discovery = discovery
         self.discovery_wait = discovery_wait
+        self.retry_after, self.max_backoff = retry_after, max_backoff
         self._announce = announce
         self._entries: dict[str, _Entry] = {}
         self._browser: Browser | None = None
@@ -160,6 +164,11 @@ class WorkerPool:
         self._entries[address] = entry
         entry.client = self._client(entry)
         return entry.client
+
+    def _failed(self, entry: _Entry, problem: str, state: str, now: float) -> None:
+        # Retry later, waiting twice as long after each failure in a row.
+        wait = min(self.max_backoff, self.retry_after * 2**entry.failures)
+        entry.failed(problem, state, now + wait)
 
     def _client(self, entry: _Entry, timeout: float | None = None) -> Client:
         return Client(
@@ -201,13 +210,13 @@ class WorkerPool:
                     "encrypted (--encrypt): connect with `%lan2gpu connect "
                     f"{found.address} --server-key PATH-TO-ITS-worker.key`"
                 )
-                entry.retry_at = float("inf")
+                entry.state, entry.retry_at = "needs server key", float("inf")
             elif not found.compatible:
                 entry.problem = (
                     f"announces lan2gpu protocol {found.protocol}; this notebook speaks "
                     "another: install the same lan2gpu version on both"
                 )
-                entry.retry_at = float("inf")
+                entry.state, entry.retry_at = "version mismatch", float("inf")
             self._entries[found.address] = entry
 
     def _connect_pending(self) -> None:
@@ -221,7 +230,7 @@ class WorkerPool:
                 entry.client = self._client(entry, min(timeout, self.connect_timeout))
                 entry.succeeded()
             except Lan2GPUError as exc:
-                entry.failed(str(exc), now)
+                self._failed(entry, str(exc), state_of(exc), now)
 
     def _start_embedded(self) -> None:
         self.embedded = EmbeddedWorker()
@@ -242,22 +251,24 @@ class WorkerPool:
 
     # -- looking and choosing -----------------------------------------------------
 
-    def rows(self, session: str | None = None) -> list[WorkerRow]:
+    def rows(self, session: str | None = None, detail: bool = False) -> list[WorkerRow]:
         """Every known worker with its live status, or the reason it is unusable.
 
         ``session``: the cell's session (default: each client's own), so each
         view marks the GPUs where that session already has an executor.
+        ``detail``: ask for GPU history and recent cells too (dashboards).
         """
         self._discover()
         self._connect_pending()
         now = time.monotonic()
         entries = list(self._entries.values())
         asked = [e for e in entries if e.client is not None and e.retry_at <= now]
-        replies = fetch_statuses([e.client for e in asked if e.client], self.status_timeout)
+        clients = [e.client for e in asked if e.client]
+        replies = fetch_statuses(clients, self.status_timeout, detail)
         rows: list[WorkerRow] = []
         for entry, reply in zip(asked, replies, strict=True):
             if reply.status is None or entry.client is None:
-                entry.failed(reply.problem, now)
+                self._failed(entry, reply.problem, reply.state, now)
             else:
                 entry.succeeded()
                 mine = session or entry.client.session
@@ -266,7 +277,9 @@ class WorkerPool:
                     self.real_gpu_workers.add(entry.address)
                 rows.append(WorkerRow(entry.address, entry.origin, view, reply.status))
         rows += [
-            WorkerRow(e.address, e.origin, None, None, e.problem) for e in entries if e.problem
+            WorkerRow(e.address, e.origin, None, None, e.problem, e.state)
+            for e in entries
+            if e.problem
         ]
         return rows
 

@@ -36,7 +36,7 @@ def _gpu_lines(status: dict[str, Any]) -> list[str]:
 def row_cells(row: WorkerRow) -> tuple[list[str], ...]:
     """The row's cells; a cell is a list of lines."""
     if row.view is None or row.status is None:
-        state = f"unusable ({row.origin}): {row.problem}"
+        state = f"{row.state} ({row.origin}): {row.problem}"
         return ([row.address.split("//")[-1]], [row.address], *([[""]] * 8), [state])
     status, view = row.status, row.view
     caps = status.get("capabilities", {})

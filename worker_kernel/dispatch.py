@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from .executors import ExecutorHandle, ExecutorPool, ExecutorStartError
+from .history import JobLog
 from .protocol import messages as m
 from .protocol.messages import Message
 from .scheduler import Cell, FairQueue
@@ -55,6 +56,7 @@ class Dispatcher:
         self.cells: dict[str, Cell] = {}  # every cell not yet answered
         self.running: dict[str, Cell] = {}
         self.busy: set[str] = set()
+        self.journal = JobLog()  # finished cells, for dashboards
 
     # -- queueing ----------------------------------------------------------
 
@@ -185,6 +187,7 @@ class Dispatcher:
         for timer in cell.timers:
             timer.cancel()
         self.cells.pop(cell.id, None)
+        self.journal.record(cell, status, stats)
         log.info(
             "cell %s session %s client %s on %s: %s, %s in, %s out, %.2f s",
             cell.id[:8],

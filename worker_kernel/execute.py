@@ -440,7 +440,11 @@ def _synchronize_cuda() -> None:
     """Wait for kernels still running, so their errors count as this cell's: CUDA
     launches are asynchronous, and an illegal address may surface only here."""
     driver = getattr(sys.modules.get("numba.cuda.cudadrv.driver"), "driver", None)
-    if driver is not None and getattr(driver, "is_initialized", False):
+    # Only a driver that came up: one that failed (no GPU here) has nothing to wait for.
+    usable = getattr(driver, "is_initialized", False) and not getattr(
+        driver, "initialization_error", None
+    )
+    if usable:
         sys.modules["numba.cuda"].synchronize()
 
 

@@ -39,6 +39,7 @@ from .gate import (
     peer_address,
     release_memory,
 )
+from .history import GpuHistory
 from .kernels import KernelError, KernelHost, RemoteKernel
 from .outbox import Outbox
 from .protocol import messages as m
@@ -74,6 +75,7 @@ class WorkerService:
         self.config = config
         self.capabilities = capabilities
         self.monitor = GpuMonitor()
+        self.history = GpuHistory()  # recent GPU samples, for dashboards
         self.instance = m.new_id()
         self.wire = Wire(
             key,
@@ -241,6 +243,7 @@ class WorkerService:
         while True:
             frames = await self.sock.recv_multipart(copy=False)
             rid, body = frames[0].bytes, [f.buffer for f in frames[1:]]
+            rejected: ProtocolError | None = None
             try:
                 # Verify only: the buffers are relayed to the executor as they came.
                 if len(body) > _THREAD_DECODE_FRAMES:
@@ -248,18 +251,22 @@ class WorkerService:
                 else:
                     msg = self.wire.decode(body, assemble=False)
             except ProtocolError as exc:
-                peer = f"{peer_address(frames[0])} ({rid.hex()[:8]})"
-                if self.rejections.note(peer, str(exc)):
-                    await self._reject(rid, exc, body)
-                big = sum(b.nbytes for b in body) > _TRIM_AFTER
-                del frames, body
-                if big:
-                    release_memory()  # a big rejected message: give its pages back
-                continue
+                rejected = exc
             finally:
                 # Fair to the other tasks (heartbeats, timers, executors) even when a
                 # flood keeps this socket always readable.
                 await asyncio.sleep(0)
+            if rejected is not None:
+                peer = f"{peer_address(frames[0])} ({rid.hex()[:8]})"
+                if self.rejections.note(peer, str(rejected)):
+                    await self._reject(rid, rejected, body)
+                big = sum(b.nbytes for b in body) > _TRIM_AFTER
+                # The traceback's frames hold the buffers too: drop them all first.
+                rejected.__traceback__ = None
+                del frames, body, rejected
+                if big:
+                    release_memory()  # a big rejected message: give its pages back
+                continue
             if not msg.authenticated:
                 continue  # an unsigned notice is only ever shown, and clients send none
             try:
@@ -321,7 +328,8 @@ class WorkerService:
         elif msg.kind == m.PING:
             await self._reply(msg, rid, m.PONG, {"time": time.time()})
         elif msg.kind == m.STATUS:
-            await self._reply(msg, rid, m.STATUS_REPLY, self.status())
+            detail = bool(msg.content.get("detail"))
+            await self._reply(msg, rid, m.STATUS_REPLY, self.status(detail))
         elif msg.kind == m.CLOSE_SESSION:
             closed = await self._close_session(str(msg.content.get("session", msg.session)))
             await self._reply(msg, rid, m.STATUS_REPLY, {"closed": closed})
@@ -519,6 +527,7 @@ class WorkerService:
 
     async def _tick(self, now: float) -> None:
         self.capabilities = self.monitor.refresh(self.capabilities)
+        self.history.sample(self.capabilities, self.dispatcher.busy)
         await self.outbox.flush_all()
         for rid in list(self.clients):
             for cell_id, to, count in self.outbox.take_dropped(rid):
@@ -574,8 +583,8 @@ class WorkerService:
     def load(self) -> dict[str, Any]:
         return views.load(self.capabilities, self.dispatcher, self.kernels)
 
-    def status(self) -> dict[str, Any]:
-        return views.status(self)
+    def status(self, detail: bool = False) -> dict[str, Any]:
+        return views.status(self, detail)
 
 
 def _kernel_ip(bind: str) -> str:

@@ -33,8 +33,9 @@ def load(caps: Capabilities, dispatcher: Dispatcher, kernels: KernelHost) -> dic
     }
 
 
-def status(service: WorkerService) -> dict[str, Any]:
-    """Everything: capabilities, load, running and waiting cells, sessions, kernels."""
+def status(service: WorkerService, detail: bool = False) -> dict[str, Any]:
+    """Everything: capabilities, load, running and waiting cells, sessions, kernels;
+    with ``detail``, also the GPU history and the recently finished cells."""
     now = time.monotonic()
 
     def cell_info(cell: Cell) -> dict[str, Any]:
@@ -49,7 +50,7 @@ def status(service: WorkerService) -> dict[str, Any]:
         }
 
     d = service.dispatcher
-    return {
+    out = {
         "worker": service.config.name,
         "instance": service.instance,
         "versions": local_versions(),
@@ -64,3 +65,7 @@ def status(service: WorkerService) -> dict[str, Any]:
         ],
         "kernels": [k.info() for k in service.kernels.kernels.values()],
     }
+    if detail:
+        out["history"] = service.history.to_json()
+        out["recent"] = d.journal.to_json()
+    return out
