@@ -36,6 +36,7 @@ from worker_kernel.protocol.errors import (
     AuthenticationError,
     ConfigurationError,
     ConnectionClosed,
+    ExecutionCancelled,
     Lan2GPUError,
     MessageRejected,
     ProtocolError,
@@ -75,6 +76,8 @@ class _InterruptFlag:
     def __init__(self) -> None:
         self.pending = False
         self.cancelled = False
+        self.event: threading.Event | None = None  # a cancel from another thread
+        self.by_event = False
         self._previous: Any = None
         self._installed = False
 
@@ -82,6 +85,11 @@ class _InterruptFlag:
         if self.pending:  # a second Ctrl-C: stop waiting for the worker at once
             raise KeyboardInterrupt
         self.pending = True
+
+    def requested(self) -> bool:
+        if self.event is not None and self.event.is_set() and not self.pending:
+            self.by_event = True
+        return self.pending or self.by_event
 
     def __enter__(self) -> _InterruptFlag:
         if threading.current_thread() is threading.main_thread():
@@ -153,6 +161,9 @@ class ExecuteRequest:
     line_offset: int = 0
     gpus: tuple[int, ...] = ()  # the worker's GPU numbers; () lets the worker pick one
     cpu: bool = False  # a CPU cell: no GPU is visible to it
+    # Set from another thread to cancel the cell (split chunks, async cells); the run
+    # then raises ExecutionCancelled. In the main thread, Ctrl-C does the same.
+    cancel: threading.Event | None = field(default=None, compare=False)
 
 
 class Client:
@@ -441,7 +452,7 @@ class Client:
         # The request id makes retries idempotent: the worker runs it at most once.
         msg.content["request"] = msg.id
         self.transport.send(msg)
-        return self._wait(msg, handlers, request.timeout)
+        return self._wait(msg, handlers, request.timeout, request.cancel)
 
     def _bandwidth(self, nbytes: int) -> float:
         """The link's speed (bytes/s), measured once, when a large transfer first needs it."""
@@ -455,7 +466,11 @@ class Client:
         return self._link_bandwidth or 0.0
 
     def _wait(
-        self, request: Message, handlers: OutputHandlers, timeout: float | None = None
+        self,
+        request: Message,
+        handlers: OutputHandlers,
+        timeout: float | None = None,
+        cancel: threading.Event | None = None,
     ) -> Message:
         """Relay the cell's live output until its result arrives.
 
@@ -465,6 +480,7 @@ class Client:
         """
         cell_id = request.id
         with _InterruptFlag() as interrupted:
+            interrupted.event = cancel
             try:
                 reply = self._wait_loop(request, handlers, timeout, interrupted)
             except BaseException as exc:
@@ -479,8 +495,9 @@ class Client:
                 raise
         if interrupted.cancelled:
             self._report_cancel(reply, handlers)
-            raise KeyboardInterrupt
-        return reply
+            if not interrupted.by_event:
+                raise KeyboardInterrupt
+        return reply  # cancelled by the event: the result says "cancelled"
 
     def _wait_loop(
         self,
@@ -508,7 +525,7 @@ class Client:
 
         while True:
             now = self._clock()
-            if interrupted.pending and not interrupted.cancelled:
+            if interrupted.requested() and not interrupted.cancelled:
                 interrupted.cancelled = True
                 send(self._message(m.CANCEL, {"cell": cell_id}))
                 deadline = min(deadline, now + _CANCEL_WAIT)
@@ -581,6 +598,12 @@ class Client:
                 send(self._message(m.HEARTBEAT))
                 next_beat = now + heartbeat
             if now >= deadline:
+                if interrupted.cancelled and interrupted.by_event:
+                    raise ExecutionCancelled(
+                        f"the cell was cancelled; worker {self.info.name} did not confirm "
+                        f"within {_CANCEL_WAIT:g} s",
+                        self.info.name,
+                    )
                 if interrupted.cancelled:
                     raise KeyboardInterrupt
                 raise WorkerLost(

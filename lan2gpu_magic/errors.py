@@ -19,7 +19,8 @@
         ├── RemoteExecutionError  the cell raised; carries the remote traceback
         ├── ExecutionTimeout      --timeout passed
         ├── ExecutionCancelled    interrupted or cancelled
-        └── ExecutorDied          the executor process died; session state is lost
+        ├── ExecutorDied          the executor process died; session state is lost
+        └── SplitError            a chunk of a --split cell failed twice (all errors inside)
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from worker_kernel.protocol.errors import (
     RemoteFrame,
     RemoteTraceback,
     SerializationError,
+    SplitError,
     TransportError,
     VersionMismatch,
     WorkerError,
@@ -63,6 +65,7 @@ __all__ = [
     "RemoteFrame",
     "RemoteTraceback",
     "SerializationError",
+    "SplitError",
     "TransportError",
     "VersionMismatch",
     "WorkerError",

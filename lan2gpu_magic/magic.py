@@ -11,159 +11,38 @@ import argparse
 import atexit
 import shlex
 import sys
-from typing import Any, NoReturn
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, magics_class
-from IPython.display import DisplayHandle, publish_display_data
 
-from worker_kernel.config import parse_size
-from worker_kernel.protocol.errors import Lan2GPUError, WorkerLost
-from worker_kernel.protocol.serialize import dump_values
+from worker_kernel.protocol.errors import ProtocolError, TransportError, WorkerLost
+from worker_kernel.protocol.serialize import Payload, dump_values
 
-from . import capture, results, tables
+from . import capture, fanout, options, results, split_cell, tables
 from .client import ExecuteRequest, OutputHandlers
 from .config import Lan2GPU
-from .placement import Placement, Requirements, parse_cc
+from .jobs import Finished, Job
+from .placement import Placement, Requirements
 from .pool import WorkerPool
+from .split import RANK, SIZE
+from .status import Progress, StatusLine, publish, write
 from .tracebacks import register_source
 
 
-def _publish(data: dict[str, Any], metadata: dict[str, Any]) -> None:
-    publish_display_data(data=data, metadata=metadata)  # type: ignore[no-untyped-call]
+@dataclass(frozen=True)
+class _Cell:
+    """One ``%%lan2gpu`` invocation, parsed and planned."""
 
-
-class _HelpShown(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors as IPython UsageErrors instead of exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message}\n{self.format_usage()}Try `{self.prog} --help`.")
-
-    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        raise _HelpShown
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except Lan2GPUError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _cell_parser() -> _Parser:
-    p = _Parser(
-        prog="%%lan2gpu",
-        description="Run this cell on a LAN GPU worker; its outputs come back here.",
-        add_help=True,
-    )
-    p.add_argument("--worker", metavar="NAME", help="run on this worker (name or address)")
-    p.add_argument("--gpu", metavar="PATTERN", help='GPU name pattern, e.g. "A100|H100"')
-    p.add_argument(
-        "--min-memory", type=_size, metavar="SIZE", default=0, help="free GPU memory, e.g. 40G"
-    )
-    p.add_argument("--min-cc", type=parse_cc, metavar="X.Y", default=(0, 0))
-    p.add_argument(
-        "--gpus", type=int, metavar="N", default=1, help="GPUs of one host the cell sees"
-    )
-    p.add_argument("--cpu", action="store_true", help="a CPU cell (@njit code), no GPU")
-    p.add_argument(
-        "--simulate", action="store_true", help="allow workers running the CUDA simulator"
-    )
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the cell after this long")
-    p.add_argument(
-        "--in", dest="inputs", metavar="A,B", help="send exactly these names (default: detected)"
-    )
-    p.add_argument(
-        "--out",
-        dest="outputs",
-        metavar="C,D",
-        help="bring back exactly these names; missing or unpicklable is an error",
-    )
-    p.add_argument(
-        "--no-cache",
-        action="store_true",
-        help="send every array, even ones the worker's session already holds",
-    )
-    p.add_argument(
-        "--compress",
-        choices=["auto", "on", "off"],
-        help="compress large arrays with LZ4 (default auto: only when it pays on the link)",
-    )
-    p.add_argument(
-        "--retry",
-        type=int,
-        default=0,
-        metavar="N",
-        help="if the worker is lost mid-cell, run the cell again on another matching "
-        "worker, up to N times (default 0: raise WorkerLost)",
-    )
-    p.add_argument(
-        "--session",
-        metavar="NAME",
-        help="run in this named session on the worker (its own namespace and kernels)",
-    )
-    return p
-
-
-def _line_parser() -> _Parser:
-    p = _Parser(prog="%lan2gpu", description="Manage lan2gpu workers.")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    c = sub.add_parser("connect", help="connect to a worker")
-    c.add_argument("address", help="e.g. tcp://10.0.0.7:7340")
-    c.add_argument("--key-file", metavar="PATH")
-    c.add_argument(
-        "--server-key",
-        metavar="PATH",
-        help="the worker's worker.key, for a worker run with --encrypt (CurveZMQ)",
-    )
-    d = sub.add_parser("disconnect", help="forget a worker")
-    d.add_argument("address")
-    sub.add_parser("workers", help="list known workers")
-    sub.add_parser("status", help="queues and sessions on each worker")
-    s = sub.add_parser("close-session", help="stop a session's executor on its worker")
-    s.add_argument("session", nargs="?")
-    s.add_argument("--worker", metavar="NAME")
-    return p
-
-
-class _Progress:
-    """One line per cell that says where it runs, updated in place as it moves along."""
-
-    def __init__(self, placement: Placement) -> None:
-        self.where = placement.describe().rsplit(", queue", 1)[0]
-        self.handle = DisplayHandle()  # type: ignore[no-untyped-call]
-        self.handle.display(  # type: ignore[no-untyped-call]
-            self._bundle(f"running on {placement.describe()}"), raw=True
-        )
-
-    @staticmethod
-    def _bundle(text: str) -> dict[str, str]:
-        return {"text/plain": f"lan2gpu: {text}"}
-
-    def status(self, kind: str, content: dict[str, Any]) -> None:
-        if kind == "queued":
-            ahead = int(content.get("position", 0))
-            text = f"waiting for {self.where}: {ahead} cell(s) ahead" if ahead else None
-        elif kind == "started":
-            text = f"running on {self.where}"
-        elif kind == "transfer":
-            mb = float(content.get("bytes", 0)) / 1e6
-            text = f"running on {self.where}; receiving {mb:.0f} MB of results"
-        else:
-            text = None
-        if text:
-            self._show(text)
-
-    def finished(self, seconds: float) -> None:
-        self._show(f"ran on {self.where} in {seconds:.2f} s")
-
-    def _show(self, text: str) -> None:
-        self.handle.update(self._bundle(text), raw=True)  # type: ignore[no-untyped-call]
+    args: argparse.Namespace
+    code: str
+    plan: capture.CellPlan
+    filename: str
+    requirements: Requirements
 
 
 @magics_class
@@ -181,8 +60,10 @@ class Lan2GPUMagics(Magics):
             announce=self._say,
             server_keys=self.settings.server_keys,
         )
-        self._cell_args = _cell_parser()
-        self._line_args = _line_parser()
+        self.jobs: dict[str, Job] = {}  # background cells, by handle name
+        self._speeds: dict[str, float] = {}  # rows/s per slot, measured by split cells
+        self._cell_args = options.cell_parser()
+        self._line_args = options.line_parser()
         atexit.register(self.close)
 
     def _shell(self) -> InteractiveShell:
@@ -203,6 +84,10 @@ class Lan2GPUMagics(Magics):
         self.pool.discovery_wait = self.settings.discovery_wait
 
     def close(self) -> None:
+        for job in self.jobs.values():
+            job.cancel()
+        for job in self.jobs.values():
+            job.wait(10)
         self.pool.close()
         atexit.unregister(self.close)
 
@@ -217,45 +102,41 @@ class Lan2GPUMagics(Magics):
             if cell is None:
                 return self._line(line)
             return self._cell(line, cell)
-        except _HelpShown:
+        except options.HelpShown:
             parser = self._cell_args if cell is not None else self._line_args
             print(parser.format_help())
             return None
 
     def _cell(self, line: str, cell: str) -> Any:
         args = self._cell_args.parse_args(shlex.split(line))
+        self._check_combination(args)
         shell = self._shell()
         filename = f"<lan2gpu In[{shell.execution_count}]>"
         register_source(filename, f"%%lan2gpu {line}\n{cell}")
+        ns = shell.user_ns
+        # A split cell also reads its rank and the number of chunks.
+        seen = {**ns, RANK: 0, SIZE: 1} if args.split else ns
         plan = capture.plan_cell(
             cell,
-            shell.user_ns,
+            seen,
             hidden=shell.user_ns_hidden,
             inputs=args.inputs,
             outputs=args.outputs,
             filename=filename,
             line_offset=1,
         )
-        ns = shell.user_ns
-        payload, _ = dump_values({name: ns[name] for name in plan.inputs}, namespace=ns)
         requirements = self._requirements(args)
+        c = _Cell(args, cell, plan, filename, requirements)
+        if args.split:
+            return self._split(c)
+        payload, _ = dump_values({name: ns[name] for name in plan.inputs}, namespace=ns)
+        if args.async_name:
+            return self._start_async(c, payload)
         lost: set[str] = set()  # workers lost during this cell, for --retry
         while True:
             client, placement = self.pool.choose(requirements, exclude=lost, session=args.session)
-            request = ExecuteRequest(
-                code=cell,
-                plan=plan,
-                session=args.session or client.session,
-                timeout=args.timeout or self.settings.default_timeout or None,
-                filename=filename,
-                line_offset=1,
-                gpus=tuple(g.index for g in placement.gpus),
-                cpu=placement.cpu,
-                local=ns,
-                cache=not args.no_cache,
-                compress=args.compress,
-            )
-            progress = _Progress(placement)
+            request = self._request(c, placement, client.session, ns)
+            progress = Progress(placement)
             try:
                 result = client.execute(request, payload, self._handlers(progress))
                 break
@@ -270,8 +151,207 @@ class Lan2GPUMagics(Magics):
         progress.finished(float(result.stats.get("total_seconds", 0.0)))
         results.apply(result, shell.user_ns, warn=self._say)
         if result.value_repr:
-            _publish(result.value_repr, {})
+            publish(result.value_repr, {})
         return result.value if result.has_value else None
+
+    @staticmethod
+    def _check_combination(args: argparse.Namespace) -> None:
+        if not args.split and (args.workers is not None or args.gather or args.balance):
+            raise UsageError("--workers, --gather and --balance go with --split NAMES")
+        if args.async_name is not None and not args.async_name.isidentifier():
+            raise UsageError(f"--async {args.async_name!r}: give a Python name for the handle")
+        if args.async_name and args.retry:
+            raise UsageError("--retry does not combine with --async; run the cell again instead")
+        if args.split and args.retry:
+            raise UsageError("--split retries a failed chunk once by itself; leave out --retry")
+
+    def _request(
+        self,
+        c: _Cell,
+        placement: Placement,
+        session: str,
+        local: dict[str, Any],
+        cancel: threading.Event | None = None,
+    ) -> ExecuteRequest:
+        args = c.args
+        return ExecuteRequest(
+            code=c.code,
+            plan=c.plan,
+            session=args.session or session,
+            timeout=args.timeout or self.settings.default_timeout or None,
+            filename=c.filename,
+            line_offset=1,
+            gpus=tuple(g.index for g in placement.gpus),
+            cpu=placement.cpu,
+            local=local,
+            cache=not args.no_cache,
+            compress=args.compress,
+            cancel=cancel,
+        )
+
+    # -- --split ------------------------------------------------------------------
+
+    def _split(self, c: _Cell) -> Any:
+        args, requirements = c.args, c.requirements
+        spec = split_cell.CellSpec(
+            code=c.code,
+            plan=c.plan,
+            filename=c.filename,
+            split=args.split,
+            gather=args.gather,
+            slots=args.workers,
+            balance=args.balance,
+            timeout=args.timeout or self.settings.default_timeout or None,
+            cache=not args.no_cache,
+            compress=args.compress,
+            session=args.session,
+        )
+        ns = self._shell().user_ns
+        if args.async_name:
+            job = Job(args.async_name, "", lambda job: prepared.run())
+            prepared = split_cell.prepare(
+                self.pool,
+                spec,
+                ns,
+                requirements,
+                self._speeds,
+                write=job.stream,
+                display=job.display,
+                progress=job.progress,
+                cancel=job.cancel_event,
+                copy=True,
+            )
+            job.where = f"{len(prepared.chunks)} chunk(s) on " + ", ".join(
+                fanout.slot_label(s) for s in prepared.fanout.slots
+            )
+            return self._launch(job)
+        line = StatusLine("splitting")
+        prepared = split_cell.prepare(
+            self.pool,
+            spec,
+            ns,
+            requirements,
+            self._speeds,
+            write=write,
+            display=publish,
+            progress=line.show,
+        )
+        finished = prepared.run()
+        return self._assign(finished)
+
+    # -- --async --------------------------------------------------------------------
+
+    def _start_async(self, c: _Cell, payload: Payload) -> None:
+        args = c.args
+        client, placement = self.pool.choose(c.requirements, session=args.session)
+        address = placement.worker.address
+        # The cell's inputs as they are now: later changes here must not reach it.
+        payload = Payload(payload.entries, [bytes(memoryview(f)) for f in payload.frames])
+
+        def body(job: Job) -> Finished:
+            request = self._request(c, placement, client.session, {}, job.cancel_event)
+            handlers = OutputHandlers(stream=job.stream, display=job.display, status=job.status)
+            leased = self.pool.lease(address)
+            healthy = True
+            try:
+                return Finished.of(leased.execute(request, payload, handlers))
+            except (TransportError, ProtocolError):
+                healthy = False
+                raise
+            finally:
+                self.pool.give_back(leased, healthy)
+
+        where = placement.describe().rsplit(", queue", 1)[0]
+        return self._launch(Job(args.async_name, where, body))
+
+    def _launch(self, job: Job) -> None:
+        ns = self._shell().user_ns
+        old = self.jobs.get(job.name)
+        if old is not None and not old.done():
+            raise UsageError(
+                f"--async {job.name}: a background cell of that name is still running; "
+                f"wait for it (%lan2gpu wait {job.name}), cancel it ({job.name}.cancel()), "
+                "or pick another name"
+            )
+        line = StatusLine(f"job {job.name}: {job.describe()}")
+        shown: list[str] = []
+
+        def update(j: Job) -> None:
+            text = f"job {j.name}: {j.state} on {j.where}" + (f" ({j.detail})" if j.detail else "")
+            if j.done():
+                text = f"job {j.name}: {j.state} in {j.elapsed:.1f} s; %lan2gpu wait {j.name}"
+            if not shown or shown[-1] != text:
+                shown.append(text)
+                line.show(text)
+
+        job.watch(update)
+        self.jobs[job.name] = job
+        ns[job.name] = job
+        job.start()
+
+    def _assign(self, finished: Finished) -> Any:
+        """Outputs into the namespace as if the cell had run here; then its error."""
+        ns = self._shell().user_ns
+        ns.update(finished.outputs)
+        for name in finished.deleted:
+            ns.pop(name, None)
+        for warning in finished.warnings:
+            self._say(warning)
+        if finished.error is not None:
+            raise finished.error
+        if finished.value_repr:
+            publish(finished.value_repr, {})
+        return finished.value if finished.has_value else None
+
+    def _wait(self, names: list[str], timeout: float | None) -> Any:
+        jobs = [self._job(n) for n in names] or [j for j in self.jobs.values() if not j.collected]
+        if not jobs:
+            self._say("lan2gpu: no background cell to wait for")
+            return None
+        value: Any = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for job in jobs:
+            line = StatusLine(f"job {job.name}: {job.describe()}")
+            job.attach(write, publish)
+            try:
+                while not job.wait(0.25):
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise UsageError(
+                            f"job {job.name} is still {job.state} after {timeout:g} s; "
+                            f"%lan2gpu wait {job.name} again later, or {job.name}.cancel()"
+                        )
+                    line.show(f"job {job.name}: {job.describe()}")
+            except KeyboardInterrupt:
+                self._say(
+                    f"lan2gpu: stopped waiting; job {job.name} goes on "
+                    f"(%lan2gpu wait {job.name} again, or {job.name}.cancel())"
+                )
+                raise
+            finally:
+                job.detach()
+            line.show(f"job {job.name}: {job.state} in {job.elapsed:.1f} s")
+            job.collected = True
+            finished, error = job.outcome()
+            if finished is None:
+                raise error if error is not None else UsageError(f"job {job.name} gave nothing")
+            if error is not None and finished.error is None:
+                raise error
+            value = self._assign(finished)
+        return value
+
+    def _job(self, name: str) -> Job:
+        job = self.jobs.get(name)
+        if job is None:
+            known = ", ".join(self.jobs) or "none"
+            raise UsageError(f"no background cell named {name!r} (known: {known})")
+        return job
+
+    def _print_jobs(self) -> None:
+        if not self.jobs:
+            print("no background cells (start one with %%lan2gpu --async NAME)")
+        for job in self.jobs.values():
+            if not job.collected:
+                print(f"{job.name}: {job.describe()}")
 
     def _requirements(self, args: argparse.Namespace) -> Requirements:
         if args.gpus < 1:
@@ -286,14 +366,14 @@ class Lan2GPUMagics(Magics):
             allow_simulator=args.simulate or self.settings.allow_simulator,
         )
 
-    def _handlers(self, progress: _Progress) -> OutputHandlers:
+    def _handlers(self, progress: Progress) -> OutputHandlers:
         def stream(name: str, text: str) -> None:
             out = sys.stderr if name == "stderr" else sys.stdout
             out.write(text)
             out.flush()
 
         def display(data: dict[str, Any], metadata: dict[str, Any]) -> None:
-            _publish(data, metadata)
+            publish(data, metadata)
 
         return OutputHandlers(stream=stream, display=display, status=progress.status)
 
@@ -313,6 +393,10 @@ class Lan2GPUMagics(Magics):
             self._print_workers()
         elif args.command == "status":
             self._print_status()
+        elif args.command == "wait":
+            return self._wait(args.jobs, args.timeout)
+        elif args.command == "jobs":
+            self._print_jobs()
         elif args.command == "close-session":
             chosen, _ = self.pool.choose(Requirements(worker=args.worker, cpu=True))
             closed = chosen.close_session(args.session)
@@ -347,7 +431,7 @@ class Lan2GPUMagics(Magics):
                 "no workers configured or found; a local one starts with the first %%lan2gpu cell"
             )
             return
-        _publish({"text/plain": tables.as_text(rows), "text/html": tables.as_html(rows)}, {})
+        publish({"text/plain": tables.as_text(rows), "text/html": tables.as_html(rows)}, {})
 
 
 def register(shell: Any) -> None:

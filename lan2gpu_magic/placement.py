@@ -201,3 +201,55 @@ def choose_worker(
             "Connect one with `%lan2gpu connect ADDRESS`, or see `%lan2gpu workers`."
         )
     return min(options, key=lambda option: option[0])[1]
+
+
+def choose_slots(
+    req: Requirements,
+    workers: Sequence[WorkerView],
+    count: int | None,
+    *,
+    real_gpus_known: bool = False,
+) -> list[Placement]:
+    """Up to ``count`` slots (all that fit, for ``None``) for the chunks of a split cell.
+
+    A slot is ``req.gpus`` GPUs of one worker (several GPUs of a host make several
+    slots), or one worker's CPU for ``--cpu``. Same filters and ranking as
+    :func:`choose_worker`; the best slot of every worker comes before the second
+    best of any, so chunks spread over hosts first.
+    """
+    # Raises NoWorkerAvailable, with the full explanation, when nothing fits.
+    choose_worker(req, workers, real_gpus_known=real_gpus_known)
+    pattern = re.compile(req.gpu, re.IGNORECASE) if req.gpu else None
+    real_known = real_gpus_known or any(not w.simulator and w.gpus for w in workers)
+    simulators_ok = req.cpu or req.allow_simulator or not real_known or req.worker is not None
+    per_worker: list[list[tuple[tuple[object, ...], Placement]]] = []
+    rank: tuple[object, ...]
+    for w in workers:
+        if req.worker is not None and req.worker not in (w.name, w.address):
+            continue
+        if req.cpu:
+            rank = (w.cpu_queue, w.load_average / max(1, w.cpu_count), w.latency)
+            per_worker.append([((*rank, w.name, w.address), Placement(w))])
+            continue
+        if w.simulator and not simulators_ok:
+            continue
+        fitting = sorted((g for g in w.gpus if _gpu_fits(req, g, pattern)), key=_gpu_rank)
+        groups = [
+            tuple(fitting[i : i + req.gpus])
+            for i in range(0, len(fitting) - req.gpus + 1, req.gpus)
+        ]
+        slots = []
+        for group in groups:
+            worst = max(group, key=_gpu_rank)
+            rank = (w.simulator, *_gpu_rank(worst)[1:4], w.latency)
+            slots.append(((*rank, w.name, w.address), Placement(w, group)))
+        if slots:
+            per_worker.append(sorted(slots, key=lambda s: s[0]))
+    rounds: list[tuple[tuple[object, ...], Placement]] = []
+    depth = max((len(slots) for slots in per_worker), default=0)
+    for level in range(depth):  # every worker's best, then every worker's second best...
+        rounds += sorted(
+            (slots[level] for slots in per_worker if len(slots) > level), key=lambda s: s[0]
+        )
+    chosen = [placement for _, placement in rounds]
+    return chosen if count is None else chosen[:count]

@@ -13,6 +13,7 @@ and latency.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,14 @@ from worker_kernel.protocol.errors import Lan2GPUError, NoWorkerAvailable
 from .client import Client, fetch_statuses, state_of
 from .discovery import Browser
 from .embedded import EmbeddedWorker
-from .placement import GpuView, Placement, Requirements, WorkerView, choose_worker
+from .placement import (
+    GpuView,
+    Placement,
+    Requirements,
+    WorkerView,
+    choose_slots,
+    choose_worker,
+)
 
 CONFIGURED, DISCOVERED, EMBEDDED = "configured", "discovered", "embedded"
 
@@ -31,6 +39,7 @@ CONFIGURED, DISCOVERED, EMBEDDED = "configured", "discovered", "embedded"
 _RETRY_AFTER = 30.0  # seconds before a worker that failed is tried again (doubling)
 _MAX_BACKOFF = 600.0
 _RETRY_CONNECT = 3.0  # handshake limit when trying a failed worker again
+_MAX_SPARE = 8  # idle extra connections kept per worker
 
 
 @dataclass
@@ -143,6 +152,11 @@ class WorkerPool:
         self.embedded: EmbeddedWorker | None = None
         self.real_gpu_workers: set[str] = set()  # addresses that ever reported a real GPU
         self.server_keys = dict(server_keys or {})
+        # Extra connections for runs in other threads (split chunks, async cells),
+        # kept when idle so they remember what each worker session holds.
+        self._spare: dict[str, list[Client]] = {}
+        self._lent: set[Client] = set()
+        self._lock = threading.Lock()
         for address in addresses:
             entry = _Entry(address, key_file, CONFIGURED, self.server_keys.get(address))
             self._entries[address] = entry
@@ -180,6 +194,10 @@ class WorkerPool:
 
     def disconnect(self, address: str) -> bool:
         entry = self._entries.pop(address, None)
+        with self._lock:
+            spare = self._spare.pop(address, [])
+        for client in spare:
+            client.close()
         if entry is None:
             return False
         if entry.client is not None:
@@ -291,6 +309,77 @@ class WorkerPool:
         Workers whose address is in ``exclude`` are not considered (retries);
         ``session`` (default: each client's own) decides where the cell is at home.
         """
+        placement = self._place(
+            lambda views, real: choose_worker(req, views, real_gpus_known=real), exclude, session
+        )[0]
+        client = self._entries[placement.worker.address].client
+        if client is None:  # cannot happen: views come from connected entries
+            raise NoWorkerAvailable(f"lost the connection to {placement.worker.address}")
+        return client, placement
+
+    # -- connections for other threads -------------------------------------------
+
+    def session_for(self, address: str) -> str:
+        """The session this notebook uses on ``address`` (its main client's)."""
+        entry = self._entries.get(address)
+        if entry is None or entry.client is None:
+            raise NoWorkerAvailable(f"{address} is not a connected worker")
+        return entry.client.session
+
+    def lease(self, address: str) -> Client:
+        """A connection to ``address`` for one run in another thread: an idle one
+        from before, or a new one. Hand it back with :meth:`give_back`. Thread-safe."""
+        with self._lock:
+            entry = self._entries.get(address)
+            if entry is None:
+                raise NoWorkerAvailable(f"{address} is not a known worker")
+            spare = self._spare.get(address, [])
+            client = spare.pop() if spare else None
+            key_file, server_key = entry.key_file, entry.server_key
+        if client is None:  # the handshake happens outside the lock
+            client = Client(
+                address,
+                key_file=key_file,
+                server_key=server_key,
+                connect_timeout=self.connect_timeout,
+            )
+        with self._lock:
+            self._lent.add(client)
+        return client
+
+    def give_back(self, client: Client, healthy: bool = True) -> None:
+        """Return a leased client: kept for the next lease, or closed if the run
+        left it in doubt (``healthy=False``) or its worker was forgotten."""
+        with self._lock:
+            self._lent.discard(client)
+            spare = self._spare.setdefault(client.address, [])
+            if (
+                healthy
+                and client.address in self._entries
+                and not client.transport.closed
+                and len(spare) < _MAX_SPARE
+            ):
+                spare.append(client)
+                return
+        client.close()
+
+    def slots(
+        self, req: Requirements, count: int | None, session: str | None = None
+    ) -> list[Placement]:
+        """Up to ``count`` slots (``None``: all) for the chunks of a split cell,
+        best first (:func:`~lan2gpu_magic.placement.choose_slots`)."""
+        return self._place(
+            lambda views, real: choose_slots(req, views, count, real_gpus_known=real),
+            (),
+            session,
+        )
+
+    def _place(
+        self,
+        policy: Callable[[list[WorkerView], bool], Placement | list[Placement]],
+        exclude: Collection[str],
+        session: str | None,
+    ) -> list[Placement]:
         self._discover()
         if not self._entries and self.allow_embedded:
             self._start_embedded()
@@ -299,7 +388,7 @@ class WorkerPool:
         try:
             # Consent for simulators looks at every real GPU worker ever seen, not
             # only those that answered just now.
-            placement = choose_worker(req, views, real_gpus_known=bool(self.real_gpu_workers))
+            chosen = policy(views, bool(self.real_gpu_workers))
         except NoWorkerAvailable as exc:
             problems = [f"{r.address}: {r.problem}" for r in rows if r.view is None]
             if problems:
@@ -307,10 +396,7 @@ class WorkerPool:
                     f"{exc}\nUnusable workers:\n  " + "\n  ".join(problems)
                 ) from None
             raise
-        client = self._entries[placement.worker.address].client
-        if client is None:  # cannot happen: views come from connected entries
-            raise NoWorkerAvailable(f"lost the connection to {placement.worker.address}")
-        return client, placement
+        return chosen if isinstance(chosen, list) else [chosen]
 
     def clients(self) -> list[Client]:
         return [e.client for e in self._entries.values() if e.client is not None]
@@ -322,6 +408,12 @@ class WorkerPool:
                 entry.client.close()
                 entry.client = None
         self._entries.clear()
+        with self._lock:
+            extra = [c for spare in self._spare.values() for c in spare] + list(self._lent)
+            self._spare.clear()
+            self._lent.clear()
+        for client in extra:
+            client.close()
         if self._browser is not None:
             self._browser.close()
             self._browser = None

@@ -105,7 +105,7 @@ class ExecutorPool:
             handle = await self._spawn(session, resources)
         try:
             await asyncio.wait_for(asyncio.shield(handle.ready), self._start_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.kill(handle)
             raise ExecutorStartError(
                 f"executor did not start within {self._start_timeout:.0f} s "
@@ -196,7 +196,7 @@ class ExecutorPool:
             await self.sock.send_multipart([handle.id.encode(), b"stop"])
         try:
             await asyncio.wait_for(handle.process.wait(), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self.kill(handle)
             await handle.process.wait()
 

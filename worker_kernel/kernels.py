@@ -172,7 +172,7 @@ class KernelHost:
             os.killpg(kernel.process.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(kernel.process.wait(), grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(kernel.process.pid, signal.SIGKILL)
             await kernel.process.wait()

@@ -19,7 +19,8 @@
         ├── RemoteExecutionError  the cell raised; carries the remote traceback
         ├── ExecutionTimeout      --timeout passed
         ├── ExecutionCancelled    interrupted or cancelled
-        └── ExecutorDied          the executor process died; session state is lost
+        ├── ExecutorDied          the executor process died; session state is lost
+        └── SplitError            a chunk of a --split cell failed twice (all errors inside)
 
 Every message says what happened, where, and what to do.
 """
@@ -149,6 +150,30 @@ class ExecutionCancelled(WorkerError):
 
 class ExecutorDied(WorkerError):
     """The executor process died while running the cell; its session state is gone."""
+
+
+class SplitError(WorkerError):
+    """A chunk of a split cell (``--split``) failed on every slot it was tried on.
+
+    ``chunk`` is its rank. ``errors`` is an :class:`ExceptionGroup` of the last
+    error of every chunk that failed (this one first); it is also the
+    ``__cause__``, so the traceback shows them all.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        worker: str = "",
+        chunk: int = -1,
+        errors: ExceptionGroup[Exception] | None = None,
+    ) -> None:
+        super().__init__(message, worker)
+        self.chunk = chunk
+        self.errors = errors
+        self.__cause__ = errors
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (str(self), self.worker, self.chunk))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,209 @@
+"""Run the chunks of a split cell on several slots at once.
+
+One thread per slot in use, each with a connection of its own leased from the
+pool (a :class:`~lan2gpu_magic.client.Client` is used by one thread at a time).
+The calling thread only schedules: chunk *i* starts on slot *i*; a chunk that
+fails is tried once more on another slot (the first one free that it has not
+tried); a slot whose worker was lost takes no more chunks. Ctrl-C in the calling
+thread cancels every running chunk on its worker before it returns.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker_kernel.protocol.errors import (
+    ExecutionCancelled,
+    Lan2GPUError,
+    ProtocolError,
+    SplitError,
+    TransportError,
+)
+from worker_kernel.protocol.serialize import Payload
+
+from .client import ExecuteRequest, OutputHandlers
+from .placement import Placement
+from .pool import WorkerPool
+from .results import RunResult
+
+_TICK = 0.2  # seconds between looks at the running chunks (and Ctrl-C)
+
+
+def slot_label(slot: Placement) -> str:
+    """``"w1 gpu0"``, ``"w1 gpu0+gpu1"``, ``"w1 cpu"``."""
+    where = "+".join(f"gpu{g.index}" for g in slot.gpus) or "cpu"
+    return f"{slot.worker.name} {where}"
+
+
+@dataclass(eq=False)
+class Chunk:
+    """One run of the cell: its rank, its rows, and what it sends."""
+
+    rank: int
+    piece: tuple[int, int]  # rows [start, stop) of the split arrays
+    namespace: dict[str, Any]  # the cell's namespace as this chunk sees it
+    payload: Payload
+    tried: list[str] = field(default_factory=list)  # slot labels, in order
+    errors: list[Exception] = field(default_factory=list)
+    result: RunResult | None = None
+    slot: Placement | None = None  # where it succeeded
+
+    @property
+    def rows(self) -> int:
+        return self.piece[1] - self.piece[0]
+
+
+class PrefixedOutput:
+    """A chunk's live output with ``[rank]`` at the start of every line."""
+
+    def __init__(self, rank: int, write: Callable[[str, str], None]) -> None:
+        self.prefix = f"[{rank}] "
+        self._write = write
+        self._line_start = {"stdout": True, "stderr": True}
+
+    def stream(self, name: str, text: str) -> None:
+        out = []
+        for line in text.splitlines(keepends=True):
+            if self._line_start.get(name, True):
+                out.append(self.prefix)
+            out.append(line)
+            self._line_start[name] = line.endswith("\n")
+        self._write(name, "".join(out))
+
+
+RequestFor = Callable[[Chunk, Placement, str], ExecuteRequest]
+
+
+class FanOut:
+    """Schedules chunks on slots; :meth:`run` returns the results in chunk order."""
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        slots: Sequence[Placement],
+        chunks: Sequence[Chunk],
+        request_for: RequestFor,
+        *,
+        write: Callable[[str, str], None],
+        display: Callable[[dict[str, Any], dict[str, Any]], None],
+        progress: Callable[[str], None],
+        cancel: threading.Event | None = None,
+        attempts: int = 2,
+    ) -> None:
+        self.pool = pool
+        self.slots = list(slots)
+        self.chunks = list(chunks)
+        self.request_for = request_for
+        self.write = write
+        self.display = display
+        self.progress = progress
+        self.cancel = cancel or threading.Event()
+        self.attempts = attempts
+        self.sessions = {s.worker.address: pool.session_for(s.worker.address) for s in slots}
+
+    def run(self) -> list[RunResult]:
+        """Run every chunk; raise :class:`SplitError` if one failed on every try."""
+        pending = deque(self.chunks)
+        free = list(self.slots)
+        failed: list[Chunk] = []
+        running: dict[cf.Future[RunResult], tuple[Chunk, Placement]] = {}
+        interrupted = False
+        with cf.ThreadPoolExecutor(len(self.slots), thread_name_prefix="lan2gpu-chunk") as ex:
+            while pending or running:
+                for chunk in list(pending):
+                    slot = next((s for s in free if slot_label(s) not in chunk.tried), None)
+                    if slot is None or self.cancel.is_set():
+                        continue
+                    pending.remove(chunk)
+                    free.remove(slot)
+                    chunk.tried.append(slot_label(slot))
+                    running[ex.submit(self._one, chunk, slot)] = (chunk, slot)
+                if not running:  # nothing left that these chunks have not failed on
+                    failed += pending
+                    break
+                self._show(len(failed), len(running))
+                try:
+                    done, _ = cf.wait(running, timeout=_TICK, return_when=cf.FIRST_COMPLETED)
+                except KeyboardInterrupt:
+                    interrupted = True
+                    self.cancel.set()  # each chunk asks its worker to stop, then returns
+                    continue
+                for future in done:
+                    chunk, slot = running.pop(future)
+                    error = future.exception()
+                    if error is None:
+                        chunk.result, chunk.slot = future.result(), slot
+                        free.append(slot)
+                        continue
+                    if not isinstance(error, Exception):
+                        raise error
+                    chunk.errors.append(error)
+                    if not isinstance(error, TransportError):
+                        free.append(slot)  # a lost worker's slot takes no more chunks
+                    cancelled = isinstance(error, ExecutionCancelled) or self.cancel.is_set()
+                    if len(chunk.errors) < self.attempts and not cancelled:
+                        pending.appendleft(chunk)
+                    else:
+                        failed.append(chunk)
+        if interrupted:
+            raise KeyboardInterrupt
+        self._show(len(failed), 0)
+        if failed:
+            raise self._error(failed)
+        return [c.result for c in self.chunks if c.result is not None]
+
+    def _one(self, chunk: Chunk, slot: Placement) -> RunResult:
+        """One try of one chunk on one slot (in a pool thread)."""
+        client = self.pool.lease(slot.worker.address)
+        healthy = True
+        try:
+            out = PrefixedOutput(chunk.rank, self.write)
+            handlers = OutputHandlers(stream=out.stream, display=self.display)
+            session = self.sessions[slot.worker.address]
+            result = client.execute(self.request_for(chunk, slot, session), chunk.payload, handlers)
+            if result.error is not None:  # the cell raised (after binding some names)
+                raise result.error
+            return result
+        except (TransportError, ProtocolError):
+            healthy = False  # the connection is in doubt: do not reuse it
+            raise
+        finally:
+            self.pool.give_back(client, healthy)
+
+    def _show(self, failed: int, running: int) -> None:
+        done = sum(c.result is not None for c in self.chunks)
+        text = f"{done}/{len(self.chunks)} chunks done on {len(self.slots)} slot(s)"
+        if running:
+            text += f", {running} running"
+        retried = sum(len(c.tried) > 1 for c in self.chunks)
+        if retried:
+            text += f", {retried} retried"
+        if failed:
+            text += f", {failed} failed"
+        self.progress(text)
+
+    def _error(self, failed: list[Chunk]) -> SplitError:
+        first = failed[0]
+        last = first.errors[-1] if first.errors else Lan2GPUError("no slot left to try it on")
+        tries = ", then ".join(first.tried) or "no slot"
+        others = len(failed) - 1
+        group = ExceptionGroup(
+            f"{len(failed)} of {len(self.chunks)} chunk(s) failed",
+            [c.errors[-1] for c in failed if c.errors] or [last],
+        )
+        worker = first.tried[-1].split(" ")[0] if first.tried else ""
+        message = (
+            f"chunk {first.rank} of {len(self.chunks)} (rows {first.piece[0]}:{first.piece[1]}) "
+            f"failed on {tries}: {type(last).__name__}: {str(last).splitlines()[0]}"
+        )
+        if others:
+            message += f" ({others} other chunk(s) failed too; see the errors below)"
+        message += (
+            ". Nothing was assigned in the notebook; fix the cell or the worker and run it again."
+        )
+        return SplitError(message, worker, first.rank, group)

@@ -1,0 +1,163 @@
+"""A ``--split`` cell from start to end: slots, chunks, the fan-out, the gathering.
+
+:func:`prepare` does everything that reads the notebook (the split arrays, the
+inputs, placement) in the calling thread; :meth:`SplitCell.run` then only talks
+to workers, so it can also run in the background (``--async``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker_kernel.protocol.serialize import Payload, dump_values
+
+from .capture import CellPlan
+from .client import ExecuteRequest
+from .errors import ConfigurationError
+from .fanout import Chunk, FanOut, slot_label
+from .jobs import Finished
+from .placement import Placement, Requirements
+from .pool import WorkerPool
+from .split import (
+    RANK,
+    SIZE,
+    SplitSpec,
+    bounds,
+    combine,
+    parse_gather,
+    parse_split,
+    split_length,
+    take,
+)
+
+_SPEED_MEMORY = 0.5  # weight of the newest measurement in a slot's speed
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """The parts of a ``%%lan2gpu`` invocation a split run needs."""
+
+    code: str
+    plan: CellPlan
+    filename: str
+    split: str
+    gather: str | None = None
+    slots: int | None = None  # None: every matching slot
+    balance: bool = False
+    timeout: float | None = None
+    cache: bool = True
+    compress: str | None = None
+    session: str | None = None
+
+
+@dataclass
+class SplitCell:
+    fanout: FanOut
+    specs: list[SplitSpec]
+    rules: dict[str, str]
+    chunks: list[Chunk]
+    speeds: MutableMapping[str, float] = field(default_factory=dict)
+
+    def run(self) -> Finished:
+        """Run every chunk and gather their outputs (raises SplitError on failure)."""
+        results = self.fanout.run()
+        self._learn_speeds()
+        outputs = combine(
+            [r.outputs for r in results],
+            [c.rows for c in self.chunks],
+            self.rules,
+            self.specs[0].axis,
+        )
+        deleted = {n for r in results for n in r.deleted if n not in outputs}
+        warnings = list(dict.fromkeys(w for r in results for w in r.warnings))
+        has_value = any(r.has_value for r in results)
+        values = [r.value for r in results] if has_value else None
+        return Finished(outputs, tuple(sorted(deleted)), warnings, values, has_value)
+
+    def _learn_speeds(self) -> None:
+        for chunk in self.chunks:
+            seconds = float(chunk.result.stats.get("seconds", 0.0)) if chunk.result else 0.0
+            if chunk.slot is None or seconds <= 0 or not chunk.rows:
+                continue
+            key, speed = slot_label(chunk.slot), chunk.rows / seconds
+            old = self.speeds.get(key)
+            self.speeds[key] = speed if old is None else old + _SPEED_MEMORY * (speed - old)
+
+
+def prepare(
+    pool: WorkerPool,
+    spec: CellSpec,
+    namespace: dict[str, Any],
+    req: Requirements,
+    speeds: MutableMapping[str, float],
+    *,
+    write: Callable[[str, str], None],
+    display: Callable[[dict[str, Any], dict[str, Any]], None],
+    progress: Callable[[str], None],
+    cancel: threading.Event | None = None,
+    copy: bool = False,
+) -> SplitCell:
+    """Choose slots, cut the split arrays and serialize every chunk's inputs.
+
+    ``copy``: copy the inputs now (a background cell must not see later changes).
+    """
+    specs = parse_split(spec.split)
+    rules = parse_gather(spec.gather)
+    length = split_length(specs, namespace)
+    unread = [s.name for s in specs if s.name not in spec.plan.inputs]
+    if unread:
+        raise ConfigurationError(
+            f"--split {', '.join(unread)}: the cell does not read it, so there is nothing "
+            "to split; split the arrays the cell works on"
+        )
+    slots = pool.slots(req, spec.slots, spec.session)
+    if spec.balance:
+        known = [speeds[slot_label(s)] for s in slots if slot_label(s) in speeds]
+        guess = sum(known) / len(known) if known else 1.0  # unmeasured slots: the mean
+        weights = [speeds.get(slot_label(s), guess) for s in slots]
+    else:
+        weights = [1.0] * len(slots)
+    pieces = bounds(length, weights)
+    slots = slots[: len(pieces)]  # no more chunks than rows
+    chunks = []
+    for rank, piece in enumerate(pieces):
+        values = {name: namespace[name] for name in spec.plan.inputs if name in namespace}
+        for s in specs:
+            values[s.name] = take(namespace[s.name], s.axis, piece)
+        values[RANK], values[SIZE] = rank, len(pieces)
+        payload, _ = dump_values(
+            {name: values[name] for name in spec.plan.inputs}, namespace=namespace
+        )
+        if copy:
+            payload = Payload(payload.entries, [bytes(memoryview(f)) for f in payload.frames])
+        chunks.append(Chunk(rank, piece, {}, payload))
+
+    def request_for(chunk: Chunk, slot: Placement, session: str) -> ExecuteRequest:
+        return ExecuteRequest(
+            code=spec.code,
+            plan=spec.plan,
+            session=spec.session or session,
+            timeout=spec.timeout,
+            filename=spec.filename,
+            line_offset=1,
+            gpus=tuple(g.index for g in slot.gpus),
+            cpu=slot.cpu,
+            cache=spec.cache,
+            compress=spec.compress,
+            cancel=cancel,
+        )
+
+    fanout = FanOut(
+        pool,
+        slots,
+        chunks,
+        request_for,
+        write=write,
+        display=display,
+        progress=progress,
+        cancel=cancel,
+    )
+    return SplitCell(fanout, specs, rules, chunks, speeds)

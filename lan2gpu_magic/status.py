@@ -1,0 +1,71 @@
+"""What a cell shows while it runs: live output, and one status line updated in place."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from IPython.display import DisplayHandle, publish_display_data
+
+from .placement import Placement
+
+
+def publish(data: dict[str, Any], metadata: dict[str, Any]) -> None:
+    publish_display_data(data=data, metadata=metadata)  # type: ignore[no-untyped-call]
+
+
+def write(name: str, text: str) -> None:
+    out = sys.stderr if name == "stderr" else sys.stdout
+    out.write(text)
+    out.flush()
+
+
+class StatusLine:
+    """One line of output, replaced in place (a display with an id). Thread-safe
+    enough: an update from a background thread reaches the frontend by that id."""
+
+    def __init__(self, text: str) -> None:
+        self.handle = DisplayHandle()  # type: ignore[no-untyped-call]
+        self.handle.display(self._bundle(text), raw=True)  # type: ignore[no-untyped-call]
+
+    @staticmethod
+    def _bundle(text: str) -> dict[str, str]:
+        return {"text/plain": f"lan2gpu: {text}"}
+
+    def show(self, text: str) -> None:
+        self.handle.update(self._bundle(text), raw=True)  # type: ignore[no-untyped-call]
+
+
+class Progress:
+    """One line per cell that says where it runs, updated in place as it moves along."""
+
+    def __init__(self, placement: Placement) -> None:
+        self.where = placement.describe().rsplit(", queue", 1)[0]
+        self.handle = DisplayHandle()  # type: ignore[no-untyped-call]
+        self.handle.display(  # type: ignore[no-untyped-call]
+            self._bundle(f"running on {placement.describe()}"), raw=True
+        )
+
+    @staticmethod
+    def _bundle(text: str) -> dict[str, str]:
+        return {"text/plain": f"lan2gpu: {text}"}
+
+    def status(self, kind: str, content: dict[str, Any]) -> None:
+        if kind == "queued":
+            ahead = int(content.get("position", 0))
+            text = f"waiting for {self.where}: {ahead} cell(s) ahead" if ahead else None
+        elif kind == "started":
+            text = f"running on {self.where}"
+        elif kind == "transfer":
+            mb = float(content.get("bytes", 0)) / 1e6
+            text = f"running on {self.where}; receiving {mb:.0f} MB of results"
+        else:
+            text = None
+        if text:
+            self._show(text)
+
+    def finished(self, seconds: float) -> None:
+        self._show(f"ran on {self.where} in {seconds:.2f} s")
+
+    def _show(self, text: str) -> None:
+        self.handle.update(self._bundle(text), raw=True)  # type: ignore[no-untyped-call]
