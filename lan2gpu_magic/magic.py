@@ -208,7 +208,12 @@ class Lan2GPUMagics(Magics):
         )
         ns = self._shell().user_ns
         if args.async_name:
-            job = Job(args.async_name, "", lambda job: prepared.run())
+
+            def body(job: Job) -> Finished:
+                job.running()  # the chunks' own queues show in the progress
+                return prepared.run()
+
+            job = Job(args.async_name, "", body)
             prepared = split_cell.prepare(
                 self.pool,
                 spec,
@@ -221,9 +226,8 @@ class Lan2GPUMagics(Magics):
                 cancel=job.cancel_event,
                 copy=True,
             )
-            job.where = f"{len(prepared.chunks)} chunk(s) on " + ", ".join(
-                fanout.slot_label(s) for s in prepared.fanout.slots
-            )
+            slots = [fanout.slot_label(s) for s in prepared.fanout.slots]
+            job.where = f"{', '.join(slots)} ({len(prepared.chunks)} chunks)"
             return self._launch(job)
         line = StatusLine("splitting")
         prepared = split_cell.prepare(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -42,6 +43,20 @@ def test_notebook_runs(path, monkeypatch):
         assert "step 0\nstep 1\nstep 2" in text
         assert "log is open: True - steps here: 3" in text
         assert "RemoteExecutionError: IndexError" in text
+    if path.name == "03-split-across-workers.ipynb":
+        assert text.count("lan2gpu: 3/3 chunks done on 3 slot(s)") == 2
+        assert "pi is about 3.1" in text and "(19200 samples on 3 workers)" in text
+        assert sorted(re.findall(r"\[\d\] rows \d+", text)) == [
+            "[0] rows 30",
+            "[1] rows 30",
+            "[2] rows 30",
+        ]
+        assert "image 90x180 from 3 bands" in text
+        images = [
+            o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+        ]
+        assert len(images) == 1
+        assert "deeper image: (90, 180) iterations up to 60" in text
     if path.name == "02-choosing-workers.ipynb":
         assert "lan2gpu: ran on small-box GPU0" in text
         assert "two GPUs of one host: 0,1" in text
