@@ -343,6 +343,12 @@ class Client:
         msg = self._message(m.STATUS, {"detail": detail})
         return self._request(msg, {m.STATUS_REPLY}, timeout).content
 
+    def adopt_session(self) -> str:
+        """This client's default session, for runs on other connections (split
+        chunks, background cells); it is closed with this client, as if used here."""
+        self._used_default_session = True
+        return self.session
+
     def close_session(self, session: str | None = None, timeout: float = 10.0) -> int:
         """Stop the session's executor on the worker (frees its GPU memory)."""
         msg = self._message(m.CLOSE_SESSION, {"session": session or self.session})

@@ -10,7 +10,7 @@ thread cancels every running chunk on its worker before it returns.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -107,13 +107,19 @@ class FanOut:
         self.sessions = {s.worker.address: pool.session_for(s.worker.address) for s in slots}
 
     def run(self) -> list[RunResult]:
-        """Run every chunk; raise :class:`SplitError` if one failed on every try."""
+        """Run every chunk; raise :class:`SplitError` if one failed on every try.
+
+        A first Ctrl-C cancels the running chunks on their workers and waits for
+        them to confirm (a few seconds); a second one stops waiting.
+        """
         pending = deque(self.chunks)
         free = list(self.slots)
         failed: list[Chunk] = []
-        running: dict[cf.Future[RunResult], tuple[Chunk, Placement]] = {}
+        running = 0
+        # Daemon threads: a kernel shutting down must not wait for chunks.
+        finished: queue.Queue[tuple[Chunk, Placement, RunResult | BaseException]] = queue.Queue()
         interrupted = False
-        with cf.ThreadPoolExecutor(len(self.slots), thread_name_prefix="lan2gpu-chunk") as ex:
+        try:
             while pending or running:
                 for chunk in list(pending):
                     slot = next((s for s in free if slot_label(s) not in chunk.tried), None)
@@ -122,34 +128,48 @@ class FanOut:
                     pending.remove(chunk)
                     free.remove(slot)
                     chunk.tried.append(slot_label(slot))
-                    running[ex.submit(self._one, chunk, slot)] = (chunk, slot)
+                    running += 1
+                    threading.Thread(
+                        target=self._one,
+                        args=(chunk, slot, finished),
+                        name=f"lan2gpu-chunk-{chunk.rank}",
+                        daemon=True,
+                    ).start()
                 if not running:  # nothing left that these chunks have not failed on
                     failed += pending
                     break
-                self._show(len(failed), len(running))
+                self._show(len(failed), running)
                 try:
-                    done, _ = cf.wait(running, timeout=_TICK, return_when=cf.FIRST_COMPLETED)
-                except KeyboardInterrupt:
-                    interrupted = True
-                    self.cancel.set()  # each chunk asks its worker to stop, then returns
+                    chunk, slot, outcome = finished.get(timeout=_TICK)
+                except queue.Empty:
                     continue
-                for future in done:
-                    chunk, slot = running.pop(future)
-                    error = future.exception()
-                    if error is None:
-                        chunk.result, chunk.slot = future.result(), slot
-                        free.append(slot)
-                        continue
-                    if not isinstance(error, Exception):
-                        raise error
-                    chunk.errors.append(error)
-                    if not isinstance(error, TransportError):
-                        free.append(slot)  # a lost worker's slot takes no more chunks
-                    cancelled = isinstance(error, ExecutionCancelled) or self.cancel.is_set()
-                    if len(chunk.errors) < self.attempts and not cancelled:
-                        pending.appendleft(chunk)
-                    else:
-                        failed.append(chunk)
+                except KeyboardInterrupt:
+                    if interrupted:
+                        raise  # a second Ctrl-C: stop waiting for the workers
+                    interrupted = True
+                    self.cancel.set()  # each chunk asks its worker to stop, then reports
+                    continue
+                running -= 1
+                if isinstance(outcome, RunResult):
+                    chunk.result, chunk.slot = outcome, slot
+                    free.append(slot)
+                    continue
+                if not isinstance(outcome, Exception):
+                    raise outcome
+                chunk.errors.append(outcome)
+                if isinstance(outcome, TransportError):  # that host takes no more chunks
+                    address = slot.worker.address
+                    free = [s for s in free if s.worker.address != address]
+                else:
+                    free.append(slot)
+                cancelled = isinstance(outcome, ExecutionCancelled) or self.cancel.is_set()
+                if len(chunk.errors) < self.attempts and not cancelled:
+                    pending.appendleft(chunk)
+                else:
+                    failed.append(chunk)
+        except BaseException:
+            self.cancel.set()  # whatever stops this loop, no chunk goes on running
+            raise
         if interrupted:
             raise KeyboardInterrupt
         self._show(len(failed), 0)
@@ -157,8 +177,14 @@ class FanOut:
             raise self._error(failed)
         return [c.result for c in self.chunks if c.result is not None]
 
-    def _one(self, chunk: Chunk, slot: Placement) -> RunResult:
-        """One try of one chunk on one slot (in a pool thread)."""
+    def _one(self, chunk: Chunk, slot: Placement, finished: queue.Queue[Any]) -> None:
+        """One try of one chunk on one slot (in a thread of its own); reports to ``finished``."""
+        try:
+            finished.put((chunk, slot, self._try(chunk, slot)))
+        except BaseException as exc:  # reported, and raised there if not an Exception
+            finished.put((chunk, slot, exc))
+
+    def _try(self, chunk: Chunk, slot: Placement) -> RunResult:
         client = self.pool.lease(slot.worker.address)
         healthy = True
         try:
@@ -189,7 +215,12 @@ class FanOut:
 
     def _error(self, failed: list[Chunk]) -> SplitError:
         first = failed[0]
-        last = first.errors[-1] if first.errors else Lan2GPUError("no slot left to try it on")
+        if first.errors:
+            last: Exception = first.errors[-1]
+        elif self.cancel.is_set():
+            last = ExecutionCancelled("cancelled before it started")
+        else:
+            last = Lan2GPUError("no working slot left that it had not failed on")
         tries = ", then ".join(first.tried) or "no slot"
         others = len(failed) - 1
         group = ExceptionGroup(
@@ -199,7 +230,7 @@ class FanOut:
         worker = first.tried[-1].split(" ")[0] if first.tried else ""
         message = (
             f"chunk {first.rank} of {len(self.chunks)} (rows {first.piece[0]}:{first.piece[1]}) "
-            f"failed on {tries}: {type(last).__name__}: {str(last).splitlines()[0]}"
+            f"failed on {tries}: {type(last).__name__}: {(str(last).splitlines() or [''])[0]}"
         )
         if others:
             message += f" ({others} other chunk(s) failed too; see the errors below)"

@@ -86,8 +86,9 @@ class Lan2GPUMagics(Magics):
     def close(self) -> None:
         for job in self.jobs.values():
             job.cancel()
+        deadline = time.monotonic() + 10  # cancelled cells confirm within seconds
         for job in self.jobs.values():
-            job.wait(10)
+            job.wait(max(0.0, deadline - time.monotonic()))
         self.pool.close()
         atexit.unregister(self.close)
 
@@ -249,11 +250,12 @@ class Lan2GPUMagics(Magics):
         args = c.args
         client, placement = self.pool.choose(c.requirements, session=args.session)
         address = placement.worker.address
+        session = client.adopt_session()  # the notebook's session there, closed with it
         # The cell's inputs as they are now: later changes here must not reach it.
         payload = Payload(payload.entries, [bytes(memoryview(f)) for f in payload.frames])
 
         def body(job: Job) -> Finished:
-            request = self._request(c, placement, client.session, {}, job.cancel_event)
+            request = self._request(c, placement, session, {}, job.cancel_event)
             handlers = OutputHandlers(stream=job.stream, display=job.display, status=job.status)
             leased = self.pool.lease(address)
             healthy = True

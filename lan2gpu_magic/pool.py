@@ -157,6 +157,7 @@ class WorkerPool:
         self._spare: dict[str, list[Client]] = {}
         self._lent: set[Client] = set()
         self._lock = threading.Lock()
+        self._closed = False  # lent clients are closed by their thread on give_back
         for address in addresses:
             entry = _Entry(address, key_file, CONFIGURED, self.server_keys.get(address))
             self._entries[address] = entry
@@ -324,7 +325,7 @@ class WorkerPool:
         entry = self._entries.get(address)
         if entry is None or entry.client is None:
             raise NoWorkerAvailable(f"{address} is not a connected worker")
-        return entry.client.session
+        return entry.client.adopt_session()
 
     def lease(self, address: str) -> Client:
         """A connection to ``address`` for one run in another thread: an idle one
@@ -354,7 +355,8 @@ class WorkerPool:
             self._lent.discard(client)
             spare = self._spare.setdefault(client.address, [])
             if (
-                healthy
+                not self._closed
+                and healthy
                 and client.address in self._entries
                 and not client.transport.closed
                 and len(spare) < _MAX_SPARE
@@ -409,9 +411,11 @@ class WorkerPool:
                 entry.client = None
         self._entries.clear()
         with self._lock:
-            extra = [c for spare in self._spare.values() for c in spare] + list(self._lent)
+            # Lent clients are in use by another thread (sockets are not thread-safe):
+            # that thread closes them when it gives them back.
+            self._closed = True
+            extra = [c for spare in self._spare.values() for c in spare]
             self._spare.clear()
-            self._lent.clear()
         for client in extra:
             client.close()
         if self._browser is not None:

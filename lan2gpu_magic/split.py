@@ -42,11 +42,15 @@ def parse_split(text: str) -> list[SplitSpec]:
     specs = []
     for item in (part.strip() for part in text.split(",")):
         name, _, axis = item.partition(":")
-        if not name.isidentifier() or (axis and not axis.lstrip("-").isdigit()):
+        try:
+            number = int(axis or 0)
+        except ValueError:
+            number = None
+        if not name.isidentifier() or number is None:
             raise ConfigurationError(
                 f"--split {text!r}: write names, each optionally with an axis, like x,y:1"
             )
-        specs.append(SplitSpec(name, int(axis or 0)))
+        specs.append(SplitSpec(name, number))
     if len({s.name for s in specs}) != len(specs):
         raise ConfigurationError(f"--split {text!r} names a variable twice")
     return specs

@@ -107,6 +107,9 @@ def prepare(
     specs = parse_split(spec.split)
     rules = parse_gather(spec.gather)
     length = split_length(specs, namespace)
+    # Negative axes counted from the end, as numpy does; gathering needs them positive.
+    specs = [SplitSpec(s.name, s.axis % namespace[s.name].ndim) for s in specs]
+    cancel = cancel or threading.Event()  # Ctrl-C in the calling thread sets it
     unread = [s.name for s in specs if s.name not in spec.plan.inputs]
     if unread:
         raise ConfigurationError(

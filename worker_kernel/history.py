@@ -33,11 +33,16 @@ class GpuHistory:
         self._last = float("-inf")
 
     def sample(self, caps: Capabilities, busy: Iterable[str], now: float | None = None) -> None:
-        """Record one sample per GPU, at most one every ``every`` seconds."""
-        now = time.time() if now is None else now
-        if now - self._last < self.every:
+        """Record one sample per GPU, at most one every ``every`` seconds.
+
+        ``now``: the sample's wall time (default: now); spacing goes by the
+        monotonic clock when it is not given, so a clock step cannot stall it.
+        """
+        tick = time.monotonic() if now is None else now
+        if tick - self._last < self.every:
             return
-        self._last = now
+        self._last = tick
+        now = time.time() if now is None else now
         busy = set(busy)
         for gpu in caps.gpus:
             ring = self._samples.setdefault(gpu.index, deque(maxlen=self._size))

@@ -12,6 +12,7 @@ same as JSON.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
@@ -71,8 +72,8 @@ class DashboardApp(ExtensionApp):
         )
 
     async def stop_extension(self) -> None:
-        if self.monitor is not None:
-            self.monitor.close()
+        if self.monitor is not None:  # joining its thread must not block the event loop
+            await asyncio.to_thread(self.monitor.close)
 
 
 def _jupyter_server_extension_points() -> list[dict[str, Any]]:

@@ -51,6 +51,10 @@ class PageHandler(_Handler):
     @web.authenticated
     @authorized
     def get(self) -> None:
+        if not self.request.path.endswith("/"):  # the page's links are relative to it
+            query = f"?{self.request.query}" if self.request.query else ""
+            self.redirect(self.request.path + "/" + query)
+            return
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.set_header("Cache-Control", "no-store")
         self.finish(_asset("index.html"))

@@ -55,7 +55,7 @@ class Monitor:
             self._thread = threading.Thread(target=self._run, name="lan2gpu-dashboard", daemon=True)
             self._thread.start()
 
-    async def snapshot(self, wait: float = 10.0) -> Snapshot:
+    async def snapshot(self, wait: float = 5.0) -> Snapshot:
         """The latest snapshot; the first time, wait (up to ``wait`` s) for the first poll."""
         self.touch()
         if self._latest is None:
@@ -64,23 +64,32 @@ class Monitor:
 
     def _wait_first(self, wait: float) -> None:
         with self._fresh:
-            self._fresh.wait_for(lambda: self._latest is not None or self._stop.is_set(), wait)
+            self._fresh.wait_for(
+                lambda: self._latest is not None or bool(self.error) or not self._alive(), wait
+            )
+
+    def _alive(self) -> bool:
+        return not self._stop.is_set() and self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
         pool: WorkerPool | None = None
         try:
-            pool = self._make_pool()
             while not self._stop.is_set():
                 if time.monotonic() - self._last_request > self.idle_after:
                     self._wanted.clear()
                     self._wanted.wait()  # until a request (or close) sets it
                     continue
                 t0 = time.monotonic()
-                self._poll(pool)
+                try:
+                    pool = pool or self._make_pool()
+                    self._poll(pool)
+                    self.error = ""
+                except Exception as exc:  # e.g. a bad key file, mDNS failing: say so, go on
+                    log.warning("lan2gpu dashboard: poll failed: %s", exc, exc_info=True)
+                    self.error = f"poll failed: {exc}"
+                    with self._fresh:
+                        self._fresh.notify_all()  # a first request gets the error at once
                 self._stop.wait(max(0.0, self.interval - (time.monotonic() - t0)))
-        except Exception:  # the page must say so, not go silent
-            log.exception("lan2gpu dashboard: polling stopped")
-            self.error = "polling stopped after an internal error; see the server log"
         finally:
             if pool is not None:
                 pool.close()
@@ -88,13 +97,7 @@ class Monitor:
                 self._fresh.notify_all()
 
     def _poll(self, pool: WorkerPool) -> None:
-        try:
-            rows = pool.rows(detail=True)
-            self.error = ""
-        except Exception as exc:  # e.g. mDNS failing: keep the last snapshot
-            log.warning("lan2gpu dashboard: poll failed: %s", exc)
-            self.error = f"poll failed: {exc}"
-            return
+        rows = pool.rows(detail=True)
         known = {row.address for row in rows}
         self._last = {a: s for a, s in self._last.items() if a in known}  # forgotten: gone
         self._last.update({row.address: row.status for row in rows if row.status is not None})

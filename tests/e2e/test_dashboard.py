@@ -80,6 +80,8 @@ def test_the_page_and_api_follow_jupyter_authentication(server: JupyterServer) -
     assert status == 200 and b'src="static/dashboard.js"' in page
     assert "script-src 'self'" in headers["Content-Security-Policy"]  # nothing from a CDN
     assert server.get("/lan2gpu/static/dashboard.js")[0] == 200
+    status, _, headers = server.get("/lan2gpu")  # the page's links are relative to /lan2gpu/
+    assert status == 302 and headers["Location"].endswith("/lan2gpu/")
     assert server.get("/lan2gpu/static/nope.js")[0] == 404
     index = server.api("")
     assert [e.rsplit("/", 1)[1] for e in index["endpoints"]] == ["workers", "gpus", "jobs"]

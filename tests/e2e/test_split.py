@@ -150,6 +150,20 @@ def test_a_chunk_whose_worker_dies_is_retried_elsewhere(
     assert "1 retried" in run.progress()[-1]
 
 
+def test_interrupting_a_split_cell_stops_every_chunk(kernel: Kernel, trio) -> None:
+    ok(kernel, "import numpy as np\nx = np.arange(6.0)")
+    run = kernel.run(
+        "%%lan2gpu --split x:-1\nimport time\nn = len(x)\ntime.sleep(120)\nnever = 1",
+        timeout=60,
+        interrupt_after=3,
+    )
+    assert run.error()["ename"] == "KeyboardInterrupt"
+    assert value(kernel, "'never' in globals()") == "False"
+    # The workers are free again at once: a split cell over all three runs now.
+    ok(kernel, "%%lan2gpu --split x --workers 3\ny = -x", timeout=60)
+    assert value(kernel, "y.tolist()") == "[-0.0, -1.0, -2.0, -3.0, -4.0, -5.0]"
+
+
 def test_a_chunk_failing_twice_raises_naming_it_with_every_error(kernel: Kernel) -> None:
     ok(kernel, "import numpy as np\nx = np.arange(6.0)")
     run = kernel.run(

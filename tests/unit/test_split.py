@@ -25,7 +25,8 @@ def test_parse_split_and_gather() -> None:
     assert parse_split("x, y:1") == [SplitSpec("x", 0), SplitSpec("y", 1)]
     assert parse_gather("out:concat,total:sum") == {"out": "concat", "total": "sum"}
     assert parse_gather(None) == {}
-    for bad in ("x,x", "1x", "x:a"):
+    assert parse_split("x:-1") == [SplitSpec("x", -1)]
+    for bad in ("x,x", "1x", "x:a", "x:--1", "x:\u00b2"):
         with pytest.raises(ConfigurationError, match="--split"):
             parse_split(bad)
     with pytest.raises(ConfigurationError, match="RULE one of"):
