@@ -412,7 +412,7 @@ class Lan2GPUMagics(Magics):
         return None
 
     def _print_status(self) -> None:
-        for row in self.pool.rows():
+        for row in self.pool.rows(max_age=0):
             if row.status is None:
                 print(f"{row.address}: unusable: {row.problem}")
                 continue
@@ -431,7 +431,7 @@ class Lan2GPUMagics(Magics):
                 print("  idle")
 
     def _print_workers(self) -> None:
-        rows = self.pool.rows()
+        rows = self.pool.rows(max_age=0)
         if not rows:
             print(
                 "no workers configured or found; a local one starts with the first %%lan2gpu cell"

@@ -21,7 +21,7 @@ from typing import Any
 
 from worker_kernel.protocol.errors import Lan2GPUError, NoWorkerAvailable
 
-from .client import Client, fetch_statuses, state_of
+from .client import Client, StatusReply, fetch_statuses, state_of
 from .discovery import Browser
 from .embedded import EmbeddedWorker
 from .placement import (
@@ -53,6 +53,9 @@ class _Entry:
     state: str = "up"  # or why it is unusable: "unreachable", "key mismatch", ...
     retry_at: float = 0.0  # skip this worker until then (it just failed)
     failures: int = 0  # in a row: the wait before the next try doubles
+    status: dict[str, Any] | None = None  # the last status reply, and when it came
+    status_at: float = float("-inf")
+    latency: float = float("inf")
 
     def failed(self, problem: str, state: str, retry_at: float) -> None:
         self.problem, self.state, self.retry_at = problem, state, retry_at
@@ -133,6 +136,7 @@ class WorkerPool:
         discovery_wait: float = 1.0,
         connect_timeout: float = 10.0,
         status_timeout: float = 2.0,
+        status_ttl: float = 0.5,
         announce: Callable[[str], None] = print,
         server_keys: Mapping[str, str] | None = None,
         retry_after: float = _RETRY_AFTER,
@@ -141,6 +145,7 @@ class WorkerPool:
         self.key_file = key_file
         self.connect_timeout = connect_timeout
         self.status_timeout = status_timeout
+        self.status_ttl = status_ttl
         self.allow_embedded = embedded
         self.discovery = discovery
         self.discovery_wait = discovery_wait
@@ -270,22 +275,33 @@ class WorkerPool:
 
     # -- looking and choosing -----------------------------------------------------
 
-    def rows(self, session: str | None = None, detail: bool = False) -> list[WorkerRow]:
+    def rows(
+        self, session: str | None = None, detail: bool = False, max_age: float | None = None
+    ) -> list[WorkerRow]:
         """Every known worker with its live status, or the reason it is unusable.
 
         ``session``: the cell's session (default: each client's own), so each
         view marks the GPUs where that session already has an executor.
         ``detail``: ask for GPU history and recent cells too (dashboards).
+        ``max_age``: reuse a status at most this old (default ``status_ttl``;
+        0 always asks), so cells run back to back skip one round trip.
         """
         self._discover()
         self._connect_pending()
         now = time.monotonic()
+        max_age = self.status_ttl if max_age is None else max_age
         entries = list(self._entries.values())
         asked = [e for e in entries if e.client is not None and e.retry_at <= now]
-        clients = [e.client for e in asked if e.client]
-        replies = fetch_statuses(clients, self.status_timeout, detail)
+        stale = [e for e in asked if detail or e.status is None or now - e.status_at > max_age]
+        clients = [e.client for e in stale if e.client]
+        answers = fetch_statuses(clients, self.status_timeout, detail)
+        fetched = dict(zip(map(id, stale), answers, strict=True))
+        replies = [fetched.get(id(e)) or StatusReply(e.status, e.latency) for e in asked]
         rows: list[WorkerRow] = []
         for entry, reply in zip(asked, replies, strict=True):
+            if id(entry) in fetched:
+                entry.status, entry.latency = reply.status, reply.latency
+                entry.status_at = now
             if reply.status is None or entry.client is None:
                 self._failed(entry, reply.problem, reply.state, now)
             else:

@@ -41,10 +41,11 @@ class Progress:
 
     def __init__(self, placement: Placement) -> None:
         self.where = placement.describe().rsplit(", queue", 1)[0]
+        ahead = placement.queue
+        self.text = f"waiting for {self.where}: {ahead} cell(s) ahead" if ahead else ""
+        self.text = self.text or f"running on {self.where}"
         self.handle = DisplayHandle()  # type: ignore[no-untyped-call]
-        self.handle.display(  # type: ignore[no-untyped-call]
-            self._bundle(f"running on {placement.describe()}"), raw=True
-        )
+        self.handle.display(self._bundle(self.text), raw=True)  # type: ignore[no-untyped-call]
 
     @staticmethod
     def _bundle(text: str) -> dict[str, str]:
@@ -68,4 +69,6 @@ class Progress:
         self._show(f"ran on {self.where} in {seconds:.2f} s")
 
     def _show(self, text: str) -> None:
-        self.handle.update(self._bundle(text), raw=True)  # type: ignore[no-untyped-call]
+        if text != self.text:  # each update is a message to the frontend
+            self.text = text
+            self.handle.update(self._bundle(text), raw=True)  # type: ignore[no-untyped-call]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import zmq
@@ -25,6 +24,7 @@ from worker_kernel.protocol.errors import (
 )
 from worker_kernel.protocol.messages import Message
 from worker_kernel.protocol.wire import Limits, Wire
+from worker_kernel.receive import recv_message
 
 log = logging.getLogger(__name__)
 
@@ -106,20 +106,15 @@ class Transport:
         try:
             if not sock.poll(max(0, int(timeout * 1000))):
                 return None
-            frames = sock.recv_multipart(copy=False)
+            # Frame by frame into each buffer's final memory (no reassembly copy).
+            return recv_message(sock, self.wire)
         except zmq.ZMQError as exc:
             raise TransportError(f"cannot receive from {self.address}: {exc}") from None
-        return self.decode([f.buffer for f in frames])
-
-    def decode(self, frames: Sequence[memoryview]) -> Message:
-        try:
-            msg = self.wire.decode(frames)
         except ProtocolError as exc:
             raise type(exc)(
                 f"a message from {self.address} was dropped: {exc}. If this repeats, the "
                 "worker uses a different key file than this notebook."
             ) from None
-        return msg
 
     def notice_error(self, notice: Message) -> ProtocolError:
         """The error an unsigned rejection notice from the worker stands for."""

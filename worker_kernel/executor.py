@@ -30,6 +30,7 @@ from . import health
 from .execute import CellRunner, TimeoutInterrupt
 from .protocol.messages import Message
 from .protocol.wire import Wire
+from .receive import drain, recv_message
 from .streams import OutputChannel
 
 EXIT_ORPHANED = 70
@@ -128,14 +129,17 @@ class Executor:
         with self.lock:
             self.sock.send_multipart([b"ready", json.dumps({"pid": os.getpid()}).encode()])
         while True:
-            frames = self.sock.recv_multipart(copy=False)
-            tag = frames[0].bytes
+            tag = self.sock.recv()
             if tag == b"stop":
+                drain(self.sock)
                 return
-            if tag == b"exec":
-                control: dict[str, Any] = json.loads(frames[1].bytes)
-                msg = self.wire.decode([f.buffer for f in frames[2:]], trusted_hop=True)
-                self.runner.run(msg, str(control["client"]))
+            if tag != b"exec" or not self.sock.getsockopt(zmq.RCVMORE):
+                drain(self.sock)
+                continue
+            control: dict[str, Any] = json.loads(self.sock.recv())
+            # Into each buffer's final memory: the cell's arrays are built on it.
+            msg = recv_message(self.sock, self.wire, trusted_hop=True)
+            self.runner.run(msg, str(control["client"]))
 
     def close(self) -> None:
         self.channel.close()

@@ -236,6 +236,62 @@ class Wire:
         service only relays them): chunked buffers are then not copied together.
         """
         views = [memoryview(f) for f in frames]
+        opened = self._open(views[:_PRELUDE], len(views) - _PRELUDE, trusted_hop)
+        if isinstance(opened, Message):  # an unsigned notice
+            return opened
+        header, declared, total = opened
+        buffers = self._buffers(declared, views[_PRELUDE:], not trusted_hop, assemble)
+        return self._message(header, declared, total, buffers, trusted_hop)
+
+    def _message(
+        self,
+        header: dict[str, Any],
+        declared: list[list[Any]],
+        total: int,
+        buffers: list[Buffer],
+        trusted_hop: bool,
+    ) -> Message:
+        if not trusted_hop:
+            self.replay.record(header["id"], total)
+        return Message(
+            kind=header["kind"],
+            content=header["content"],
+            buffers=buffers,
+            session=header["session"],
+            parent=header["parent"],
+            to=header["to"],
+            id=header["id"],
+            sent=header["sent"],
+            digests=[str(entry[1]) for entry in declared],
+            declared_bytes=total,
+        )
+
+    def begin(self, prelude: Sequence[Buffer], *, trusted_hop: bool = False) -> Incoming | Message:
+        """Start receiving a message frame by frame, from its first five frames.
+
+        The signature is checked before anything is allocated; the result says
+        where each buffer frame that follows goes (:meth:`Incoming.targets`),
+        so a receiver can copy frames straight into their final place (no
+        reassembly copy, half the peak memory). A notice comes back as is.
+        Raises :class:`ProtocolError` like :meth:`decode`.
+        """
+        try:
+            # How many buffer frames follow is known only from the (signed) header.
+            opened = self._open([memoryview(f) for f in prelude], 0, trusted_hop, stream=True)
+            if isinstance(opened, Message):
+                return opened  # a notice: the receiver checks that no frame follows
+            return Incoming(self, *opened, trusted_hop)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # e.g. RecursionError on a hostile header
+            raise MessageRejected(f"malformed message ({type(exc).__name__})") from None
+
+    def _open(
+        self, views: list[memoryview], nbuffers: int, trusted_hop: bool, stream: bool = False
+    ) -> tuple[dict[str, Any], list[list[Any]], int] | Message:
+        """Check the prelude (magic, version, kind, header, signature) of a message
+        with ``nbuffers`` buffer frames: the header, its buffer list and total bytes,
+        or the notice it is. Nothing of the buffers is looked at."""
         if len(views) < _PRELUDE or bytes(views[0]) != MAGIC:
             raise MessageRejected("not a lan2gpu message (bad magic or too few frames)")
         version = bytes(views[1])
@@ -248,16 +304,16 @@ class Wire:
         kind = bytes(views[2]).decode("ascii", errors="replace")
         if kind not in KINDS:
             raise MessageRejected(f"unknown message kind {kind!r}")
-        if len(views) - _PRELUDE > self.limits.max_frames:
+        if nbuffers > self.limits.max_frames:
             raise MessageRejected(
-                f"message has {len(views) - _PRELUDE} buffer frames, more than the limit of "
+                f"message has {nbuffers} buffer frames, more than the limit of "
                 f"{self.limits.max_frames}"
             )
         if views[3].nbytes > self.limits.max_header_bytes:
             raise MessageRejected(f"header of {views[3].nbytes} bytes is over the limit")
         signature = bytes(views[4])
-        if not signature and kind == REJECT and len(views) == _PRELUDE:
-            return self._notice(views[3])
+        if not signature and kind == REJECT and nbuffers == 0:
+            return self._notice(views[3])  # a streamed one must then have no more frames
         if not hmac.compare_digest(signature, _mac(self.key, views[:4])):
             raise AuthenticationError(
                 "message signature does not verify: the sender uses a different key, or "
@@ -268,27 +324,15 @@ class Wire:
             raise MessageRejected("header kind does not match the kind frame")
         declared = header["buffers"]
         total = sum(int(entry[0]) for entry in declared)
+        if stream and sum(int(entry[2]) for entry in declared) > self.limits.max_frames:
+            raise MessageRejected("header declares more buffer frames than the limit")
         if total > self.limits.max_bytes:
             raise MessageRejected(
                 f"message carries {total} bytes, over the limit of {self.limits.max_bytes}"
             )
         if not trusted_hop:
             self.replay.check(header["id"], header["sent"], total)
-        buffers = self._buffers(declared, views[_PRELUDE:], not trusted_hop, assemble)
-        if not trusted_hop:
-            self.replay.record(header["id"], total)
-        return Message(
-            kind=kind,
-            content=header["content"],
-            buffers=buffers,
-            session=header["session"],
-            parent=header["parent"],
-            to=header["to"],
-            id=header["id"],
-            sent=header["sent"],
-            digests=[str(entry[1]) for entry in declared],
-            declared_bytes=total,
-        )
+        return header, declared, total
 
     def _buffers(
         self, declared: list[list[Any]], frames: Sequence[memoryview], verify: bool, assemble: bool
@@ -341,6 +385,87 @@ class Wire:
             content={"reason": reason, "code": code},
             parent=parent,
             authenticated=False,
+        )
+
+
+class Incoming:
+    """A signed message whose buffer frames are still to come (:meth:`Wire.begin`).
+
+    For every buffer frame, in order, :meth:`targets` gives either a writable
+    view to receive it into (raw buffers: each frame is a ``CHUNK``-sized slice
+    of the buffer's final memory) or ``None`` (compressed: hand the frame to
+    :meth:`put`). :meth:`finish` checks sizes and digests and returns the message.
+    """
+
+    def __init__(
+        self,
+        wire: Wire,
+        header: dict[str, Any],
+        declared: list[list[Any]],
+        total: int,
+        trusted_hop: bool,
+    ) -> None:
+        self._wire, self._header, self._declared = wire, header, declared
+        self._total, self._trusted = total, trusted_hop
+        self._buffers: list[Buffer] = []
+        self._targets: list[memoryview | None] = []
+        self._frames: dict[int, list[Buffer]] = {}  # compressed buffers' frames
+        for i, entry in enumerate(declared):
+            nbytes, count, codec = int(entry[0]), int(entry[2]), entry[3]
+            if codec == compress.LZ4:
+                self._buffers.append(b"")
+                self._frames[i] = []
+                self._targets += [None] * count
+                continue
+            if codec:
+                raise MessageRejected(f"buffer {i} uses an unknown codec {codec!r}")
+            if count != max(1, math.ceil(nbytes / CHUNK)):
+                raise MessageRejected(f"buffer {i} does not match the {nbytes} bytes declared")
+            memory = bytearray(nbytes)  # writable, so arrays built on it are
+            self._buffers.append(memory)
+            view = memoryview(memory)
+            self._targets += [view[k : k + CHUNK] for k in range(0, nbytes, CHUNK)] or [view]
+        self._owner = [i for i, entry in enumerate(declared) for _ in range(int(entry[2]))]
+        self._next = 0
+
+    def targets(self) -> list[memoryview | None]:
+        return list(self._targets)
+
+    def received(self, nbytes: int) -> None:
+        """The next frame went into its target; it was ``nbytes`` long."""
+        target = self._targets[self._next]
+        if target is None or nbytes != target.nbytes:
+            raise MessageRejected(f"buffer {self._owner[self._next]} has a frame of a wrong size")
+        self._next += 1
+
+    def put(self, frame: Buffer) -> None:
+        """The next frame, for a compressed buffer."""
+        if self._next >= len(self._targets) or self._targets[self._next] is not None:
+            raise MessageRejected("a frame arrived where the header declares none")
+        self._frames[self._owner[self._next]].append(frame)
+        self._next += 1
+
+    def finish(self) -> Message:
+        """All frames are in: verify and return the message."""
+        if self._next != len(self._targets):
+            raise MessageRejected(
+                f"header declares {len(self._targets)} buffer frames, but {self._next} arrived"
+            )
+        for i, frames in self._frames.items():
+            nbytes = int(self._declared[i][0])
+            chunks = [memoryview(c) for c in _inflate(frames, nbytes, i)]
+            if sum(c.nbytes for c in chunks) != nbytes:
+                raise MessageRejected(f"buffer {i} does not match the {nbytes} bytes declared")
+            self._buffers[i] = chunks[0] if len(chunks) == 1 else _join(chunks, nbytes)
+        if not self._trusted:
+            for i, (buffer, entry) in enumerate(zip(self._buffers, self._declared, strict=True)):
+                nbytes = memoryview(buffer).nbytes
+                threads = blake3.blake3.AUTO if nbytes >= _PARALLEL_HASH_BYTES else 1
+                got = blake3.blake3(buffer, max_threads=threads).hexdigest()
+                if not hmac.compare_digest(got, str(entry[1])):
+                    raise AuthenticationError(f"buffer {i} does not match its signed digest")
+        return self._wire._message(
+            self._header, self._declared, self._total, self._buffers, self._trusted
         )
 
 

@@ -1,0 +1,97 @@
+"""Receiving a message frame by frame into its final memory, over a real socket pair."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import zmq
+
+from worker_kernel.protocol import compress
+from worker_kernel.protocol import messages as m
+from worker_kernel.protocol.errors import AuthenticationError, MessageRejected
+from worker_kernel.protocol.messages import Message
+from worker_kernel.protocol.wire import CHUNK, Wire
+from worker_kernel.receive import recv_message
+
+KEY = secrets.token_bytes(32)
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[zmq.Socket[bytes], zmq.Socket[bytes]]]:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    a.bind("inproc://receive-test")
+    b.connect("inproc://receive-test")
+    yield a, b
+    a.close(linger=0)
+    b.close(linger=0)
+    ctx.term()
+
+
+def _message(*buffers: bytes | memoryview, codecs: list[str] | None = None) -> list[bytes]:
+    msg = Message(kind=m.RESULT, content={"n": len(buffers)}, buffers=list(buffers))
+    msg.codecs = codecs or []
+    return [bytes(f) for f in Wire(KEY).encode(msg)]
+
+
+def _ping() -> list[bytes]:
+    return [bytes(f) for f in Wire(KEY).encode(Message(kind=m.PING, content={"i": 1}))]
+
+
+def test_buffers_land_whole_and_writable(pair) -> None:
+    sender, receiver = pair
+    big = np.arange((3 * CHUNK + 123) // 4, dtype=np.float32).tobytes()
+    zeros = bytes(2 * CHUNK)  # compressible: sent as LZ4 chunks
+    sender.send_multipart(_message(b"small", big, b"", zeros, codecs=["", "", "", compress.LZ4]))
+    msg = recv_message(receiver, Wire(KEY))
+    assert msg.content == {"n": 4}
+    assert [bytes(b) for b in msg.buffers] == [b"small", big, b"", zeros]
+    assert isinstance(msg.buffers[1], bytearray)  # arrays built on it are writable
+    assert not receiver.getsockopt(zmq.RCVMORE)
+
+
+@pytest.mark.parametrize(
+    "spoil",
+    [
+        pytest.param(lambda f: [*f[:6], f[6][:-1] + b"x", *f[7:]], id="a-flipped-byte"),
+        pytest.param(lambda f: [*f[:6], f[6][:-5], *f[7:]], id="a-short-frame"),
+        pytest.param(lambda f: [*f[:6], f[6] + b"12345", *f[7:]], id="a-long-frame"),
+        pytest.param(lambda f: f[:-1], id="a-missing-frame"),
+        pytest.param(lambda f: [*f, b"extra"], id="an-extra-frame"),
+        pytest.param(lambda f: [*f[:4], b"0" * 32, *f[5:]], id="a-bad-signature"),
+        pytest.param(lambda f: f[:3], id="too-few-frames"),
+    ],
+)
+def test_a_bad_message_is_rejected_whole_and_the_next_one_arrives(pair, spoil) -> None:
+    sender, receiver = pair
+    frames = _message(b"head", bytes(range(256)) * (CHUNK // 128))  # 2 MiB: two frames
+    sender.send_multipart(spoil(frames))
+    sender.send_multipart(_ping())
+    with pytest.raises((MessageRejected, AuthenticationError)):
+        recv_message(receiver, Wire(KEY))
+    assert recv_message(receiver, Wire(KEY)).content == {"i": 1}  # in step again
+
+
+def test_a_notice_comes_back_unauthenticated_and_may_not_carry_buffers(pair) -> None:
+    sender, receiver = pair
+    sender.send_multipart(Wire.encode_notice("go away", code="AuthenticationError"))
+    notice = recv_message(receiver, Wire(KEY))
+    assert notice.authenticated is False and notice.content["reason"] == "go away"
+    sender.send_multipart([*Wire.encode_notice("with a payload"), b"x" * 100])
+    sender.send_multipart(_ping())
+    with pytest.raises(MessageRejected, match="notice with buffer frames"):
+        recv_message(receiver, Wire(KEY))
+    assert recv_message(receiver, Wire(KEY)).kind == m.PING
+
+
+def test_nothing_is_allocated_for_a_message_with_a_wrong_key(pair) -> None:
+    sender, receiver = pair
+    other = Wire(secrets.token_bytes(32))
+    huge = Message(kind=m.RESULT, buffers=[bytes(CHUNK)])
+    sender.send_multipart(other.encode(huge))
+    with pytest.raises(AuthenticationError):
+        Wire(KEY).begin([receiver.recv() for _ in range(5)])
+    receiver.recv()  # the buffer frame was never asked for

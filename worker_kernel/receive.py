@@ -1,0 +1,61 @@
+"""Receive one lan2gpu message from a ZeroMQ socket frame by frame.
+
+A large buffer travels as many 1 MiB frames. Receiving them all and then
+joining them holds the buffer twice; here each frame is copied straight into
+the buffer's final memory as it is received (``recv_into``), and freed by
+libzmq at once, so a receiver holds it about once. The signature is checked
+from the first five frames before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import zmq
+
+from .protocol.errors import MessageRejected
+from .protocol.messages import Message
+from .protocol.wire import Wire
+
+_PRELUDE = 5  # magic, version, kind, header, signature
+
+
+def recv_message(sock: zmq.Socket[Any], wire: Wire, *, trusted_hop: bool = False) -> Message:
+    """The next message on ``sock``, verified (raises a ProtocolError otherwise).
+
+    The whole multipart message is consumed either way, so the socket stays in
+    step after a rejection.
+    """
+    try:
+        prelude = [sock.recv(copy=False)]
+        while len(prelude) < _PRELUDE and sock.getsockopt(zmq.RCVMORE):
+            prelude.append(sock.recv(copy=False))
+        if len(prelude) < _PRELUDE:
+            return wire.decode([f.buffer for f in prelude])  # raises: too few frames
+        incoming = wire.begin([f.buffer for f in prelude], trusted_hop=trusted_hop)
+        del prelude
+        if isinstance(incoming, Message):
+            if sock.getsockopt(zmq.RCVMORE):
+                raise MessageRejected("an unsigned notice with buffer frames")
+            return incoming
+        for target in incoming.targets():
+            if not sock.getsockopt(zmq.RCVMORE):
+                break  # finish() says how many were missing
+            if target is None:
+                incoming.put(sock.recv(copy=False).buffer)
+            else:
+                incoming.received(sock.recv_into(target))
+        if sock.getsockopt(zmq.RCVMORE):
+            raise MessageRejected("more buffer frames than the header declares")
+        return incoming.finish()
+    except BaseException:
+        with contextlib.suppress(zmq.ZMQError):  # e.g. the socket itself failed
+            drain(sock)
+        raise
+
+
+def drain(sock: zmq.Socket[Any]) -> None:
+    """Discard the rest of a multipart message (its frames are all here already)."""
+    while sock.getsockopt(zmq.RCVMORE):
+        sock.recv_into(bytearray())
