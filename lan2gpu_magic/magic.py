@@ -207,7 +207,7 @@ class Lan2GPUMagics(Magics):
             compress=args.compress,
             session=args.session,
         )
-        ns = self._shell().user_ns
+        job: Job | None = None
         if args.async_name:
 
             def body(job: Job) -> Finished:
@@ -215,34 +215,26 @@ class Lan2GPUMagics(Magics):
                 return prepared.run()
 
             job = Job(args.async_name, "", body)
-            prepared = split_cell.prepare(
-                self.pool,
-                spec,
-                ns,
-                requirements,
-                self._speeds,
-                write=job.stream,
-                display=job.display,
-                progress=job.progress,
-                cancel=job.cancel_event,
-                copy=True,
-            )
-            slots = [fanout.slot_label(s) for s in prepared.fanout.slots]
-            job.where = f"{', '.join(slots)} ({len(prepared.chunks)} chunks)"
-            return self._launch(job)
-        line = StatusLine("splitting")
+            shown = (job.stream, job.display, job.progress)
+        else:
+            shown = (write, publish, StatusLine("splitting").show)
         prepared = split_cell.prepare(
             self.pool,
             spec,
-            ns,
+            self._shell().user_ns,
             requirements,
             self._speeds,
-            write=write,
-            display=publish,
-            progress=line.show,
+            write=shown[0],
+            display=shown[1],
+            progress=shown[2],
+            cancel=job.cancel_event if job else None,
+            copy=job is not None,  # a background cell must not see later changes
         )
-        finished = prepared.run()
-        return self._assign(finished)
+        if job is None:
+            return self._assign(prepared.run())
+        slots = [fanout.slot_label(s) for s in prepared.fanout.slots]
+        job.where = f"{', '.join(slots)} ({len(prepared.chunks)} chunks)"
+        return self._launch(job)
 
     # -- --async --------------------------------------------------------------------
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,3 +102,32 @@ class Kernel:
         self.kc.stop_channels()
         self.km.shutdown_kernel(now=False)
         self.km.cleanup_resources()
+
+
+@contextlib.contextmanager
+def kernel_with(workers: Sequence[Any]) -> Iterator[Kernel]:
+    """A kernel that knows exactly these workers (no mDNS), lan2gpu_magic loaded."""
+    k = Kernel(
+        {
+            "LAN2GPU_WORKERS": ",".join(w.address for w in workers),
+            "LAN2GPU_KEY_FILE": str(workers[0].key_file),
+            "LAN2GPU_DISCOVERY": "0",
+        }
+    )
+    try:
+        assert k.run("%load_ext lan2gpu_magic").reply["status"] == "ok"
+        yield k
+    finally:
+        k.shutdown()
+
+
+def ok(k: Kernel, code: str, timeout: float = 120) -> str:
+    """Run ``code``, which must succeed; its stdout."""
+    run = k.run(code, timeout=timeout)
+    assert run.reply["status"] == "ok", run.error()
+    return run.stream()
+
+
+def value(k: Kernel, expression: str) -> str:
+    """``repr`` of ``expression`` in the kernel."""
+    return ok(k, f"print(repr(({expression})))").strip()

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from ..conftest import WorkerFactory, WorkerProcess
-from .kernel_driver import Kernel
+from .kernel_driver import Kernel, kernel_with, ok, value
 
 
 @pytest.fixture
@@ -17,28 +17,8 @@ def pair(worker_factory: WorkerFactory) -> list[WorkerProcess]:
 
 @pytest.fixture
 def kernel(pair: list[WorkerProcess]) -> Iterator[Kernel]:
-    k = Kernel(
-        {
-            "LAN2GPU_WORKERS": ",".join(w.address for w in pair),
-            "LAN2GPU_KEY_FILE": str(pair[0].key_file),
-            "LAN2GPU_DISCOVERY": "0",
-        }
-    )
-    try:
-        assert k.run("%load_ext lan2gpu_magic").reply["status"] == "ok"
+    with kernel_with(pair) as k:
         yield k
-    finally:
-        k.shutdown()
-
-
-def ok(k: Kernel, code: str, timeout: float = 120) -> str:
-    run = k.run(code, timeout=timeout)
-    assert run.reply["status"] == "ok", run.error()
-    return run.stream()
-
-
-def value(k: Kernel, expression: str) -> str:
-    return ok(k, f"print(repr(({expression})))").strip()
 
 
 SLOW = """\

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import WorkerFactory, WorkerProcess
-from .kernel_driver import Kernel
+from .kernel_driver import Kernel, kernel_with, ok, value
 
 
 @pytest.fixture
@@ -22,28 +22,8 @@ def trio(worker_factory: WorkerFactory) -> list[WorkerProcess]:
 
 @pytest.fixture
 def kernel(trio: list[WorkerProcess]) -> Iterator[Kernel]:
-    k = Kernel(
-        {
-            "LAN2GPU_WORKERS": ",".join(w.address for w in trio),
-            "LAN2GPU_KEY_FILE": str(trio[0].key_file),
-            "LAN2GPU_DISCOVERY": "0",
-        }
-    )
-    try:
-        assert k.run("%load_ext lan2gpu_magic").reply["status"] == "ok"
+    with kernel_with(trio) as k:
         yield k
-    finally:
-        k.shutdown()
-
-
-def ok(k: Kernel, code: str, timeout: float = 120) -> str:
-    run = k.run(code, timeout=timeout)
-    assert run.reply["status"] == "ok", run.error()
-    return run.stream()
-
-
-def value(k: Kernel, expression: str) -> str:
-    return ok(k, f"print(repr(({expression})))").strip()
 
 
 CELL = """\
