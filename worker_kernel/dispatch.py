@@ -27,6 +27,7 @@ from .scheduler import Cell, FairQueue
 log = logging.getLogger(__name__)
 
 Send = Callable[[bytes, Message], Awaitable[None]]
+_BIG = 64 << 20  # a cell this large gets its freed memory returned to the system
 
 
 def _fmt_bytes(n: float) -> str:
@@ -57,6 +58,7 @@ class Dispatcher:
         self.running: dict[str, Cell] = {}
         self.busy: set[str] = set()
         self.journal = JobLog()  # finished cells, for dashboards
+        self.relayed_big = False  # a large cell was handed over since the last trim
 
     # -- queueing ----------------------------------------------------------
 
@@ -111,6 +113,8 @@ class Dispatcher:
         await self._tell(cell, m.STARTED, {"gpus": cell.gpus, "pid": handle.pid})
         try:
             await self.pool.send_exec(handle, cell.client, cell.frames)
+            cell.frames = []  # libzmq holds them until sent; the cell no longer needs them
+            self.relayed_big |= cell.nbytes >= _BIG
         except zmq.ZMQError as exc:  # executor vanished between start and send
             handle.cell = None
             self.pool.kill(handle)

@@ -14,11 +14,14 @@ from typing import Any
 
 import zmq
 
+from .gate import release_memory
 from .protocol.errors import MessageRejected
 from .protocol.messages import Message
 from .protocol.wire import Wire
 
 _PRELUDE = 5  # magic, version, kind, header, signature
+_TRIM_FROM = 64 << 20  # messages this large return freed frames to the system...
+_TRIM_EVERY = 8  # ...every this many frames (8 MiB)
 
 
 def recv_message(sock: zmq.Socket[Any], wire: Wire, *, trusted_hop: bool = False) -> Message:
@@ -39,13 +42,18 @@ def recv_message(sock: zmq.Socket[Any], wire: Wire, *, trusted_hop: bool = False
             if sock.getsockopt(zmq.RCVMORE):
                 raise MessageRejected("an unsigned notice with buffer frames")
             return incoming
-        for target in incoming.targets():
+        trim = _TRIM_EVERY if incoming.nbytes >= _TRIM_FROM else 0
+        for n, target in enumerate(incoming.targets(), 1):
             if not sock.getsockopt(zmq.RCVMORE):
                 break  # finish() says how many were missing
             if target is None:
                 incoming.put(sock.recv(copy=False).buffer)
             else:
                 incoming.received(sock.recv_into(target))
+            if trim and n % trim == 0:
+                # libzmq's frames, freed as they are copied, may stay in the heap:
+                # give them back as we go, or the receiver peaks at twice the data.
+                release_memory()
         if sock.getsockopt(zmq.RCVMORE):
             raise MessageRejected("more buffer frames than the header declares")
         return incoming.finish()

@@ -269,8 +269,10 @@ class WorkerService:
                 continue
             if not msg.authenticated:
                 continue  # an unsigned notice is only ever shown, and clients send none
+            relayed, body = frames[1:], []
+            del frames  # the cell holds its frames only until they are relayed
             try:
-                await self._on_message(rid, msg, frames[1:])
+                await self._on_message(rid, msg, relayed)
             except BadRequest as exc:
                 log.warning("bad %s from %s: %s", msg.kind, rid.hex()[:8], exc)
                 await self._reply(msg, rid, m.ERROR, {"code": "bad-request", "reason": str(exc)})
@@ -282,6 +284,8 @@ class WorkerService:
                     m.ERROR,
                     {"code": "internal", "reason": "internal worker error (see its log)"},
                 )
+            finally:
+                del relayed
 
     async def _on_message(self, rid: bytes, msg: Message, frames: list[Any]) -> None:
         now = time.monotonic()
@@ -527,6 +531,9 @@ class WorkerService:
 
     async def _tick(self, now: float) -> None:
         self.capabilities = self.monitor.refresh(self.capabilities)
+        if self.dispatcher.relayed_big:  # freed frames of large cells: back to the system
+            self.dispatcher.relayed_big = False
+            release_memory()
         self.history.sample(self.capabilities, self.dispatcher.busy)
         await self.outbox.flush_all()
         for rid in list(self.clients):

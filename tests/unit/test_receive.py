@@ -49,7 +49,7 @@ def test_buffers_land_whole_and_writable(pair) -> None:
     msg = recv_message(receiver, Wire(KEY))
     assert msg.content == {"n": 4}
     assert [bytes(b) for b in msg.buffers] == [b"small", big, b"", zeros]
-    assert isinstance(msg.buffers[1], bytearray)  # arrays built on it are writable
+    assert not memoryview(msg.buffers[1]).readonly  # arrays built on it are writable
     assert not receiver.getsockopt(zmq.RCVMORE)
 
 

@@ -22,6 +22,7 @@ import heapq
 import hmac
 import json
 import math
+import mmap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from .errors import AuthenticationError, MessageRejected, ProtocolError, Version
 from .messages import KINDS, MAGIC, PROTOCOL_VERSION, REJECT, Buffer, Message
 
 CHUNK: Final = 1 << 20  # bytes per buffer frame
+_LAZY_BYTES: Final = 1 << 20  # buffers from this size up get pages as they are written
 _VERSION_FRAME: Final = str(PROTOCOL_VERSION).encode()
 _PRELUDE: Final = 5  # magic, version, kind, header, signature
 _PARALLEL_HASH_BYTES: Final = 1 << 20  # BLAKE3 uses threads past 1 MiB
@@ -421,11 +423,12 @@ class Incoming:
                 raise MessageRejected(f"buffer {i} uses an unknown codec {codec!r}")
             if count != max(1, math.ceil(nbytes / CHUNK)):
                 raise MessageRejected(f"buffer {i} does not match the {nbytes} bytes declared")
-            memory = bytearray(nbytes)  # writable, so arrays built on it are
+            memory = fresh_memory(nbytes)  # writable, so arrays built on it are
             self._buffers.append(memory)
             view = memoryview(memory)
             self._targets += [view[k : k + CHUNK] for k in range(0, nbytes, CHUNK)] or [view]
         self._owner = [i for i, entry in enumerate(declared) for _ in range(int(entry[2]))]
+        self.nbytes = total
         self._next = 0
 
     def targets(self) -> list[memoryview | None]:
@@ -481,14 +484,28 @@ def _inflate(chunks: Sequence[Buffer], nbytes: int, index: int) -> list[Buffer]:
         raise MessageRejected(f"buffer {index} does not decompress: {exc}") from None
 
 
-def _join(chunks: Sequence[memoryview], nbytes: int) -> bytearray:
+def _join(chunks: Sequence[memoryview], nbytes: int) -> Buffer:
     # One copy into writable memory, so arrays built on it are writable.
-    out = bytearray(nbytes)
+    out = fresh_memory(nbytes)
+    view = memoryview(out)
     pos = 0
     for chunk in chunks:
-        out[pos : pos + chunk.nbytes] = chunk
+        view[pos : pos + chunk.nbytes] = chunk
         pos += chunk.nbytes
     return out
+
+
+def fresh_memory(nbytes: int) -> Buffer:
+    """Writable memory that becomes resident only as it is written.
+
+    ``bytearray(n)`` writes n zeros at once: a receiver would then hold a large
+    buffer twice (the frames, and the zeroed copy) before the first byte is
+    copied. Private anonymous pages are zero and free until touched.
+    """
+    private = getattr(mmap, "MAP_PRIVATE", None)  # POSIX
+    if nbytes < _LAZY_BYTES or private is None:
+        return bytearray(nbytes)
+    return memoryview(mmap.mmap(-1, nbytes, flags=private))
 
 
 def _parse_header(frame: memoryview) -> dict[str, Any]:
