@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .measure import Kind, Stats, check_negated, payload, rate, refresh, repeat, size_label
-from .procs import REPO, keygen, spawn, start_worker
+from .procs import keygen, run_client, spawn, start_worker
 from .report import Table, ratio, short_error, spread
 from .systems.lan2gpu import open_client
 
@@ -174,15 +174,7 @@ def measure_lan(
                 "--client-options",
                 json.dumps(client_kwargs),
             ]
-            done = subprocess.run(
-                argv, cwd=REPO, capture_output=True, text=True, timeout=_CHILD_DEADLINE, check=False
-            )
-            if done.returncode != 0:
-                raise RuntimeError(
-                    f"the LAN client failed ({done.returncode}):\n{done.stderr[-2000:]}\n"
-                    f"worker log:\n{worker.log_tail()}"
-                )
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+            out = run_client("LAN", argv, worker, _CHILD_DEADLINE)
     cells = {
         k: (Stats(tuple(v)) if isinstance(v, list) else str(v)) for k, v in out["cells"].items()
     }

@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .measure import MiB, check_negated, payload
-from .procs import REPO, children, keygen, proc_status, start_worker
+from .procs import children, keygen, proc_status, run_client, start_worker
 from .report import Table, short_error
 from .systems.lan2gpu import open_client
 
@@ -50,15 +49,7 @@ def measure_memory(work: Path, nbytes: int, client_kwargs: dict[str, Any]) -> li
             "--client-options",
             json.dumps(client_kwargs),
         ]
-        done = subprocess.run(
-            argv, cwd=REPO, capture_output=True, text=True, timeout=_CHILD_DEADLINE, check=False
-        )
-        if done.returncode != 0:
-            raise RuntimeError(
-                f"the memory client failed ({done.returncode}):\n{done.stderr[-2000:]}\n"
-                f"worker log:\n{worker.log_tail()}"
-            )
-    rows = json.loads(done.stdout.strip().splitlines()[-1])
+        rows = run_client("memory", argv, worker, _CHILD_DEADLINE)
     return [Peak(r["process"], r["baseline"], r["peak"]) for r in rows]
 
 

@@ -144,6 +144,22 @@ def start_worker(
     return spawn(name, argv, work, prefix=prefix, ready_file=ready)
 
 
+def run_client(what: str, argv: Sequence[str], worker: Child, deadline: float) -> Any:
+    """Run a measuring client to its end; the JSON it printed last.
+
+    Raises ``RuntimeError`` with its stderr and the worker's log if it failed.
+    """
+    done = subprocess.run(
+        argv, cwd=REPO, capture_output=True, text=True, timeout=deadline, check=False
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"the {what} client failed ({done.returncode}):\n{done.stderr[-2000:]}\n"
+            f"worker log:\n{worker.log_tail()}"
+        )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def proc_status(pid: int | str) -> dict[str, int]:
     """The ``kB`` fields of ``/proc/PID/status`` (VmRSS, VmHWM, ...) in bytes."""
     fields: dict[str, int] = {}

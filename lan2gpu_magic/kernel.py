@@ -234,18 +234,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def requirements(args: argparse.Namespace) -> Requirements:
-    return Requirements(
-        worker=args.worker,
-        gpu=args.gpu,
-        min_memory=args.min_memory,
-        min_cc=args.min_cc,
-        gpus=args.gpus,
-        cpu=args.cpu,
-        allow_simulator=args.simulate,
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     level = logging.DEBUG if os.environ.get("LAN2GPU_KERNEL_DEBUG") else logging.INFO
@@ -275,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, terminate)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # interrupts come as messages
     try:
-        client, placement = pool.choose(requirements(args))
+        client, placement = pool.choose(Requirements.from_args(args))
         gpus = [g.index for g in placement.gpus]
         kernel, ports = client.start_kernel(connection["key"], gpus=gpus, cpu=placement.cpu)
         log.info("kernel %s on %s", kernel, placement.describe())

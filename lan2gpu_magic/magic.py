@@ -354,15 +354,7 @@ class Lan2GPUMagics(Magics):
     def _requirements(self, args: argparse.Namespace) -> Requirements:
         if args.gpus < 1:
             raise UsageError("--gpus must be at least 1")
-        return Requirements(
-            worker=args.worker,
-            gpu=args.gpu,
-            min_memory=args.min_memory,
-            min_cc=args.min_cc,
-            gpus=args.gpus,
-            cpu=args.cpu,
-            allow_simulator=args.simulate or self.settings.allow_simulator,
-        )
+        return Requirements.from_args(args, allow_simulator=self.settings.allow_simulator)
 
     def _handlers(self, progress: Progress) -> OutputHandlers:
         def stream(name: str, text: str) -> None:

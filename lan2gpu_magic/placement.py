@@ -28,6 +28,7 @@ known worker offers.
 
 from __future__ import annotations
 
+import argparse
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,6 +45,20 @@ class Requirements:
     gpus: int = 1  # GPUs of one host
     cpu: bool = False
     allow_simulator: bool = False
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, *, allow_simulator: bool = False) -> Requirements:
+        """From the parsed options the magic and the kernel forwarder share
+        (``--worker --gpu --min-memory --min-cc --gpus --cpu --simulate``)."""
+        return cls(
+            worker=args.worker,
+            gpu=args.gpu,
+            min_memory=args.min_memory,
+            min_cc=args.min_cc,
+            gpus=args.gpus,
+            cpu=args.cpu,
+            allow_simulator=args.simulate or allow_simulator,
+        )
 
     def describe(self) -> str:
         parts = [f"worker {self.worker!r}"] if self.worker else []
