@@ -176,14 +176,15 @@ class WorkerPool:
 
         ``server_key``: the worker's public key file, for a worker run with --encrypt.
         """
-        entry = self._entries.get(address)
-        if entry is not None and entry.client is not None:
-            entry.client.close()
         server_key = server_key or self.server_keys.get(address)
         entry = _Entry(address, key_file or self.key_file, CONFIGURED, server_key)
+        client = self._client(entry)  # raises: a failed connect leaves the pool as it was
+        previous = self._entries.get(address)
+        if previous is not None and previous.client is not None:
+            previous.client.close()
+        entry.client = client
         self._entries[address] = entry
-        entry.client = self._client(entry)
-        return entry.client
+        return client
 
     def _failed(self, entry: _Entry, problem: str, state: str, now: float) -> None:
         # Retry later, waiting twice as long after each failure in a row.

@@ -55,9 +55,11 @@ def test_workers_table_lists_gpus_restrictions_and_unusable_workers(kernel, flee
     assert "1: CUDA simulator" not in text  # --gpus 0,2 hides GPU 1
     assert "util n/a" in text  # no NVML on this machine: reported, not crashed
     assert "Python 3." in text and "numba" in text
-    # A worker that will not take our key shows up as unusable, with the reason.
+    # Connecting with a key the worker will not take fails with the reason...
     bad = kernel.run(f"%lan2gpu connect {a.address} --key-file {wrong_key}")
     assert bad.error() is not None and bad.error()["ename"] == "AuthenticationError"
+    # ...and leaves the pool as it was: box-a keeps its working connection.
+    assert where(kernel, "--worker box-a").startswith("0 @ lan2gpu: ran on box-a GPU0")
 
 
 def test_worker_gpu_and_count_choose_right_or_fail_with_a_listing(kernel):
