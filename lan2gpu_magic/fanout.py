@@ -34,10 +34,18 @@ from .results import RunResult
 _TICK = 0.2  # seconds between looks at the running chunks (and Ctrl-C)
 
 
+def _where(slot: Placement) -> str:
+    return "+".join(f"gpu{g.index}" for g in slot.gpus) or "cpu"
+
+
 def slot_label(slot: Placement) -> str:
-    """``"w1 gpu0"``, ``"w1 gpu0+gpu1"``, ``"w1 cpu"``."""
-    where = "+".join(f"gpu{g.index}" for g in slot.gpus) or "cpu"
-    return f"{slot.worker.name} {where}"
+    """``"w1 gpu0"``, ``"w1 gpu0+gpu1"``, ``"w1 cpu"``: for people."""
+    return f"{slot.worker.name} {_where(slot)}"
+
+
+def slot_key(slot: Placement) -> str:
+    """``"tcp://10.0.0.7:7340 gpu0"``: tells slots apart (two workers may share a name)."""
+    return f"{slot.worker.address} {_where(slot)}"
 
 
 @dataclass(eq=False)
@@ -48,7 +56,7 @@ class Chunk:
     piece: tuple[int, int]  # rows [start, stop) of the split arrays
     namespace: dict[str, Any]  # the cell's namespace as this chunk sees it
     payload: Payload
-    tried: list[str] = field(default_factory=list)  # slot labels, in order
+    tried: list[Placement] = field(default_factory=list)  # in order
     errors: list[Exception] = field(default_factory=list)
     result: RunResult | None = None
     slot: Placement | None = None  # where it succeeded
@@ -122,12 +130,13 @@ class FanOut:
         try:
             while pending or running:
                 for chunk in list(pending):
-                    slot = next((s for s in free if slot_label(s) not in chunk.tried), None)
+                    tried = {slot_key(s) for s in chunk.tried}
+                    slot = next((s for s in free if slot_key(s) not in tried), None)
                     if slot is None or self.cancel.is_set():
                         continue
                     pending.remove(chunk)
                     free.remove(slot)
-                    chunk.tried.append(slot_label(slot))
+                    chunk.tried.append(slot)
                     running += 1
                     threading.Thread(
                         target=self._one,
@@ -221,20 +230,24 @@ class FanOut:
             last = ExecutionCancelled("cancelled before it started")
         else:
             last = Lan2GPUError("no working slot left that it had not failed on")
-        tries = ", then ".join(first.tried) or "no slot"
+        tries = ", then ".join(map(slot_label, first.tried)) or "no slot"
         others = len(failed) - 1
         group = ExceptionGroup(
             f"{len(failed)} of {len(self.chunks)} chunk(s) failed",
             [c.errors[-1] for c in failed if c.errors] or [last],
         )
-        worker = first.tried[-1].split(" ")[0] if first.tried else ""
+        worker = first.tried[-1].worker.name if first.tried else ""
         message = (
             f"chunk {first.rank} of {len(self.chunks)} (rows {first.piece[0]}:{first.piece[1]}) "
             f"failed on {tries}: {type(last).__name__}: {(str(last).splitlines() or [''])[0]}"
         )
         if others:
             message += f" ({others} other chunk(s) failed too; see the errors below)"
-        message += (
-            ". Nothing was assigned in the notebook; fix the cell or the worker and run it again."
-        )
+        if self.cancel.is_set():
+            message += ". The cell was cancelled; nothing was assigned in the notebook."
+        else:
+            message += (
+                ". Nothing was assigned in the notebook; fix the cell or the worker and run it "
+                "again."
+            )
         return SplitError(message, worker, first.rank, group)

@@ -63,7 +63,7 @@ class Job:
         self.running_at: float | None = None  # when the worker started running it
         self.finished_at: float | None = None
         self.collected = False  # its outputs went into the notebook (%lan2gpu wait)
-        self._body = body
+        self._body: Body | None = body
         self._lock = threading.Lock()
         self._output: list[tuple[str, str]] = []
         self._displays: list[tuple[dict[str, Any], dict[str, Any]]] = []
@@ -81,12 +81,15 @@ class Job:
         return self
 
     def _run(self) -> None:
+        body, self._body = self._body, None  # its copied inputs go once it has run
         try:
-            finished = self._body(self)
+            finished = body(self) if body is not None else Finished()
         except BaseException as exc:  # reported to whoever collects the job
             self._end(None, exc)
         else:
             self._end(finished, finished.error)
+        finally:
+            del body
 
     def _end(self, finished: Finished | None, error: BaseException | None) -> None:
         with self._lock:

@@ -26,10 +26,9 @@ from worker_kernel.protocol.serialize import Payload, dump_values
 from . import capture, fanout, options, results, split_cell, tables
 from .client import ExecuteRequest, OutputHandlers
 from .config import Lan2GPU
-from .jobs import Finished, Job
+from .jobs import CANCELLED, Finished, Job
 from .placement import Placement, Requirements
 from .pool import WorkerPool
-from .split import RANK, SIZE
 from .status import Progress, StatusLine, publish, write
 from .tracebacks import register_source
 
@@ -115,11 +114,12 @@ class Lan2GPUMagics(Magics):
         filename = f"<lan2gpu In[{shell.execution_count}]>"
         register_source(filename, f"%%lan2gpu {line}\n{cell}")
         ns = shell.user_ns
-        # A split cell also reads its rank and the number of chunks.
-        seen = {**ns, RANK: 0, SIZE: 1} if args.split else ns
+        # Planned against the namespace itself: functions of the notebook that
+        # assign globals are recognised by their __globals__ being this very dict.
+        # (A split cell's rank and size are sent to every chunk regardless.)
         plan = capture.plan_cell(
             cell,
-            seen,
+            ns,
             hidden=shell.user_ns_hidden,
             inputs=args.inputs,
             outputs=args.outputs,
@@ -200,7 +200,7 @@ class Lan2GPUMagics(Magics):
             filename=c.filename,
             split=args.split,
             gather=args.gather,
-            slots=args.workers,
+            slots=args.workers or None,  # all (0) or not given (None): every slot
             balance=args.balance,
             timeout=args.timeout or self.settings.default_timeout or None,
             cache=not args.no_cache,
@@ -217,7 +217,7 @@ class Lan2GPUMagics(Magics):
             job = Job(args.async_name, "", body)
             shown = (job.stream, job.display, job.progress)
         else:
-            shown = (write, publish, StatusLine("splitting").show)
+            shown = (write, publish, StatusLine().show)  # shown once the chunks start
         prepared = split_cell.prepare(
             self.pool,
             spec,
@@ -244,7 +244,7 @@ class Lan2GPUMagics(Magics):
         address = placement.worker.address
         session = client.adopt_session()  # the notebook's session there, closed with it
         # The cell's inputs as they are now: later changes here must not reach it.
-        payload = Payload(payload.entries, [bytes(memoryview(f)) for f in payload.frames])
+        payload = payload.copied()
 
         def body(job: Job) -> Finished:
             request = self._request(c, placement, session, {}, job.cancel_event)
@@ -271,16 +271,20 @@ class Lan2GPUMagics(Magics):
                 f"wait for it (%lan2gpu wait {job.name}), cancel it ({job.name}.cancel()), "
                 "or pick another name"
             )
+        if old is not None and not old.collected and old.state != CANCELLED:
+            # Replacing it would drop what it produced without a word.
+            raise UsageError(
+                f"--async {job.name}: the background cell of that name finished ({old.state}) "
+                f"and was never collected; collect it first (%lan2gpu wait {job.name}), or "
+                "pick another name"
+            )
         line = StatusLine(f"job {job.name}: {job.describe()}")
-        shown: list[str] = []
 
         def update(j: Job) -> None:
             text = f"job {j.name}: {j.state} on {j.where}" + (f" ({j.detail})" if j.detail else "")
             if j.done():
                 text = f"job {j.name}: {j.state} in {j.elapsed:.1f} s; %lan2gpu wait {j.name}"
-            if not shown or shown[-1] != text:
-                shown.append(text)
-                line.show(text)
+            line.show(text)  # only when the text changed
 
         job.watch(update)
         self.jobs[job.name] = job

@@ -122,9 +122,12 @@ def cell_parser() -> Parser:
     return p
 
 
-def _slots(text: str) -> int | None:
+ALL_SLOTS = 0  # --workers all (None: the option was not given)
+
+
+def _slots(text: str) -> int:
     if text == "all":
-        return None
+        return ALL_SLOTS
     try:
         n = int(text)
     except ValueError:

@@ -6,7 +6,9 @@ near-equal (or weighted) pieces, one per slot. Each output is then combined by
 its rule:
 
 - ``concat``: along the split axis, in chunk order (the default for an array
-  whose length along that axis is its chunk's length);
+  whose length along that axis is its chunk's length; when the split arrays are
+  cut along different axes, along the one axis where every chunk's array has
+  its chunk's length);
 - ``sum``, ``min``, ``max``: element-wise over the chunks (numbers or arrays);
 - ``list``: one value per chunk, in chunk order (the default otherwise).
 """
@@ -77,10 +79,15 @@ def split_length(specs: Sequence[SplitSpec], namespace: Mapping[str, Any]) -> in
             raise ConfigurationError(f"--split {spec.name}: no variable of that name here")
         value = namespace[spec.name]
         shape = getattr(value, "shape", None)
-        if not isinstance(value, np.ndarray) or shape is None or not shape:
+        if not isinstance(value, np.ndarray) or shape is None:
             raise ConfigurationError(
-                f"--split {spec.name}: it is a {type(value).__name__}, not a numpy array with "
-                "at least one dimension; split arrays only (other inputs are sent whole)"
+                f"--split {spec.name}: it is a {type(value).__name__}, not a numpy array; "
+                "split arrays only (other inputs are sent whole)"
+            )
+        if not shape:
+            raise ConfigurationError(
+                f"--split {spec.name}: it is a 0-dimensional array (one value), with no axis "
+                "to split along; split arrays of one dimension or more"
             )
         if not -len(shape) <= spec.axis < len(shape):
             raise ConfigurationError(
@@ -129,13 +136,42 @@ def take(value: np.ndarray, axis: int, piece: tuple[int, int]) -> np.ndarray:
     return value[tuple(index)]
 
 
-def default_rule(values: Sequence[Any], lengths: Sequence[int], axis: int) -> str:
-    """``concat`` when every chunk's value is an array as long as its chunk, else ``list``."""
-    fits = all(
-        isinstance(v, np.ndarray) and v.ndim > axis and v.shape[axis] == n
-        for v, n in zip(values, lengths, strict=True)
-    )
-    return "concat" if fits else "list"
+def _fitting_axes(values: Sequence[Any], lengths: Sequence[int], axes: Sequence[int]) -> list[int]:
+    """The split axes along which every chunk's value is an array as long as its chunk."""
+    return [
+        axis
+        for axis in axes
+        if all(
+            isinstance(v, np.ndarray) and v.ndim > axis and v.shape[axis] == n
+            for v, n in zip(values, lengths, strict=True)
+        )
+    ]
+
+
+def default_rule(values: Sequence[Any], lengths: Sequence[int], axes: Sequence[int]) -> str:
+    """``concat`` when every chunk's value is an array as long as its chunk along
+    one of the split ``axes`` (exactly one), else ``list``."""
+    return "concat" if len(_fitting_axes(values, lengths, axes)) == 1 else "list"
+
+
+def concat_axis(
+    name: str, values: Sequence[Any], lengths: Sequence[int], axes: Sequence[int]
+) -> int:
+    """The axis to join ``name``'s chunks along: the split axis, or, when the split
+    arrays were cut along different axes, the one where the chunks fit."""
+    if len(axes) == 1:
+        return axes[0]
+    fits = _fitting_axes(values, lengths, axes)
+    if len(fits) != 1:
+        which = "more than one" if fits else "none"
+        raise SerializationError(
+            f"--gather {name}:concat: the split arrays are cut along axes "
+            f"{', '.join(map(str, axes))}, and {which} of them is one along which every "
+            f"chunk's `{name}` is as long as its chunk; gather it with {name}:list and join "
+            "the pieces in the notebook",
+            name,
+        )
+    return fits[0]
 
 
 def gather(name: str, rule: str, values: Sequence[Any], axis: int) -> Any:
@@ -172,11 +208,12 @@ def combine(
     outputs: Sequence[Mapping[str, Any]],
     lengths: Sequence[int],
     rules: Mapping[str, str],
-    axis: int,
+    axes: Sequence[int],
 ) -> dict[str, Any]:
     """Every name the chunks bound, gathered by its rule (``rules``, else the default).
 
-    ``outputs`` and ``lengths`` are per chunk, in chunk order.
+    ``outputs`` and ``lengths`` are per chunk, in chunk order; ``axes`` are the
+    (distinct, non-negative) axes the split arrays were cut along.
     """
     names = list(dict.fromkeys(n for out in outputs for n in out if n not in (RANK, SIZE)))
     for name in rules:
@@ -199,5 +236,7 @@ def combine(
                 )
             values = [None if v is _MISSING else v for v in values]
             rule = "list"
-        gathered[name] = gather(name, rule or default_rule(values, lengths, axis), values, axis)
+        rule = rule or default_rule(values, lengths, axes)
+        axis = concat_axis(name, values, lengths, axes) if rule == "concat" else axes[0]
+        gathered[name] = gather(name, rule, values, axis)
     return gathered

@@ -17,7 +17,7 @@ from worker_kernel.protocol.serialize import Payload, dump_values
 from .capture import CellPlan
 from .client import ExecuteRequest
 from .errors import ConfigurationError
-from .fanout import Chunk, FanOut, slot_label
+from .fanout import Chunk, FanOut, slot_key
 from .jobs import Finished
 from .placement import Placement, Requirements
 from .pool import WorkerPool
@@ -69,7 +69,7 @@ class SplitCell:
             [r.outputs for r in results],
             [c.rows for c in self.chunks],
             self.rules,
-            self.specs[0].axis,
+            sorted({s.axis for s in self.specs}),
         )
         deleted = {n for r in results for n in r.deleted if n not in outputs}
         warnings = list(dict.fromkeys(w for r in results for w in r.warnings))
@@ -82,7 +82,7 @@ class SplitCell:
             seconds = float(chunk.result.stats.get("seconds", 0.0)) if chunk.result else 0.0
             if chunk.slot is None or seconds <= 0 or not chunk.rows:
                 continue
-            key, speed = slot_label(chunk.slot), chunk.rows / seconds
+            key, speed = slot_key(chunk.slot), chunk.rows / seconds
             old = self.speeds.get(key)
             self.speeds[key] = speed if old is None else old + _SPEED_MEMORY * (speed - old)
 
@@ -118,25 +118,31 @@ def prepare(
         )
     slots = pool.slots(req, spec.slots, spec.session)
     if spec.balance:
-        known = [speeds[slot_label(s)] for s in slots if slot_label(s) in speeds]
+        known = [speeds[slot_key(s)] for s in slots if slot_key(s) in speeds]
         guess = sum(known) / len(known) if known else 1.0  # unmeasured slots: the mean
-        weights = [speeds.get(slot_label(s), guess) for s in slots]
+        weights = [speeds.get(slot_key(s), guess) for s in slots]
     else:
         weights = [1.0] * len(slots)
     pieces = bounds(length, weights)
     slots = slots[: len(pieces)]  # no more chunks than rows
+    split_names = {s.name for s in specs}
+    # The inputs every chunk shares are serialized (and, for --async, copied) once.
+    shared, _ = dump_values(
+        {n: namespace[n] for n in spec.plan.inputs if n not in split_names | {RANK, SIZE}},
+        namespace=namespace,
+    )
+    if copy:
+        shared = shared.copied()
     chunks = []
     for rank, piece in enumerate(pieces):
-        values = {name: namespace[name] for name in spec.plan.inputs if name in namespace}
-        for s in specs:
-            values[s.name] = take(namespace[s.name], s.axis, piece)
-        values[RANK], values[SIZE] = rank, len(pieces)
-        payload, _ = dump_values(
-            {name: values[name] for name in spec.plan.inputs}, namespace=namespace
-        )
+        # The rank and size always go: a function the cell calls may read them.
+        own: dict[str, Any] = {s.name: take(namespace[s.name], s.axis, piece) for s in specs}
+        own[RANK], own[SIZE] = rank, len(pieces)
+        payload, _ = dump_values(own, namespace=namespace)
         if copy:
-            payload = Payload(payload.entries, [bytes(memoryview(f)) for f in payload.frames])
-        chunks.append(Chunk(rank, piece, {}, payload))
+            payload = payload.copied()
+        both = Payload(shared.entries + payload.entries, shared.frames + payload.frames)
+        chunks.append(Chunk(rank, piece, {}, both))
 
     def request_for(chunk: Chunk, slot: Placement, session: str) -> ExecuteRequest:
         return ExecuteRequest(

@@ -22,18 +22,30 @@ def write(name: str, text: str) -> None:
 
 class StatusLine:
     """One line of output, replaced in place (a display with an id). Thread-safe
-    enough: an update from a background thread reaches the frontend by that id."""
+    enough: an update from a background thread reaches the frontend by that id.
 
-    def __init__(self, text: str) -> None:
+    Without a ``text``, nothing is shown until the first :meth:`show` (so a cell
+    that fails before it starts leaves no line behind).
+    """
+
+    def __init__(self, text: str | None = None) -> None:
         self.handle = DisplayHandle()  # type: ignore[no-untyped-call]
-        self.handle.display(self._bundle(text), raw=True)  # type: ignore[no-untyped-call]
+        self.text = text
+        if text is not None:
+            self.handle.display(self._bundle(text), raw=True)  # type: ignore[no-untyped-call]
 
     @staticmethod
     def _bundle(text: str) -> dict[str, str]:
         return {"text/plain": f"lan2gpu: {text}"}
 
     def show(self, text: str) -> None:
-        self.handle.update(self._bundle(text), raw=True)  # type: ignore[no-untyped-call]
+        if text == self.text:
+            return  # each update is a message to the frontend
+        shown, self.text = self.text is not None, text
+        if shown:
+            self.handle.update(self._bundle(text), raw=True)  # type: ignore[no-untyped-call]
+        else:
+            self.handle.display(self._bundle(text), raw=True)  # type: ignore[no-untyped-call]
 
 
 class Progress:

@@ -59,6 +59,20 @@ def test_two_background_cells_overlap_and_wait_assigns_their_outputs(kernel: Ker
     assert "no background cell" in ok(kernel, "%lan2gpu jobs") or ok(kernel, "%lan2gpu jobs") == ""
 
 
+def test_a_finished_job_is_not_replaced_before_it_is_collected(kernel: Kernel) -> None:
+    ok(kernel, "%%lan2gpu --async j\nz2 = 2")
+    ok(kernel, "assert j.wait(60)")
+    bad = kernel.run("%%lan2gpu --async j\nz3 = 3")
+    assert bad.reply["status"] == "error"  # a UsageError: IPython prints it on stderr
+    assert "never collected" in bad.stream("stderr")
+    assert "%lan2gpu wait j" in bad.stream("stderr")
+    ok(kernel, "%lan2gpu wait j")
+    assert value(kernel, "z2") == "2"  # nothing was lost
+    ok(kernel, "%%lan2gpu --async j\nz3 = 3")  # collected: the name is free again
+    ok(kernel, "%lan2gpu wait j")
+    assert value(kernel, "z3") == "3"
+
+
 def test_cancel_stops_the_cell_and_the_worker_keeps_serving(kernel: Kernel) -> None:
     ok(kernel, "import numpy as np\nx = np.arange(3.0)")
     ok(kernel, "%%lan2gpu --async slow --worker a1\nimport time\ntime.sleep(120)\nnever = 1")

@@ -55,9 +55,11 @@ def test_split_results_equal_the_single_worker_result(kernel: Kernel, trio) -> N
     assert run.progress()[-1] == "lan2gpu: 3/3 chunks done on 3 slot(s)"
 
     # Another axis, and concat chosen by default for arrays as long as their chunk.
-    ok(kernel, "m = np.arange(24.0).reshape(4, 6)")
+    ok(kernel, "m = np.arange(24.0).reshape(4, 6)\nm_id = id(m)")
     ok(kernel, "%%lan2gpu --split m:1\ntwice = m * 2\nwidth = m.shape[1]")
     assert value(kernel, "np.array_equal(twice, m * 2), width") == "(True, [2, 2, 2])"
+    # Its chunks (strided views) came back as unchanged: `m` is the notebook's own still.
+    assert value(kernel, "id(m) == m_id") == "True"
 
     # More workers than rows: two chunks, the same answer.
     ok(kernel, "z = np.arange(2.0)")
@@ -69,6 +71,33 @@ def test_split_results_equal_the_single_worker_result(kernel: Kernel, trio) -> N
     assert "no variable of that name" in bad.error()["evalue"]
     bad = kernel.run("%%lan2gpu --gather q:avg --split z\nq = 1")
     assert "RULE one of concat, sum, min, max, list" in bad.error()["evalue"]
+    bad = kernel.run("%%lan2gpu --workers all\nq = 1")  # a UsageError: on stderr
+    assert bad.reply["status"] == "error" and "go with --split" in bad.stream("stderr")
+    bad = kernel.run("%%lan2gpu --split m:2\nq = 1")
+    assert "the array has 2 dimension(s)" in bad.error()["evalue"]
+    assert bad.progress() == []  # no status line left behind by a cell that never started
+
+
+def test_axes_of_their_own_rank_in_helpers_and_globals_of_functions(kernel: Kernel) -> None:
+    ok(kernel, "import numpy as np\na = np.arange(8.0)\nm = np.arange(24.0).reshape(3, 8)")
+    ok(kernel, "ids = (id(a), id(m))")
+    # Notebook functions: one reads the chunk's rank, one assigns a global.
+    ok(
+        kernel,
+        "def who():\n    return lan2gpu_rank\n\ndef note():\n    global noted\n    noted = 10 * who()",
+    )
+    run = kernel.run(
+        "%%lan2gpu --split a,m:1 --workers 2 --gather mm:concat\n"
+        "aa = a + 1\nmm = m * 1\nm2 = m * 2\nr = who()\nnote()"
+    )
+    assert run.reply["status"] == "ok", run.error()
+    # a is cut along axis 0, m along axis 1: each output joins along the axis it fits.
+    assert value(kernel, "np.array_equal(aa, a + 1), np.array_equal(mm, m), mm.shape") == (
+        "(True, True, (3, 8))"
+    )
+    assert value(kernel, "np.array_equal(m2, m * 2)") == "True"  # the default rule too
+    assert value(kernel, "r, noted") == "([0, 1], [0, 10])"
+    assert value(kernel, "(id(a), id(m)) == ids") == "True"  # inputs left alone
 
 
 def test_balance_gives_a_faster_slot_more_rows(kernel: Kernel, trio) -> None:

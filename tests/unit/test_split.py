@@ -63,6 +63,8 @@ def test_split_length_checks_what_it_splits() -> None:
         split_length([SplitSpec("a"), SplitSpec("c")], ns)
     with pytest.raises(ConfigurationError, match="not a numpy array"):
         split_length([SplitSpec("s")], ns)
+    with pytest.raises(ConfigurationError, match="0-dimensional array"):
+        split_length([SplitSpec("z")], {"z": np.array(1.0)})
     with pytest.raises(ConfigurationError, match="2 dimension"):
         split_length([SplitSpec("a", 2)], ns)
     with pytest.raises(ConfigurationError, match="no variable"):
@@ -80,9 +82,24 @@ def test_gather_rules() -> None:
         gather("o", "concat", [1, 2], 0)
     with pytest.raises(SerializationError, match="do not fit"):
         gather("o", "concat", [np.zeros((2, 2)), np.zeros((2, 3))], 0)
-    assert default_rule(parts, [3, 2], 0) == "concat"
-    assert default_rule([np.zeros(1), np.zeros(1)], [3, 2], 0) == "list"
-    assert default_rule([1.0, 2.0], [3, 2], 0) == "list"
+    assert default_rule(parts, [3, 2], [0]) == "concat"
+    assert default_rule([np.zeros(1), np.zeros(1)], [3, 2], [0]) == "list"
+    assert default_rule([1.0, 2.0], [3, 2], [0]) == "list"
+
+
+def test_outputs_of_arrays_split_along_different_axes_join_where_they_fit() -> None:
+    # x was cut along axis 0 and y along axis 1, into chunks of 2 and 1 rows.
+    rows = [2, 1]
+    along_1 = [np.zeros((3, 2)), np.ones((3, 1))]  # e.g. y * 2
+    along_0 = [np.zeros(2), np.ones(1)]  # e.g. x + 1
+    assert combine([{"o": v} for v in along_1], rows, {}, [0, 1])["o"].shape == (3, 3)
+    assert combine([{"o": v} for v in along_0], rows, {}, [0, 1])["o"].tolist() == [0, 0, 1]
+    explicit = combine([{"o": v} for v in along_1], rows, {"o": "concat"}, [0, 1])["o"]
+    assert explicit.shape == (3, 3)  # not (6, 2) or (4, ...): along the axis that fits
+    both = [np.zeros((2, 2)), np.ones((1, 1))]  # fits axis 0 and axis 1 alike
+    assert default_rule(both, rows, [0, 1]) == "list"
+    with pytest.raises(SerializationError, match="gather it with o:list"):
+        combine([{"o": v} for v in both], rows, {"o": "concat"}, [0, 1])
 
 
 def test_combine_uses_rules_then_defaults_and_names_what_is_missing() -> None:
@@ -90,13 +107,13 @@ def test_combine_uses_rules_then_defaults_and_names_what_is_missing() -> None:
         {"y": np.arange(2), "t": 1, "lan2gpu_rank": 0},
         {"y": np.arange(2, 3), "t": 2, "only": "here"},
     ]
-    got = combine(outs, [2, 1], {"t": "sum"}, 0)
+    got = combine(outs, [2, 1], {"t": "sum"}, [0])
     assert got["y"].tolist() == [0, 1, 2] and got["t"] == 3
     assert got["only"] == [None, "here"] and "lan2gpu_rank" not in got
     with pytest.raises(SerializationError, match=r"chunk\(s\) 0 did not bind `only`"):
-        combine(outs, [2, 1], {"only": "max"}, 0)
+        combine(outs, [2, 1], {"only": "max"}, [0])
     with pytest.raises(SerializationError, match="no chunk bound `nope`"):
-        combine(outs, [2, 1], {"nope": "sum"}, 0)
+        combine(outs, [2, 1], {"nope": "sum"}, [0])
 
 
 def _gpu(index: int, queue: int = 0) -> GpuView:

@@ -25,6 +25,7 @@ import contextvars
 import io
 import os
 import pickle
+import sys
 import types
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,6 +46,15 @@ _special: weakref.WeakKeyDictionary[type, str | None] = weakref.WeakKeyDictionar
 _DEVICE_ARRAY: Final = "device-array"
 _CUDA_ARRAY_INTERFACE: Final = "cuda-array-interface"
 _OPEN_FILE: Final = "open-file"
+
+
+def _strided(obj: Any) -> bool:
+    """A numpy array that is neither C- nor Fortran-contiguous (e.g. ``a[:, ::2]``)."""
+    numpy = sys.modules.get("numpy")  # no numpy imported: no arrays to look at
+    if numpy is None or type(obj) is not numpy.ndarray:
+        return False
+    flags = obj.flags
+    return not (flags.c_contiguous or flags.f_contiguous)
 
 
 def _special_kind(cls: type) -> str | None:
@@ -98,6 +108,12 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     def reducer_override(self, obj: Any) -> Any:
         if type(obj) is _NamespacePlaceholder:
             return session_namespace, ()
+        if _strided(obj):
+            # numpy pickles a strided view in band, and the receiver gets a
+            # contiguous array: send that contiguous copy out of band instead (one
+            # copy either way), so both sides pickle the array alike and an
+            # unchanged input is not taken for one the cell changed.
+            return obj.copy().__reduce_ex__(PROTOCOL)
         kind = _special_kind(type(obj))
         if kind is None:
             if isinstance(obj, types.FunctionType) and rebuild.simulated_reduce_functor(obj):
@@ -183,6 +199,11 @@ class Payload:
     @property
     def nbytes(self) -> int:
         return sum(memoryview(f).nbytes for f in self.frames)
+
+    def copied(self) -> Payload:
+        """The same payload in memory of its own: later changes to the arrays it
+        was made from do not show in it."""
+        return Payload(list(self.entries), [bytes(memoryview(f)) for f in self.frames])
 
 
 _HINTS: Final = {
