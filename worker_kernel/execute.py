@@ -260,6 +260,19 @@ class CellRunner:
 
     # -- one cell -------------------------------------------------------------
 
+    def fail(self, msg: Message, client: str, exc: Exception) -> None:
+        """Answer a cell that this runner could not finish (a malformed request, a
+        result that cannot be encoded): an error for the client; the session goes on."""
+        reason = f"the worker could not finish this cell: {type(exc).__name__}: {exc}"
+        content = {
+            "status": "error",
+            "worker": self.worker,
+            "error": RemoteTraceback(ename="WorkerError", evalue=reason).to_json(),
+        }
+        parent = str(msg.content.get("request") or msg.id)
+        reply = Message(kind=RESULT, content=content, session=msg.session, parent=parent, to=client)
+        self.send(reply)
+
     def run(self, msg: Message, client: str) -> dict[str, Any]:
         """Run the cell in ``msg``; send stream/display/result messages; return stats."""
         req = CellRequest.from_message(msg, client)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import builtins
 import json
+import logging
 import os
 import signal
 import sys
@@ -34,6 +35,7 @@ from .receive import drain, recv_message
 from .streams import OutputChannel
 
 EXIT_ORPHANED = 70
+log = logging.getLogger(__name__)  # unconfigured: warnings and errors go to stderr
 
 
 def _watch_parent(parent: int) -> None:
@@ -139,7 +141,11 @@ class Executor:
             control: dict[str, Any] = json.loads(self.sock.recv())
             # Into each buffer's final memory: the cell's arrays are built on it.
             msg = recv_message(self.sock, self.wire, trusted_hop=True)
-            self.runner.run(msg, str(control["client"]))
+            try:
+                self.runner.run(msg, str(control["client"]))
+            except Exception as exc:  # not the cell's own error: those are its result
+                log.exception("cannot finish cell %s", msg.id[:8])
+                self.runner.fail(msg, str(control["client"]), exc)
 
     def close(self) -> None:
         self.channel.close()

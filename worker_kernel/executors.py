@@ -18,7 +18,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,19 +100,23 @@ class ExecutorPool:
 
     async def acquire(self, session: str, resources: tuple[str, ...]) -> ExecutorHandle:
         """The session's executor for ``resources``, started (and waited for) if needed."""
-        handle = self._by_slot.get((session, resources))
-        if handle is None or handle.stopping:
-            handle = await self._spawn(session, resources)
-        try:
-            await asyncio.wait_for(asyncio.shield(handle.ready), self._start_timeout)
-        except TimeoutError:
-            self.kill(handle)
-            raise ExecutorStartError(
-                f"executor did not start within {self._start_timeout:.0f} s "
-                "(raise --executor-start-timeout if imports are slow on this host)"
-            ) from None
-        handle.last_used = time.monotonic()
-        return handle
+        while True:
+            handle = self._by_slot.get((session, resources))
+            if handle is None or handle.stopping:
+                handle = await self._spawn(session, resources)
+            try:
+                await asyncio.wait_for(asyncio.shield(handle.ready), self._start_timeout)
+            except TimeoutError:
+                self.kill(handle)
+                raise ExecutorStartError(
+                    f"executor did not start within {self._start_timeout:.0f} s "
+                    "(raise --executor-start-timeout if imports are slow on this host)"
+                ) from None
+            if not handle.stopping:
+                handle.last_used = time.monotonic()
+                return handle
+            # It was told to stop while we waited (its session closed, or it sat
+            # idle too long): a cell handed to it now would die with it.
 
     async def _spawn(self, session: str, resources: tuple[str, ...]) -> ExecutorHandle:
         gpus = [int(r[3:]) for r in resources if r.startswith("gpu")]
@@ -160,6 +164,9 @@ class ExecutorPool:
 
     async def _watch(self, handle: ExecutorHandle) -> None:
         returncode = await handle.process.wait()
+        # What its cells started and left running goes with it (same process group).
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(handle.pid, signal.SIGKILL)
         self._by_id.pop(handle.id, None)
         if self._by_slot.get((handle.session, handle.resources)) is handle:
             del self._by_slot[(handle.session, handle.resources)]
@@ -187,11 +194,23 @@ class ExecutorPool:
 
     def kill(self, handle: ExecutorHandle) -> None:
         handle.stopping = True  # never hand a dying executor another cell
-        self.signal(handle, signal.SIGKILL)
+        # The whole process group: processes a cell started (a server, a `sleep`
+        # it shelled out to) would otherwise outlive it, holding GPU memory.
+        try:
+            os.killpg(handle.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            self.signal(handle, signal.SIGKILL)
 
-    async def stop(self, handle: ExecutorHandle, grace: float = 2.0) -> None:
-        """Ask an executor to exit; kill it if it does not within ``grace``."""
+    def stop(self, handle: ExecutorHandle, grace: float = 2.0) -> Coroutine[Any, Any, None]:
+        """Ask an executor to exit; kill it if it does not within ``grace``.
+
+        It takes no other cell from the moment of this call, not only once the
+        returned coroutine runs: a cell given to it in between would die with it.
+        """
         handle.stopping = True
+        return self._stop(handle, grace)
+
+    async def _stop(self, handle: ExecutorHandle, grace: float) -> None:
         with contextlib.suppress(zmq.ZMQError):
             await self.sock.send_multipart([handle.id.encode(), b"stop"])
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import re
 import time
 from pathlib import Path
@@ -122,7 +123,12 @@ def number(content: dict[str, Any], key: str) -> float:
     value = content.get(key)
     if value is None:
         return 0.0
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise BadRequest(f"{key}={value!r} is not a non-negative number")
     return float(value)
 

@@ -53,6 +53,7 @@ from .scheduler import CPU, Cell, gpu_slot
 log = logging.getLogger(__name__)
 
 _THREAD_DECODE_FRAMES = 8  # hash messages with several 1 MiB frames off the event loop
+_SLOW_KINDS = frozenset({m.START_KERNEL, m.STOP_KERNEL, m.CLOSE_SESSION})  # run as tasks
 _TRIM_AFTER = 64 << 20
 _CLIENT_LIVENESS = 5  # heartbeat intervals before a silent client's cells are cancelled
 _ATTACH_SECONDS = 10.0  # keep heartbeating a client this long after it spoke
@@ -157,6 +158,14 @@ class WorkerService:
             "simulator: " if self.capabilities.simulator else "",
             gpus,
         )
+        if not self.config.encrypt and not _loopback(self.address):
+            log.warning(
+                "listening on %s without --encrypt: anyone who can reach it can read the "
+                "traffic, and can make this worker hold data in memory before any signature "
+                "is checked (ZeroMQ hands over a message only once all of it has arrived); "
+                "use --encrypt on a network you do not fully trust",
+                self.address,
+            )
         workers = [
             self._spawn(self._client_loop()),
             self._spawn(self._executor_loop()),
@@ -271,21 +280,29 @@ class WorkerService:
                 continue  # an unsigned notice is only ever shown, and clients send none
             relayed, body = frames[1:], []
             del frames  # the cell holds its frames only until they are relayed
-            try:
-                await self._on_message(rid, msg, relayed)
-            except BadRequest as exc:
-                log.warning("bad %s from %s: %s", msg.kind, rid.hex()[:8], exc)
-                await self._reply(msg, rid, m.ERROR, {"code": "bad-request", "reason": str(exc)})
-            except Exception:  # a bug here must not take the worker down
-                log.exception("error handling %s from %s", msg.kind, rid.hex()[:8])
-                await self._reply(
-                    msg,
-                    rid,
-                    m.ERROR,
-                    {"code": "internal", "reason": "internal worker error (see its log)"},
-                )
-            finally:
-                del relayed
+            if msg.kind in _SLOW_KINDS:
+                # Starting a kernel takes seconds: meanwhile every other client's
+                # heartbeats and cells must still be read.
+                self._spawn(self._handle(rid, msg, relayed))
+            else:
+                await self._handle(rid, msg, relayed)
+            del relayed
+
+    async def _handle(self, rid: bytes, msg: Message, frames: list[Any]) -> None:
+        """Act on a verified message; any failure is answered, never raised."""
+        try:
+            await self._on_message(rid, msg, frames)
+        except BadRequest as exc:
+            log.warning("bad %s from %s: %s", msg.kind, rid.hex()[:8], exc)
+            await self._reply(msg, rid, m.ERROR, {"code": "bad-request", "reason": str(exc)})
+        except Exception:  # a bug here must not take the worker down
+            log.exception("error handling %s from %s", msg.kind, rid.hex()[:8])
+            await self._reply(
+                msg,
+                rid,
+                m.ERROR,
+                {"code": "internal", "reason": "internal worker error (see its log)"},
+            )
 
     async def _on_message(self, rid: bytes, msg: Message, frames: list[Any]) -> None:
         now = time.monotonic()
@@ -414,7 +431,9 @@ class WorkerService:
                 key=lambda g: sum(load.get(gpu_slot(g), {}).values()),
             )
             return (gpu_slot(best),)
-        if not isinstance(asked, list) or not all(isinstance(g, int) for g in asked):
+        if not isinstance(asked, list) or not all(
+            isinstance(g, int) and not isinstance(g, bool) for g in asked
+        ):
             return f"gpus={asked!r} is not a list of GPU numbers"
         gpus = sorted(set(asked))
         if not set(gpus) <= have:
@@ -600,6 +619,11 @@ def _kernel_ip(bind: str) -> str:
     if bind.startswith("tcp://*") or host in ("", "*"):
         return "0.0.0.0"  # noqa: S104 - the worker itself was bound to every interface
     return host
+
+
+def _loopback(address: str) -> bool:
+    host = urlsplit(address).hostname or ""
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def _alive(pid: int) -> bool:

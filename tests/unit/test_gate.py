@@ -42,7 +42,7 @@ def test_claimed_id_never_parses_hostile_headers():
     assert claimed_id([b""]) == ""
 
 
-@pytest.mark.parametrize("bad", ["soon", -1, True])
+@pytest.mark.parametrize("bad", ["soon", -1, True, float("nan"), float("inf")])
 def test_numbers_in_requests_are_checked(bad):
     with pytest.raises(BadRequest):
         number({"timeout": bad}, "timeout")

@@ -83,6 +83,22 @@ def test_messages_outside_the_window_are_rejected():
     assert wire.decode(Wire(KEY).encode(Message(kind=m.PING, sent=now[0] - 119))).kind == m.PING
 
 
+def test_heartbeats_and_cancels_queued_behind_an_upload_may_arrive_late_not_twice():
+    now = [1_000_000.0]
+    wire = Wire(KEY, window=120, clock=lambda: now[0])
+    # Sent while a large upload was still on its way over the same connection.
+    for kind in (m.HEARTBEAT, m.CANCEL):
+        frames = Wire(KEY).encode(Message(kind=kind, sent=now[0] - 600))
+        assert wire.decode(frames).kind == kind
+        with pytest.raises(MessageRejected, match="already received"):
+            wire.decode(frames)  # a replay is still one
+        future = Message(kind=kind, sent=now[0] + 121)
+        with pytest.raises(MessageRejected, match="clock"):
+            wire.decode(Wire(KEY).encode(future))
+    with pytest.raises(MessageRejected, match="clock"):  # anything else: the window holds
+        wire.decode(Wire(KEY).encode(Message(kind=m.EXECUTE, sent=now[0] - 600)))
+
+
 def test_replay_cache_forgets_ids_older_than_two_windows():
     now = [0.0]
     guard = ReplayGuard(window=10, clock=lambda: now[0])

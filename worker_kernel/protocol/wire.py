@@ -12,7 +12,9 @@ Buffers larger than :data:`CHUNK` travel as several frames (zero-copy slices on
 the way out, reassembled on the way in). Small frames are faster through
 libzmq than huge ones, and they let a receiver cap the size of any single frame
 (``zmq.MAXMSGSIZE``), so an unauthenticated peer cannot make it allocate one
-giant frame before the signature is checked.
+giant frame before the signature is checked. (It can still send frame after
+frame of one never-ending message, which libzmq holds until the last one: only
+CurveZMQ, ``--encrypt``, shuts such a peer out.)
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import blake3
 
 from . import compress
 from .errors import AuthenticationError, MessageRejected, ProtocolError, VersionMismatch
-from .messages import KINDS, MAGIC, PROTOCOL_VERSION, REJECT, Buffer, Message
+from .messages import CANCEL, HEARTBEAT, KINDS, MAGIC, PROTOCOL_VERSION, REJECT, Buffer, Message
 
 CHUNK: Final = 1 << 20  # bytes per buffer frame
 _LAZY_BYTES: Final = 1 << 20  # buffers from this size up get pages as they are written
@@ -40,6 +42,10 @@ _VERSION_FRAME: Final = str(PROTOCOL_VERSION).encode()
 _PRELUDE: Final = 5  # magic, version, kind, header, signature
 _PARALLEL_HASH_BYTES: Final = 1 << 20  # BLAKE3 uses threads past 1 MiB
 _NOTICE_BYTES: Final = 8192
+# Kinds that may wait on a connection behind a large upload, so arrive late, and
+# are harmless late or replayed: a heartbeat only says "alive", a cancel names
+# one cell. A replayed one is still refused.
+_LATE_OK: Final = frozenset({HEARTBEAT, CANCEL})
 
 
 @dataclass(frozen=True)
@@ -109,10 +115,11 @@ class ReplayGuard:
     def _allowance(self, nbytes: int) -> float:
         return nbytes / self.min_bandwidth
 
-    def check(self, msg_id: str, sent: float, nbytes: int = 0) -> None:
-        """Raise :class:`MessageRejected` if ``msg_id`` was seen or ``sent`` is stale."""
+    def check(self, msg_id: str, sent: float, nbytes: int = 0, *, late_ok: bool = False) -> None:
+        """Raise :class:`MessageRejected` if ``msg_id`` was seen or ``sent`` is stale
+        (``late_ok``: only if it comes from the future)."""
         skew = self._clock() - sent
-        late = self.window + self._allowance(nbytes)
+        late = math.inf if late_ok else self.window + self._allowance(nbytes)
         if skew > late or skew < -self.window:
             raise MessageRejected(
                 f"message {msg_id[:8]} was sent {skew:+.0f} s from this machine's clock, "
@@ -333,7 +340,7 @@ class Wire:
                 f"message carries {total} bytes, over the limit of {self.limits.max_bytes}"
             )
         if not trusted_hop:
-            self.replay.check(header["id"], header["sent"], total)
+            self.replay.check(header["id"], header["sent"], total, late_ok=kind in _LATE_OK)
         return header, declared, total
 
     def _buffers(

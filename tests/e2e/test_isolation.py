@@ -1,0 +1,122 @@
+"""One client's slow request does not stall another's cells; what a cell started
+goes with its executor; a cell the executor cannot finish is answered, and its
+session goes on; a cell sent along with the close of its session still runs."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lan2gpu_magic import ExecutionTimeout, RemoteExecutionError, connect
+from worker_kernel.protocol import messages as m
+
+pytestmark = pytest.mark.faults
+
+# Put first on the worker's PYTHONPATH: its hosted kernels start this way.
+SLOW_KERNEL_LAUNCHER = """\
+import os, runpy, sys, time
+time.sleep(6)  # a kernel that takes long to start (cold imports on a busy host)
+here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+runpy.run_module("ipykernel_launcher", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_slow_kernel_start_does_not_stall_other_clients_cells(worker_factory, tmp_path):
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "ipykernel_launcher.py").write_text(SLOW_KERNEL_LAUNCHER)
+    path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
+    worker = worker_factory("slow-kernels", env={"PYTHONPATH": path})
+    started: dict[str, str] = {}
+
+    def start_a_kernel() -> None:
+        with connect(worker.address, key_file=worker.key_file) as other:
+            time.sleep(1)  # while the cell below runs
+            kernel, _ = other.start_kernel(secrets.token_hex(16))
+            started["kernel"] = kernel
+            other.stop_kernel(kernel)
+
+    with connect(worker.address, key_file=worker.key_file) as client:
+        client.run("pass", {})
+        thread = threading.Thread(target=start_a_kernel)
+        thread.start()
+        ns: dict = {}
+        # Its heartbeats must be read while the kernel starts, or the worker takes
+        # this client for gone and cancels the cell.
+        client.run("import time\ntime.sleep(9)\nx = 1", ns, timeout=60)
+        thread.join(60)
+    assert ns["x"] == 1 and "kernel" in started
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")  # dead, not yet reaped
+
+
+def test_processes_a_cell_started_go_when_its_executor_is_killed(client, tmp_path):
+    pid_file = tmp_path / "child.pid"
+    stubborn = (
+        "import subprocess, time\n"
+        "child = subprocess.Popen(['sleep', '300'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "while True:\n"
+        "    try:\n"
+        "        time.sleep(10)\n"
+        "    except BaseException:\n"
+        "        pass\n"
+    )
+    with pytest.raises(ExecutionTimeout) as info:
+        client.run(stubborn, {}, timeout=1)
+    assert info.value.session_lost  # the executor had to be killed
+    pid = int(pid_file.read_text())
+    deadline = time.monotonic() + 15
+    while not _gone(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(pid), f"the cell's `sleep` (pid {pid}) outlived its executor"
+
+
+def test_a_result_the_executor_cannot_send_is_an_error_and_the_session_goes_on(client):
+    client.run("kept = 41", {})
+    # The last value pickles not (a lock), and its display is not JSON (a set).
+    odd = (
+        "import threading\n"
+        "class Odd:\n"
+        "    def __init__(self):\n"
+        "        self.lock = threading.Lock()\n"
+        "    def _repr_json_(self):\n"
+        "        return {1, 2}\n"
+        "Odd()"
+    )
+    with pytest.raises(RemoteExecutionError, match="could not finish this cell"):
+        client.run(odd, {})
+    ns: dict = {}
+    client.run("again = kept + 1", ns)
+    assert ns["again"] == 42
+
+
+def test_a_cell_sent_with_the_close_of_its_session_still_runs(client):
+    for _ in range(5):
+        client.run("warm = 1", {})  # the session's executor is up and idle
+        execute = client._message(
+            m.EXECUTE, {"code": "b = 2", "outputs": ["b"], "inputs": []}, session=client.session
+        )
+        execute.content["request"] = execute.id
+        close = client._message(m.CLOSE_SESSION, {"session": client.session})
+        client.transport.send(execute)
+        client.transport.send(close)
+        deadline, reply = time.monotonic() + 30, None
+        while reply is None and time.monotonic() < deadline:
+            got = client._recv(0.5)
+            if got is not None and got.parent == execute.id and got.kind in (m.RESULT, m.ERROR):
+                reply = got
+        assert reply is not None and reply.kind == m.RESULT, reply
+        assert reply.content["status"] == "ok", reply.content
