@@ -11,6 +11,7 @@ thread cancels every running chunk on its worker before it returns.
 from __future__ import annotations
 
 import queue
+import re
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from .pool import WorkerPool
 from .results import RunResult
 
 _TICK = 0.2  # seconds between looks at the running chunks (and Ctrl-C)
+_LINES = re.compile(r"[^\r\n]*(?:\r\n|\n|\r)|[^\r\n]+")  # pieces, each with its end
 
 
 def _where(slot: Placement) -> str:
@@ -76,11 +78,12 @@ class PrefixedOutput:
 
     def stream(self, name: str, text: str) -> None:
         out = []
-        for line in text.splitlines(keepends=True):
+        for line in _LINES.findall(text):
             if self._line_start.get(name, True):
                 out.append(self.prefix)
             out.append(line)
-            self._line_start[name] = line.endswith("\n")
+            # A bare \r starts the line over (progress bars): its prefix goes again.
+            self._line_start[name] = line.endswith(("\n", "\r"))
         self._write(name, "".join(out))
 
 

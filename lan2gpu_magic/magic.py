@@ -312,34 +312,46 @@ class Lan2GPUMagics(Magics):
             return None
         value: Any = None
         deadline = None if timeout is None else time.monotonic() + timeout
+        failure: Exception | None = None
         for job in jobs:
-            line = StatusLine(f"job {job.name}: {job.describe()}")
-            job.attach(write, publish)
             try:
-                while not job.wait(0.25):
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise UsageError(
-                            f"job {job.name} is still {job.state} after {timeout:g} s; "
-                            f"%lan2gpu wait {job.name} again later, or {job.name}.cancel()"
-                        )
-                    line.show(f"job {job.name}: {job.describe()}")
-            except KeyboardInterrupt:
-                self._say(
-                    f"lan2gpu: stopped waiting; job {job.name} goes on "
-                    f"(%lan2gpu wait {job.name} again, or {job.name}.cancel())"
-                )
-                raise
-            finally:
-                job.detach()
-            line.show(f"job {job.name}: {job.state} in {job.elapsed:.1f} s")
-            job.collected = True
-            finished, error = job.outcome()
-            if finished is None:
-                raise error if error is not None else UsageError(f"job {job.name} gave nothing")
-            if error is not None and finished.error is None:
-                raise error
-            value = self._assign(finished)
+                value = self._collect(job, deadline, timeout)
+            except UsageError:
+                raise  # still running past the deadline: stop waiting here
+            except Exception as exc:  # the job's own error: the others are collected first
+                failure = failure or exc
+        if failure is not None:
+            raise failure
         return value
+
+    def _collect(self, job: Job, deadline: float | None, timeout: float | None) -> Any:
+        """Wait for one job, show its output, assign its outputs; raise its error."""
+        line = StatusLine(f"job {job.name}: {job.describe()}")
+        job.attach(write, publish)
+        try:
+            while not job.wait(0.25):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise UsageError(
+                        f"job {job.name} is still {job.state} after {timeout:g} s; "
+                        f"%lan2gpu wait {job.name} again later, or {job.name}.cancel()"
+                    )
+                line.show(f"job {job.name}: {job.describe()}")
+        except KeyboardInterrupt:
+            self._say(
+                f"lan2gpu: stopped waiting; job {job.name} goes on "
+                f"(%lan2gpu wait {job.name} again, or {job.name}.cancel())"
+            )
+            raise
+        finally:
+            job.detach()
+        line.show(f"job {job.name}: {job.state} in {job.elapsed:.1f} s")
+        job.collected = True
+        finished, error = job.outcome()
+        if finished is None:
+            raise error if error is not None else UsageError(f"job {job.name} gave nothing")
+        if error is not None and finished.error is None:
+            raise error
+        return self._assign(finished)
 
     def _job(self, name: str) -> Job:
         job = self.jobs.get(name)

@@ -91,10 +91,12 @@ def test_a_failed_background_cell_raises_on_wait_and_split_runs_in_the_backgroun
 ) -> None:
     ok(kernel, "import numpy as np\nx = np.arange(8.0)")
     ok(kernel, "%%lan2gpu --async bad\npartial = 1\nraise KeyError('nope')")
-    ok(kernel, "bad.wait(60)")
-    run = kernel.run("%lan2gpu wait bad")
+    ok(kernel, "%%lan2gpu --async good\nfine = 2")
+    ok(kernel, "bad.wait(60); good.wait(60)")
+    run = kernel.run("%lan2gpu wait bad good")
     assert run.error()["ename"] == "RemoteExecutionError" and "KeyError" in run.error()["evalue"]
     assert value(kernel, "partial") == "1"  # bound before the error: kept, as in IPython
+    assert value(kernel, "fine") == "2"  # the job after the failed one was collected too
 
     ok(kernel, "%%lan2gpu --async spread --split x --gather s:sum\nhalf = x / 2\ns = x.sum()")
     ok(kernel, "%lan2gpu wait spread")

@@ -144,3 +144,5 @@ def test_output_is_prefixed_with_the_rank_at_every_line_start() -> None:
     out.stream("stderr", "oops\n")
     assert "".join(t for n, t in written if n == "stdout") == "[2] one\n[2] two\n[2] three\n"
     assert written[-1] == ("stderr", "[2] oops\n")
+    out.stream("stdout", "10%\r50%\r100%\r\ndone\r\n")  # a progress bar redrawn in place
+    assert written[-1] == ("stdout", "[2] 10%\r[2] 50%\r[2] 100%\r\n[2] done\r\n")
