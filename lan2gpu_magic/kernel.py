@@ -54,8 +54,12 @@ _HOLD = 3.0  # longest wait for a frontend to subscribe to iopub
 class Forwarder:
     """Owns the local sockets (bound to the connection file's ports) and the remote ones."""
 
-    def __init__(self, connection: dict[str, Any], client: Client, ports: dict[str, int]) -> None:
+    def __init__(
+        self, connection: dict[str, Any], client: Client, ports: dict[str, int], kernel: str = ""
+    ) -> None:
         self.client = client
+        self.kernel = kernel  # its id on the worker, named in our heartbeats
+        self.active_at = time.monotonic()  # the last request relayed, or output
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         local = f"{connection.get('transport', 'tcp')}://{connection.get('ip', '127.0.0.1')}"
         host = urlsplit(client.address).hostname or "127.0.0.1"
@@ -129,8 +133,15 @@ class Forwarder:
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + _HEARTBEAT
+                if _frontend_gone():
+                    # The Jupyter server or IDE that started us died without a
+                    # shutdown: go, so the remote kernel (and its GPU) is freed.
+                    log.error("the frontend that started this kernel is gone; stopping")
+                    return 1
                 self.hb.send(b"ping")
-                self.client.transport.send(self.client._message(m.HEARTBEAT))
+                # The worker sees none of the kernel's traffic: tell it when it was busy.
+                idle = {"kernel": self.kernel, "idle": now - self.active_at}
+                self.client.transport.send(self.client._message(m.HEARTBEAT, idle))
             if now - self.kernel_heard > _KERNEL_LIVENESS * _HEARTBEAT:
                 log.error("the remote kernel stopped answering its heartbeat")
                 return 1
@@ -155,6 +166,7 @@ class Forwarder:
         if sock is self.front["iopub"]:
             self._greet(frames)
         elif sock is self.iopub:
+            self.active_at = time.monotonic()
             self.front["iopub"].send_multipart(frames, copy=False)
         elif sock is self.hb:
             self.kernel_heard = time.monotonic()
@@ -165,6 +177,7 @@ class Forwarder:
             self.front[channel].send_multipart([identity, *frames], copy=False)
         else:
             channel = next(name for name, s in self.front.items() if s is sock)
+            self.active_at = time.monotonic()
             self.held.append((channel, frames))
         self._release()
         return None
@@ -204,7 +217,11 @@ class Forwarder:
             return None
         self.client._last_heard = time.monotonic()
         if msg.kind == m.KERNEL_EVENT and msg.content.get("event") == "died":
-            log.error("the remote kernel died (code %s)", msg.content.get("returncode"))
+            code = msg.content.get("returncode")
+            if code == 0:  # it was asked to shut down (a frontend's shutdown or restart)
+                log.info("the remote kernel exited")
+                return 0
+            log.error("the remote kernel died (code %s)", code)
             return 1
         return None
 
@@ -212,6 +229,15 @@ class Forwarder:
         for sock in [*self.front.values(), *self.backs.values(), self.iopub, self.hb]:
             sock.close(linger=0)
         self.ctx.term()
+
+
+def _frontend_gone() -> bool:
+    """Whether the process that launched this kernel has exited (jupyter_client
+    names it in ``JPY_PARENT_PID``, as ipykernel's own parent poller uses it)."""
+    parent = os.environ.get("JPY_PARENT_PID", "")
+    if not parent.isdigit() or int(parent) <= 1:
+        return False
+    return os.getppid() != int(parent)  # re-parented: the launcher died
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -267,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         gpus = [g.index for g in placement.gpus]
         kernel, ports = client.start_kernel(connection["key"], gpus=gpus, cpu=placement.cpu)
         log.info("kernel %s on %s", kernel, placement.describe())
-        forwarder = Forwarder(connection, client, ports)
+        forwarder = Forwarder(connection, client, ports, kernel)
         forwarder.wait_for_iopub()
         if stop["requested"]:
             return 0

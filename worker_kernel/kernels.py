@@ -47,7 +47,8 @@ class RemoteKernel:
     process: asyncio.subprocess.Process
     connection: dict[str, Any]
     started: float = field(default_factory=time.time)
-    last_activity: float = field(default_factory=time.monotonic)
+    started_mono: float = field(default_factory=time.monotonic)
+    last_activity: float = field(default_factory=time.monotonic)  # from its forwarder
     stopping: bool = False
 
     def info(self) -> dict[str, Any]:

@@ -361,7 +361,13 @@ class WorkerService:
             if kernel is not None and kernel.owner == client.client:
                 await self.kernels.stop(kernel)
             await self._reply(msg, rid, m.STATUS_REPLY, {"stopped": kernel is not None})
-        elif msg.kind != m.HEARTBEAT:
+        elif msg.kind == m.HEARTBEAT:
+            kernel = self.kernels.kernels.get(str(msg.content.get("kernel", "")))
+            if kernel is not None and kernel.owner == client.client:
+                # Its forwarder relays the kernel's traffic and says when it last did.
+                idle = min(number(msg.content, "idle"), now - kernel.started_mono)
+                kernel.last_activity = now - idle
+        else:
             log.warning("ignored unexpected %s from %s", msg.kind, rid.hex()[:8])
 
     async def _on_hello(self, rid: bytes, client: ClientState, msg: Message) -> None:

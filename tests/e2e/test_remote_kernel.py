@@ -122,6 +122,13 @@ def test_a_frontend_runs_a_whole_kernel_on_the_worker(lan_kernel):
         asked = s.run("name = input('who? ')\nprint('hello', name)", stdin="ada")
         assert asked[0]["content"]["prompt"] == "who? "
         assert s.text(asked[1:]) == "hello ada\n"
+        # The worker's status tells the kernel's last activity from its age.
+        time.sleep(4)
+        s.run("pass")
+        time.sleep(2.5)  # a forwarder heartbeat or two
+        (hosted,) = _hosted(worker)
+        age = time.time() - hosted["started"]
+        assert hosted["idle"] < 4.5 < age, hosted
     finally:
         s.close()
     deadline = time.monotonic() + 20
@@ -200,6 +207,56 @@ def test_the_worker_stops_kernels_whose_forwarder_vanished(lan_kernel):
         assert "went silent; shutting it down" in worker.log()
     finally:
         s.close()
+
+
+LAUNCHER = """
+import sys, time
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+
+km = KernelManager(kernel_name=sys.argv[1], kernel_spec_manager=KernelSpecManager())
+km.start_kernel()
+kc = km.client()
+kc.start_channels()
+kc.wait_for_ready(timeout=60)
+print(km.provisioner.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")  # dead, not yet reaped
+
+
+def test_a_kernel_whose_frontend_crashed_is_stopped(lan_kernel, tmp_path):
+    worker, name = lan_kernel
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
+    # A frontend (a Jupyter server, an IDE) that dies without shutting its kernel down.
+    frontend = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, name], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert frontend.stdout is not None
+        forwarder = int(frontend.stdout.readline())
+        assert len(_hosted(worker)) == 1
+    finally:
+        frontend.kill()
+        frontend.wait(30)
+        if frontend.stdout is not None:
+            frontend.stdout.close()
+    try:
+        deadline = time.monotonic() + 30
+        while not (_gone(forwarder) and not _hosted(worker)) and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert _gone(forwarder), "the forwarder outlived the frontend that started it"
+        assert _hosted(worker) == []  # and it took its remote kernel with it
+    finally:
+        if not _gone(forwarder):  # do not leave it behind when the test fails
+            os.kill(forwarder, signal.SIGKILL)
 
 
 def test_remove_kernel(lan_kernel, tmp_path):
