@@ -252,9 +252,17 @@ def test_a_big_rejected_message_gives_its_memory_back(shared_worker):
         assert p.recv() is not None
     finally:
         p.close()
+
     # Without --encrypt the worker must receive a message before it can check it;
-    # afterwards the memory goes back to the system (soon; generous under load).
-    deadline = time.monotonic() + 15
-    while _rss(shared_worker.pid) - before >= 40 << 20 and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _rss(shared_worker.pid) - before < 40 << 20
+    # afterwards the memory goes back to the system: at once, or (seen now and then
+    # after earlier big messages, in libzmq's or asyncio's hands) with the next
+    # message the worker handles. Never later, and never a second time over.
+    def returned(within: float) -> bool:
+        deadline = time.monotonic() + within
+        while _rss(shared_worker.pid) - before >= 40 << 20 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return _rss(shared_worker.pid) - before < 40 << 20
+
+    if not returned(5):
+        assert_still_serving(shared_worker)
+    assert returned(15)
