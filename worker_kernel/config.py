@@ -56,6 +56,7 @@ class WorkerConfig:
     memory_limit: int = 0  # per executor, bytes; 0: none
     cache_memory: int = 0  # per executor: arrays kept by digest; 0: no cache
     max_kernels: int = 8  # whole Jupyter kernels hosted for IDEs
+    max_executors: int = 16  # session executors kept; the longest idle goes first
     kernel_grace: float = 30.0  # a kernel outlives its silent forwarder this long
     encrypt: bool = False
     authorized_keys: Path | None = None  # CURVE client keys accepted (--encrypt)
@@ -230,6 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
         "default 25%%]",
     )
     parser.add_argument(
+        "--max-executors",
+        type=int,
+        default=int(env("LAN2GPU_MAX_EXECUTORS", "16")),
+        metavar="N",
+        help="most session executors kept at once (each holds its namespace, arrays and "
+        "GPU memory); to start another, the one idle longest is stopped "
+        "[LAN2GPU_MAX_EXECUTORS; default %(default)s]",
+    )
+    parser.add_argument(
         "--max-kernels",
         type=int,
         default=int(env("LAN2GPU_MAX_KERNELS", "8")),
@@ -320,6 +330,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         memory_limit=args.memory_limit,
         cache_memory=args.cache_memory,
         max_kernels=args.max_kernels,
+        max_executors=args.max_executors,
         kernel_grace=args.kernel_grace,
         encrypt=args.encrypt,
         authorized_keys=Path(args.authorized_keys).expanduser() if args.authorized_keys else None,

@@ -68,7 +68,9 @@ class ExecutorPool:
         memory_limit: int = 0,
         faults: tuple[str, ...] = (),
         cache_memory: int = 0,
+        max_executors: int = 0,
     ) -> None:
+        self.max_executors = max_executors  # 0: no limit
         self._dir = tempfile.mkdtemp(prefix="lan2gpu-")  # mode 0700
         self.endpoint = f"ipc://{self._dir}/executors"
         self.sock = ctx.socket(zmq.ROUTER)
@@ -118,7 +120,33 @@ class ExecutorPool:
             # It was told to stop while we waited (its session closed, or it sat
             # idle too long): a cell handed to it now would die with it.
 
+    def _make_room(self) -> None:
+        """Stop the executor idle longest if starting one more would pass the limit.
+
+        Each executor holds a session's namespace, arrays and GPU memory, and has
+        its own memory limit: without a cap, many sessions add up past the host's
+        RAM. A busy executor is never stopped (so the limit may be passed while
+        every one of them runs a cell; they are few: one per GPU and the CPU slot).
+        """
+        live = [h for h in self._by_id.values() if not h.stopping]
+        if not self.max_executors or len(live) < self.max_executors:
+            return
+        idle = [h for h in live if h.cell is None]
+        if not idle:
+            log.warning("all %d executors are busy; starting one more", len(live))
+            return
+        oldest = min(idle, key=lambda h: h.last_used)
+        log.info(
+            "at --max-executors %d: stopping session %s's executor (idle longest)",
+            self.max_executors,
+            oldest.session,
+        )
+        task = asyncio.create_task(self.stop(oldest))
+        self._watchers.add(task)  # kept until done, like the exit watchers
+        task.add_done_callback(self._watchers.discard)
+
     async def _spawn(self, session: str, resources: tuple[str, ...]) -> ExecutorHandle:
+        self._make_room()
         gpus = [int(r[3:]) for r in resources if r.startswith("gpu")]
         if self._simulate:
             # Simulated GPUs are labels; the simulator itself has one device.

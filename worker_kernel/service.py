@@ -102,6 +102,7 @@ class WorkerService:
             memory_limit=config.memory_limit,
             faults=config.faults,
             cache_memory=config.cache_memory,
+            max_executors=config.max_executors,
         )
         self.dispatcher = Dispatcher(
             self.pool,

@@ -120,3 +120,21 @@ def test_a_cell_sent_with_the_close_of_its_session_still_runs(client):
                 reply = got
         assert reply is not None and reply.kind == m.RESULT, reply
         assert reply.content["status"] == "ok", reply.content
+
+
+def test_past_max_executors_the_session_idle_longest_makes_room(worker_factory):
+    worker = worker_factory("capped", "--max-executors", "2")
+    with connect(worker.address, key_file=worker.key_file) as client:
+        client.run("x = 'a'", {}, session="A")
+        client.run("x = 'b'", {}, session="B")
+        client.run("x = 'c'", {}, session="C")  # a third executor: A's, idle longest, goes
+        deadline = time.monotonic() + 15
+        while len(client.status()["sessions"]) > 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sorted(client.status()["sessions"]) == ["B", "C"]
+        ns: dict = {}
+        client.run("y = x", ns, session="B")
+        assert ns["y"] == "b"  # the others keep their namespaces
+        with pytest.raises(RemoteExecutionError, match="NameError"):
+            client.run("y = x", {}, session="A")  # a fresh executor, C's making room
+    assert "at --max-executors 2: stopping session A's executor" in worker.log()
