@@ -23,6 +23,15 @@ from worker_kernel.protocol.keys import generate_key_file, load_key
 START_DEADLINE = 60.0
 
 
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie not yet reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if os.environ.get("LAN2GPU_TEST_GPU") == "1":
         return

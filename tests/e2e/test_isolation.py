@@ -8,12 +8,13 @@ import os
 import secrets
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from lan2gpu_magic import ExecutionTimeout, RemoteExecutionError, connect
 from worker_kernel.protocol import messages as m
+
+from ..conftest import process_gone
 
 pytestmark = pytest.mark.faults
 
@@ -54,14 +55,6 @@ def test_a_slow_kernel_start_does_not_stall_other_clients_cells(worker_factory, 
     assert ns["x"] == 1 and "kernel" in started
 
 
-def _gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rpartition(")")[2].split()[0] in ("Z", "X")  # dead, not yet reaped
-
-
 def test_processes_a_cell_started_go_when_its_executor_is_killed(client, tmp_path):
     pid_file = tmp_path / "child.pid"
     stubborn = (
@@ -79,9 +72,9 @@ def test_processes_a_cell_started_go_when_its_executor_is_killed(client, tmp_pat
     assert info.value.session_lost  # the executor had to be killed
     pid = int(pid_file.read_text())
     deadline = time.monotonic() + 15
-    while not _gone(pid) and time.monotonic() < deadline:
+    while not process_gone(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert _gone(pid), f"the cell's `sleep` (pid {pid}) outlived its executor"
+    assert process_gone(pid), f"the cell's `sleep` (pid {pid}) outlived its executor"
 
 
 def test_a_result_the_executor_cannot_send_is_an_error_and_the_session_goes_on(client):

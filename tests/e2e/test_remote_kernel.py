@@ -18,6 +18,8 @@ from jupyter_client.manager import KernelManager
 
 from lan2gpu_magic import connect
 
+from ..conftest import process_gone
+
 
 def _cli(*args: str, env: dict[str, str]) -> str:
     done = subprocess.run(
@@ -224,14 +226,6 @@ time.sleep(600)
 """
 
 
-def _gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rpartition(")")[2].split()[0] in ("Z", "X")  # dead, not yet reaped
-
-
 def test_a_kernel_whose_frontend_crashed_is_stopped(lan_kernel, tmp_path):
     worker, name = lan_kernel
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}
@@ -250,12 +244,12 @@ def test_a_kernel_whose_frontend_crashed_is_stopped(lan_kernel, tmp_path):
             frontend.stdout.close()
     try:
         deadline = time.monotonic() + 30
-        while not (_gone(forwarder) and not _hosted(worker)) and time.monotonic() < deadline:
+        while not (process_gone(forwarder) and not _hosted(worker)) and time.monotonic() < deadline:
             time.sleep(0.3)
-        assert _gone(forwarder), "the forwarder outlived the frontend that started it"
+        assert process_gone(forwarder), "the forwarder outlived the frontend that started it"
         assert _hosted(worker) == []  # and it took its remote kernel with it
     finally:
-        if not _gone(forwarder):  # do not leave it behind when the test fails
+        if not process_gone(forwarder):  # do not leave it behind when the test fails
             os.kill(forwarder, signal.SIGKILL)
 
 
