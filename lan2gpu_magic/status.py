@@ -54,14 +54,8 @@ class Progress:
     def __init__(self, placement: Placement) -> None:
         self.where = placement.describe().rsplit(", queue", 1)[0]
         ahead = placement.queue
-        self.text = f"waiting for {self.where}: {ahead} cell(s) ahead" if ahead else ""
-        self.text = self.text or f"running on {self.where}"
-        self.handle = DisplayHandle()  # type: ignore[no-untyped-call]
-        self.handle.display(self._bundle(self.text), raw=True)  # type: ignore[no-untyped-call]
-
-    @staticmethod
-    def _bundle(text: str) -> dict[str, str]:
-        return {"text/plain": f"lan2gpu: {text}"}
+        waiting = f"waiting for {self.where}: {ahead} cell(s) ahead"
+        self.line = StatusLine(waiting if ahead else f"running on {self.where}")
 
     def status(self, kind: str, content: dict[str, Any]) -> None:
         if kind == "queued":
@@ -75,12 +69,7 @@ class Progress:
         else:
             text = None
         if text:
-            self._show(text)
+            self.line.show(text)
 
     def finished(self, seconds: float) -> None:
-        self._show(f"ran on {self.where} in {seconds:.2f} s")
-
-    def _show(self, text: str) -> None:
-        if text != self.text:  # each update is a message to the frontend
-            self.text = text
-            self.handle.update(self._bundle(text), raw=True)  # type: ignore[no-untyped-call]
+        self.line.show(f"ran on {self.where} in {seconds:.2f} s")

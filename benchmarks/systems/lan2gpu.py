@@ -12,15 +12,17 @@ import contextlib
 import inspect
 import io
 import signal
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from ..procs import Child, keygen, start_worker
 from . import Options
+
+T = TypeVar("T")
 
 NEGATE = "b = -a"
 
@@ -96,13 +98,18 @@ class Lan2GPUApi:
             self.worker.stop()
 
 
-def start_api(options: Options) -> Lan2GPUApi:
-    worker = start_worker(options.work, keygen(options.work), "bench-api")
+def _on_a_worker(system: Callable[[Child, Options], T], name: str, options: Options) -> T:
+    """``system`` on a fresh worker, which is stopped if ``system`` fails to start."""
+    worker = start_worker(options.work, keygen(options.work), name)
     try:
-        return Lan2GPUApi(worker, options)
+        return system(worker, options)
     except BaseException:
         worker.stop()
         raise
+
+
+def start_api(options: Options) -> Lan2GPUApi:
+    return _on_a_worker(Lan2GPUApi, "bench-api", options)
 
 
 class CellFailed(RuntimeError):
@@ -170,9 +177,4 @@ class Lan2GPUMagic:
 
 
 def start_magic(options: Options) -> Lan2GPUMagic:
-    worker = start_worker(options.work, keygen(options.work), "bench-magic")
-    try:
-        return Lan2GPUMagic(worker, options)
-    except BaseException:
-        worker.stop()
-        raise
+    return _on_a_worker(Lan2GPUMagic, "bench-magic", options)
