@@ -161,6 +161,11 @@ class ExecuteRequest:
     line_offset: int = 0
     gpus: tuple[int, ...] = ()  # the worker's GPU numbers; () lets the worker pick one
     cpu: bool = False  # a CPU cell: no GPU is visible to it
+    # The namespace functions and kernels coming back get as their globals.
+    namespace: dict[str, Any] | None = field(default=None, compare=False)
+    # A named session keeps its namespace between cells; the notebook's own session
+    # mirrors the notebook (a name the notebook does not send is not there).
+    keep_namespace: bool = False
     # Set from another thread to cancel the cell (split chunks, async cells); the run
     # then raises ExecutionCancelled. In the main thread, Ctrl-C does the same.
     cancel: threading.Event | None = field(default=None, compare=False)
@@ -416,7 +421,7 @@ class Client:
         else:
             self.held.learn(session, payload.frames, digests)
             self.held.learn(session, full, full_digests)
-        return results.parse_result(reply, request.plan, request.timeout)
+        return results.parse_result(reply, request.plan, request.timeout, request.namespace)
 
     def _submit(
         self,
@@ -446,6 +451,7 @@ class Client:
                 "timeout": request.timeout,
                 "gpus": list(request.gpus),
                 "cpu": request.cpu,
+                "keep_namespace": request.keep_namespace,
                 "refs": in_refs,
                 "have": sorted(local),
                 "link": link,
@@ -695,6 +701,9 @@ class Client:
             gpus=tuple(gpus),
             cpu=cpu,
             local=ns,
+            namespace=dict_of(ns),
+            # Without a namespace of its own, the caller's namespace is the session's.
+            keep_namespace=session is not None or namespace is None,
         )
         register_source(filename, code)
         result = self.execute(request, payload, handlers)

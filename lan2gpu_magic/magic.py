@@ -23,7 +23,7 @@ from IPython.core.magic import Magics, line_cell_magic, magics_class
 from worker_kernel.protocol.errors import ProtocolError, TransportError, WorkerLost
 from worker_kernel.protocol.serialize import Payload, dump_values
 
-from . import capture, fanout, options, results, split_cell, tables
+from . import capture, fanout, hints, options, results, split_cell, tables
 from .client import ExecuteRequest, OutputHandlers
 from .config import Lan2GPU
 from .jobs import CANCELLED, Finished, Job
@@ -111,7 +111,7 @@ class Lan2GPUMagics(Magics):
         args = self._cell_args.parse_args(shlex.split(line))
         self._check_combination(args)
         shell = self._shell()
-        filename = f"<lan2gpu In[{shell.execution_count}]>"
+        filename = f"<lan2gpu In[{_cell_number(shell)}]>"
         register_source(filename, f"%%lan2gpu {line}\n{cell}")
         ns = shell.user_ns
         # Planned against the namespace itself: functions of the notebook that
@@ -185,6 +185,8 @@ class Lan2GPUMagics(Magics):
             gpus=tuple(g.index for g in placement.gpus),
             cpu=placement.cpu,
             local=local,
+            namespace=self._shell().user_ns,
+            keep_namespace=bool(args.session),
             cache=not args.no_cache,
             compress=args.compress,
             cancel=cancel,
@@ -440,13 +442,25 @@ class Lan2GPUMagics(Magics):
         publish({"text/plain": tables.as_text(rows), "text/html": tables.as_html(rows)}, {})
 
 
+def _cell_number(shell: InteractiveShell) -> int:
+    """The number the running cell shows (``In [12]``): IPython 9 counts the next
+    cell already while one runs; the running cell's result knows its own."""
+    running = getattr(shell.displayhook, "exec_result", None)
+    count = getattr(running, "execution_count", None)
+    return int(count) if isinstance(count, int) else int(shell.execution_count)
+
+
 def register(shell: Any) -> None:
     magics = Lan2GPUMagics(shell)
     shell.register_magics(magics)
     shell.configurables.append(magics.settings)  # so %config Lan2GPU works
+    if hints.after_cell not in shell.events.callbacks["post_run_cell"]:
+        shell.events.register("post_run_cell", hints.after_cell)
 
 
 def unregister(shell: Any) -> None:
+    if hints.after_cell in shell.events.callbacks["post_run_cell"]:
+        shell.events.unregister("post_run_cell", hints.after_cell)
     magics = shell.magics_manager.registry.pop("Lan2GPUMagics", None)
     if magics is not None:
         magics.close()

@@ -94,10 +94,17 @@ def _error(msg: Message, worker: str, timeout: float | None) -> Lan2GPUError:
     )
 
 
-def parse_result(msg: Message, plan: CellPlan, timeout: float | None = None) -> RunResult:
+def parse_result(
+    msg: Message,
+    plan: CellPlan,
+    timeout: float | None = None,
+    namespace: dict[str, Any] | None = None,
+) -> RunResult:
     """The values a cell produced; ``.error`` is set if it failed after binding some.
 
-    A cell that produced nothing (cancelled, executor died) raises at once.
+    Functions and kernels the cell defined get ``namespace`` (the notebook's) as
+    their globals. A cell that produced nothing (cancelled, executor died) raises
+    at once.
     """
     c = msg.content
     worker = str(c.get("worker", "?"))
@@ -109,7 +116,7 @@ def parse_result(msg: Message, plan: CellPlan, timeout: float | None = None) -> 
             raise error
     entries = list(c.get("outputs", []))
     used = sum(int(e["nframes"]) for e in entries)
-    outputs, failed = load_values(entries, msg.buffers[:used])
+    outputs, failed = load_values(entries, msg.buffers[:used], namespace=namespace)
     result = RunResult(
         worker=worker,
         outputs=outputs,

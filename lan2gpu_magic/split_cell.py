@@ -154,6 +154,8 @@ def prepare(
             line_offset=1,
             gpus=tuple(g.index for g in slot.gpus),
             cpu=slot.cpu,
+            namespace=namespace,
+            keep_namespace=bool(spec.session),
             cache=spec.cache,
             compress=spec.compress,
             cancel=cancel,

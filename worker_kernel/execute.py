@@ -3,13 +3,20 @@
 The cell runs in the session's namespace, which persists between cells. The last
 expression's value comes back like IPython's ``Out``.
 
-Outputs are the names the notebook side found bound by the cell, but only those
-the cell really bound this time. Values left from earlier cells of the session
-are moved out of the namespace into the cell's builtins while it runs: reads
-still find them, and a name present in the namespace afterwards was bound by
-this cell. An input the cell did not rebind is not sent back (the notebook has
-it), unless it was augmented-assigned (``a += 1`` on an array) or asked for
-with ``--out``.
+The notebook's own session mirrors the notebook: before each cell the names
+earlier cells left are cleared, so the namespace holds what the notebook sent
+(inputs, and the globals its functions and kernels read) and nothing stale; a
+name the notebook deleted is a ``NameError`` here too. Only values that could
+not travel back (an open file, a lock) stay, as the README promises. A named
+``--session`` keeps its namespace between cells instead.
+
+Outputs are the names the notebook side found the cell may bind, but only those
+it really bound this time: a name whose object is a different one after the
+cell (or, in a named session, a value of the session the notebook did not
+send). An input the cell did not rebind is not sent back (the notebook has it),
+unless it was augmented-assigned (``a += 1`` on an array) or asked for with
+``--out``. Nothing is parked in process-wide places (builtins) while a cell
+runs.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import linecache
 import sys
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,6 +83,7 @@ class CellRequest:
     have: frozenset[str]  # digests the client can supply for outputs
     bandwidth: float  # the link, as the client measured it (bytes/s; 0: unknown)
     compress: str  # "auto", "on" or "off"
+    keep_namespace: bool = False  # a named session: names of earlier cells stay
 
     @classmethod
     def from_message(cls, msg: Message, client: str) -> CellRequest:
@@ -95,6 +104,7 @@ class CellRequest:
             have=frozenset(str(d) for d in c.get("have", [])),
             bandwidth=float(dict(c.get("link", {})).get("bandwidth", 0.0)),
             compress=str(dict(c.get("link", {})).get("compress", "auto")),
+            keep_namespace=bool(c.get("keep_namespace", False)),
         )
 
 
@@ -170,40 +180,31 @@ def _compile(req: CellRequest) -> tuple[Any, Any]:
     return body, compile(last, req.filename, "eval") if last is not None else None
 
 
-class _Stash:
-    """Moves values left from earlier cells out of the namespace while a cell runs.
+class _Identity:
+    """What each of some names held at one moment, to tell later which were rebound.
 
-    They go into the builtins (the cell's and the process's, which functions
-    loaded from the notebook use), so reads still find them; whatever is in the
-    namespace after the cell was bound by it. A name that is also a real builtin
-    (a variable called ``len``) stays put: shadowing it process-wide would break
-    library code.
+    Weak references where the value allows them (arrays do), so a large value the
+    cell replaces is not kept alive; a strong one otherwise, so its id is not reused.
     """
 
-    def __init__(self, ns: dict[str, Any], names: list[str]) -> None:
+    def __init__(self, ns: dict[str, Any], names: tuple[str, ...]) -> None:
         self.ns = ns
-        self.tables = [vars(builtins)]
-        if ns["__builtins__"] is not vars(builtins):
-            self.tables.append(ns["__builtins__"])
-        self.kept = {n: id(ns[n]) for n in names if n in vars(builtins)}
-        self.values = {n: ns.pop(n) for n in names if n not in self.kept}
-        for table in self.tables:
-            table.update(self.values)
+        self.held: dict[str, Any] = {}
+        for name in names:
+            if name in ns:
+                value = ns[name]
+                try:
+                    self.held[name] = weakref.ref(value)
+                except TypeError:
+                    self.held[name] = (value,)
 
-    def bound(self, name: str) -> bool:
-        """Whether the cell bound ``name`` (call before :meth:`restore`)."""
-        if name not in self.ns:
+    def same(self, name: str) -> bool:
+        """Whether ``name`` still holds the very object it held then."""
+        held = self.held.get(name)
+        if held is None or name not in self.ns:
             return False
-        if name in self.kept:  # never moved out: fall back to identity
-            return id(self.ns[name]) != self.kept[name]
-        return True
-
-    def restore(self) -> None:
-        for table in self.tables:
-            for name in self.values:
-                table.pop(name, None)
-        for name, value in self.values.items():
-            self.ns.setdefault(name, value)
+        then = held() if isinstance(held, weakref.ref) else held[0]
+        return then is self.ns[name]
 
 
 class CellRunner:
@@ -228,6 +229,7 @@ class CellRunner:
         self._inputs: dict[str, int] = {}  # id() of each input as loaded
         self._fresh: set[str] = set()  # outputs the last cell really bound
         self._input_digests: dict[str, list[str]] = {}  # as signed by the client
+        self._kept: set[str] = set()  # values that could not go back to the notebook
         self.namespace = new_namespace(self.display)
 
     # -- display, available in cells ----------------------------------------
@@ -317,9 +319,10 @@ class CellRunner:
         outcome = Outcome()
         self._fresh, self._inputs, self._input_digests = set(), {}, {}
         ns = self.namespace
-        cell_builtins: dict[str, Any] = ns["__builtins__"]
+        if not req.keep_namespace:
+            self._mirror()
+        session_values = _Identity(ns, req.outputs)  # before the notebook's values load
         values, failed = load_values(req.inputs, frames, namespace=ns)
-        ns["__builtins__"] = cell_builtins  # cloudpickle resets it when loading functions
         pos = 0
         for entry in req.inputs:
             count = int(entry["nframes"])
@@ -340,9 +343,13 @@ class CellRunner:
             )
             return outcome
         ns.update(values)
+        self._kept -= set(values)
         outcome.ran = True
         self._inputs = {n: id(v) for n, v in values.items()}
-        stash = _Stash(ns, [n for n in req.outputs if n in ns and n not in values])
+        # Present now and unchanged by the load: a value the session held before.
+        from_session = {n for n in req.outputs if session_values.same(n)}
+        before = _Identity(ns, req.outputs)
+        del session_values
         send_stream = self._stream_sender(req)
         saved = sys.stdout, sys.stderr
         self.channel.begin(send_stream)
@@ -372,10 +379,19 @@ class CellRunner:
             outcome.seconds = time.perf_counter() - t0
             sys.stdout, sys.stderr = saved
             self.channel.end()
-            # Present now means bound by this cell (stale values were moved out).
-            self._fresh = {n for n in req.outputs if stash.bound(n)}
-            stash.restore()
+            # Bound by this cell: another object than before it. A value of the
+            # session that the notebook did not send comes back too (the notebook
+            # may lack it, or hold an older one).
+            self._fresh = {
+                n for n in req.outputs if n in ns and (not before.same(n) or n in from_session)
+            }
         return outcome
+
+    def _mirror(self) -> None:
+        """Clear what earlier cells left, but values that could not travel back."""
+        ns = self.namespace
+        for name in [n for n in ns if not n.startswith("__") and n not in self._kept]:
+            del ns[name]
 
     def _stream_sender(self, req: CellRequest) -> Callable[[str, str], None]:
         def send(name: str, text: str) -> None:
@@ -410,7 +426,9 @@ class CellRunner:
             if not same_input or name in req.required or name in req.always:
                 chosen[name] = ns[name]
         try:
-            payload, skipped = dump_values(chosen, strict=req.required, role="output")
+            payload, skipped = dump_values(
+                chosen, strict=req.required, role="output", namespace=ns, bare_globals=True
+            )
         except SerializationError as exc:  # a required output that cannot be pickled
             return _serialization_error(content, exc.name or "", str(exc)), []
         for name, frames in self._mutated_inputs(chosen).items():
@@ -418,6 +436,9 @@ class CellRunner:
         frames = list(payload.frames)
         content["outputs"] = payload.entries
         content["skipped"] = skipped
+        # What could not travel stays here for later cells (the notebook lacks it).
+        returned = set(chosen) - set(skipped)
+        self._kept = {n for n in self._kept | set(skipped) if n in ns and n not in returned}
         content["deleted"] = [n for n in req.deletes if n not in ns]
         if outcome.value is not None:
             try:

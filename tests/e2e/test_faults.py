@@ -27,7 +27,7 @@ pytestmark = pytest.mark.faults
 
 
 def test_timeout_stops_a_runaway_cell_and_keeps_the_session(client):
-    client.run("kept = 'still here'", {})
+    client.run("kept = 'still here'", {}, session="named")
     t0 = time.monotonic()
     with pytest.raises(ExecutionTimeout) as info:
         client.run("while True:\n    pass", {}, timeout=2)
@@ -36,35 +36,35 @@ def test_timeout_stops_a_runaway_cell_and_keeps_the_session(client):
     assert not info.value.session_lost
     assert "intact" in str(info.value)
     ns: dict = {}
-    client.run("again = kept", ns)
+    client.run("again = kept", ns, session="named")
     assert ns["again"] == "still here"
 
 
 def test_a_cell_that_ignores_the_timeout_is_killed_and_replaced(client):
-    client.run("kept = 1", {})
+    client.run("kept = 1", {}, session="named")
     stubborn = "import time\nwhile True:\n    try:\n        time.sleep(10)\n    except BaseException:\n        pass"
     with pytest.raises(ExecutionTimeout) as info:
-        client.run(stubborn, {}, timeout=1)
+        client.run(stubborn, {}, timeout=1, session="named")
     assert info.value.session_lost
     assert "lost" in str(info.value)
     ns: dict = {}
-    client.run("fresh = 'kept' in dir()", ns)  # a new executor, a new namespace
+    client.run("fresh = 'kept' in dir()", ns, session="named")  # a new executor, a new namespace
     assert ns["fresh"] is False
 
 
 def test_interrupt_cancels_the_remote_cell_and_the_session_survives(client):
-    client.run("kept = 2", {})
+    client.run("kept = 2", {}, session="named")
     timer = threading.Timer(1.0, _thread.interrupt_main)
     t0 = time.monotonic()
     timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
-            client.run("import time\ntime.sleep(60)", {})
+            client.run("import time\ntime.sleep(60)", {}, session="named")
     finally:
         timer.cancel()
     assert time.monotonic() - t0 < 5
     ns: dict = {}
-    client.run("again = kept", ns)
+    client.run("again = kept", ns, session="named")
     assert ns["again"] == 2
 
 

@@ -78,7 +78,7 @@ def test_processes_a_cell_started_go_when_its_executor_is_killed(client, tmp_pat
 
 
 def test_a_result_the_executor_cannot_send_is_an_error_and_the_session_goes_on(client):
-    client.run("kept = 41", {})
+    client.run("kept = 41", {}, session="named")
     # The last value pickles not (a lock), and its display is not JSON (a set).
     odd = (
         "import threading\n"
@@ -90,9 +90,9 @@ def test_a_result_the_executor_cannot_send_is_an_error_and_the_session_goes_on(c
         "Odd()"
     )
     with pytest.raises(RemoteExecutionError, match="could not finish this cell"):
-        client.run(odd, {})
+        client.run(odd, {}, session="named")
     ns: dict = {}
-    client.run("again = kept + 1", ns)
+    client.run("again = kept + 1", ns, session="named")
     assert ns["again"] == 42
 
 

@@ -35,15 +35,15 @@ def _rss(pid: int) -> int:
 def test_a_poisoned_gpu_context_recycles_the_executor(worker_factory):
     worker = worker_factory("poisoned", "--fault", "poison-hook")
     with connect(worker.address, key_file=worker.key_file) as c:
-        c.run("kept = 1", {})
+        c.run("kept = 1", {}, session="named")
         with pytest.raises(RemoteExecutionError, match="ILLEGAL_ADDRESS") as info:
-            c.run("lan2gpu_poison_context()", {})
+            c.run("lan2gpu_poison_context()", {}, session="named")
         assert info.value.session_lost
         assert "executor was replaced" in "\n".join(info.value._render_traceback_())
         for i in range(50):
-            assert c.run("x = i * 2", {"i": i}).outputs == {"x": i * 2}
+            assert c.run("x = i * 2", {"i": i}, session="named").outputs == {"x": i * 2}
         ns: dict = {}
-        c.run("fresh = 'kept' not in dir()", ns)
+        c.run("fresh = 'kept' not in dir()", ns, session="named")
         assert ns["fresh"] is True  # a new executor: the old session state is gone
     assert "GPU context unusable; replacing the executor" in worker.log()
 
@@ -51,14 +51,14 @@ def test_a_poisoned_gpu_context_recycles_the_executor(worker_factory):
 def test_memory_limit_stops_a_hog_with_a_clear_error(worker_factory):
     worker = worker_factory("small-memory", "--memory-limit", "600M")
     with connect(worker.address, key_file=worker.key_file) as c:
-        c.run("import numpy as np\nkept = 1", {})
+        c.run("import numpy as np\nkept = 1", {}, session="named")
         with pytest.raises(RemoteExecutionError, match="MemoryError") as info:
-            c.run("hog = np.ones(2 * 1024**3 // 8)", {})
+            c.run("hog = np.ones(2 * 1024**3 // 8)", {}, session="named")
         text = "\n".join(info.value._render_traceback_())
         assert "memory limit is 0.6 GiB" in text and "--memory-limit" in text
         assert not info.value.session_lost
         ns: dict = {}
-        c.run("still = kept + 1", ns)  # same executor, session intact
+        c.run("still = kept + 1", ns, session="named")  # same executor, session intact
         assert ns["still"] == 2
     assert worker.alive()
 

@@ -28,7 +28,9 @@ def runner():
     channel.close()
 
 
-def run(runner: CellRunner, code: str, ns: dict | None = None, **plan_kw) -> Message:
+def run(
+    runner: CellRunner, code: str, ns: dict | None = None, keep: bool = False, **plan_kw
+) -> Message:
     ns = ns if ns is not None else {}
     plan = plan_cell(code, ns, **plan_kw)
     payload, _ = dump_values({n: ns[n] for n in plan.inputs}, namespace=ns)
@@ -43,6 +45,7 @@ def run(runner: CellRunner, code: str, ns: dict | None = None, **plan_kw) -> Mes
             "required": sorted(plan.required),
             "always": sorted(plan.always),
             "deletes": list(plan.deletes),
+            "keep_namespace": keep,
         },
         buffers=payload.frames,
         session="s",
@@ -72,11 +75,20 @@ def test_rebinding_to_the_same_interned_value_still_returns_it(runner):
     assert outputs(run(runner, "x = 1")) == {"x": 1}
 
 
-def test_stale_session_values_are_readable_but_not_returned(runner):
+def test_the_notebooks_session_holds_only_what_the_notebook_sent(runner):
     run(runner, "fh_like = [1, 2]")
-    # Not rebound this time: readable from the session, not sent back.
-    result = run(runner, "if False:\n    fh_like = None\nn = len(fh_like)")
-    assert outputs(result) == {"n": 2}
+    # The notebook no longer has it (deleted, %reset): not found on the worker either.
+    result = run(runner, "n = len(fh_like)")
+    assert result.content["status"] == "error"
+    assert result.content["error"]["evalue"] == "name 'fh_like' is not defined"
+    # Sent again, it is there.
+    assert outputs(run(runner, "n = len(fh_like)", {"fh_like": [1]})) == {"n": 1}
+
+
+def test_a_named_session_keeps_its_values_and_returns_those_the_cell_may_bind(runner):
+    run(runner, "fh_like = [1, 2]", keep=True)
+    result = run(runner, "if False:\n    fh_like = None\nn = len(fh_like)", keep=True)
+    assert outputs(result) == {"n": 2, "fh_like": [1, 2]}
     assert runner.namespace["fh_like"] == [1, 2]
 
 
@@ -109,7 +121,7 @@ def test_required_output_that_was_not_defined_is_an_error(runner):
 
 def test_deleted_names_are_reported(runner):
     run(runner, "z = 1")
-    result = run(runner, "del z")
+    result = run(runner, "del z", {"z": 1})
     assert result.content["deleted"] == ["z"]
 
 

@@ -8,9 +8,25 @@ and ``CPUDispatcher`` (``@njit``) to a kind plus a small pickle of the Python
 function and its options, and :func:`rebuild_dispatcher` re-applies the
 *loading* process's own ``numba.cuda.jit`` / ``numba.jit``.
 
-Rebuilt dispatchers are cached per process by the digest of that pickle, so a
-kernel whose code, globals and options did not change is the same dispatcher
-next time and is not compiled again.
+The Python function keeps the notebook's namespace as its globals (see
+:mod:`serialize`): on the worker they are the session's namespace, so Numba
+compiles a kernel with the values the session holds at its first launch, and a
+global that only the cell defines is found, as in the notebook. Once compiled,
+a kernel keeps the values it was compiled with (Numba's rule).
+
+Each dispatcher carries a token that names the notebook's object: the loader
+keeps one rebuilt dispatcher per token, so the same kernel sent again is the
+same, already compiled dispatcher (no recompilation), and a kernel redefined in
+the notebook is a new object, compiled afresh with the globals of its time, as
+it would be locally. A dispatcher rebuilt from a token pickles with that token
+again, so a kernel that comes back from the worker and is sent again finds its
+compiled original.
+
+Explicit signatures (``@njit("int64(int64)")``, ``@cuda.jit("void(float32[:])")``)
+travel too and are compiled eagerly where that is possible: Numba then converts
+arguments to the declared types instead of compiling new ones, which changes
+results. A loader that cannot compile CUDA code (a notebook without a driver)
+rebuilds the kernel lazily and remembers its signatures for the way back.
 
 A dispatcher that an importable module defines (``numba.cuda.random``'s
 generators, a package of the user's kernels) travels by reference instead, and
@@ -27,10 +43,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import sys
+import uuid
+import weakref
 from collections.abc import Callable
 from typing import Any, Final
 
-import blake3
 import cloudpickle
 
 from .errors import SerializationError
@@ -66,7 +83,27 @@ _CUDA_PORTABLE: Final = (
 )
 _CPU_DROPPED: Final = ("cache",)  # needs a source file; the loader has none
 
+# (kind, token) -> the dispatcher rebuilt (or first pickled) here. Strong
+# references: a kernel that left the namespace and comes back is found compiled.
 _cache: dict[tuple[str, str], Any] = {}
+# dispatcher -> its token; signatures a lazily rebuilt CUDA kernel must carry back.
+_tokens: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+_remembered: weakref.WeakKeyDictionary[Any, list[tuple[Any, Any]]] = weakref.WeakKeyDictionary()
+# Signatures as (argument types, return type), numba type objects.
+Signatures = list[tuple[Any, Any]] | None
+
+
+def token_of(obj: Any, kind: str) -> str:
+    """The token naming ``obj`` (made on first use; see the module doc)."""
+    try:
+        token = _tokens.get(obj)
+    except TypeError:  # not weakly referenceable: a token per pickling
+        return uuid.uuid4().hex
+    if token is None:
+        token = uuid.uuid4().hex
+        _tokens[obj] = token
+        _cache[(kind, token)] = obj
+    return token
 
 
 def dispatcher_kind(cls: type) -> str | None:
@@ -117,6 +154,27 @@ def import_attribute(module: str, qualname: str) -> Any:
     return found
 
 
+def signatures(obj: Any, kind: str) -> Signatures:
+    """The signatures a dispatcher was declared with, if compiling more is off."""
+    if kind == CPU:
+        if getattr(obj, "_can_compile", True):
+            return None
+        return [(tuple(s.args), s.return_type) for s in obj.nopython_signatures]
+    if kind != CUDA or not hasattr(obj, "targetoptions"):  # the simulator keeps none
+        return None
+    if obj in _remembered:
+        return list(_remembered[obj])
+    if getattr(obj, "_can_compile", True):
+        return None
+    from numba.core import types
+
+    found: list[tuple[Any, Any]] = []
+    for args, compiled in obj.overloads.items():
+        signature = getattr(compiled, "signature", None)
+        found.append((tuple(args), signature.return_type if signature else types.void))
+    return found
+
+
 def portable_parts(obj: Any, kind: str) -> tuple[Callable[..., Any], dict[str, Any]]:
     """The Python function behind a dispatcher and the options to rebuild it."""
     name = getattr(obj, "__name__", type(obj).__name__)
@@ -149,29 +207,38 @@ def portable_parts(obj: Any, kind: str) -> tuple[Callable[..., Any], dict[str, A
     return obj.fn, {"device": obj._device, "fastmath": obj._fastmath, "debug": obj._debug}
 
 
-def rebuild_dispatcher(kind: str, blob: bytes) -> Any:
-    """Unpickling entry point: rebuild a dispatcher with this process's numba."""
-    key = (kind, blake3.blake3(blob).hexdigest())
+def rebuild_dispatcher(kind: str, token: str, blob: bytes) -> Any:
+    """Unpickling entry point: the dispatcher named ``token``, built with this
+    process's numba the first time it arrives."""
+    from .serialize import loads_inband  # late: serialize imports this module
+
+    # Loaded even when the dispatcher is known: loading writes the globals the
+    # function reads into the session's namespace, for kernels compiled later.
+    py_func, options, sigs = loads_inband(blob)
+    key = (kind, token)
     cached = _cache.get(key)
     if cached is not None:
         return cached
-    from .serialize import loads_inband  # late: serialize imports this module
-
-    py_func, options = loads_inband(blob)
-    dispatcher = _jit(kind, options)(py_func)
+    dispatcher = _build(kind, py_func, options, sigs)
     _cache[key] = dispatcher
+    _tokens[dispatcher] = token
     return dispatcher
 
 
-def _jit(kind: str, options: dict[str, Any]) -> Callable[[Callable[..., Any]], Any]:
+def _build(
+    kind: str, py_func: Callable[..., Any], options: dict[str, Any], sigs: Signatures
+) -> Any:
     if kind == REDUCE:
         from numba import cuda
 
-        return cuda.reduce  # type: ignore[no-any-return]
+        return cuda.reduce(py_func)
+    declared = [ret(*args) for args, ret in sigs] if sigs else None
     if kind == CPU:
         import numba
 
-        return numba.jit(**options)  # type: ignore[no-any-return]
+        if declared:
+            return numba.jit(declared, **options)(py_func)
+        return numba.jit(**options)(py_func)
     from numba import config, cuda
 
     accepted = inspect.signature(cuda.jit).parameters
@@ -180,9 +247,16 @@ def _jit(kind: str, options: dict[str, Any]) -> Callable[[Callable[..., Any]], A
     if config.ENABLE_CUDASIM:
         # The simulator treats these as "unsupported" rather than ignoring them.
         kwargs = {k: v for k, v in kwargs.items() if k in ("device", "fastmath", "debug")}
-    return cuda.jit(**kwargs)  # type: ignore[no-any-return]
+    if declared and (config.ENABLE_CUDASIM or cuda.is_available()):
+        return cuda.jit(declared, **kwargs)(py_func)
+    dispatcher = cuda.jit(**kwargs)(py_func)
+    if sigs:  # no driver here to compile them: keep them for the way back
+        _remembered[dispatcher] = list(sigs)
+    return dispatcher
 
 
 def clear_cache() -> None:
     """Forget rebuilt dispatchers (tests; an executor's cache lives as long as it does)."""
     _cache.clear()
+    _tokens.clear()
+    _remembered.clear()

@@ -15,7 +15,10 @@ globals: when ``dump_values`` is given that namespace, it travels as a
 placeholder that the loader (:func:`load_values` with ``namespace=``) replaces
 by the session's namespace on the worker. So a helper reads the global the cell
 just set, and ``global x; x += 1`` in a helper changes the session's ``x``, as
-they would locally.
+they would locally. Numba kernels, device functions and ``@njit`` functions
+get the same (their Python function is pickled with the placeholder), so Numba
+compiles them on the worker with the session's values. The way back is the
+same: functions the cell defined get the notebook's namespace as globals.
 """
 
 from __future__ import annotations
@@ -97,9 +100,12 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         file: io.BytesIO,
         buffer_callback: Any = None,
         namespace: dict[str, Any] | None = None,
+        bare_globals: bool = False,
     ) -> None:
         super().__init__(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
         self._blobs: dict[int, bytes] = {}
+        self._namespace = namespace
+        self._bare = bare_globals and namespace is not None
         if namespace is not None:
             # cloudpickle keys the globals of functions it pickles by value on
             # id(func.__globals__): functions of the notebook get the placeholder.
@@ -134,6 +140,15 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             return cuda.as_cuda_array(obj).copy_to_host().__reduce_ex__(PROTOCOL)
         return self._dispatcher(obj, kind)
 
+    def _dynamic_function_reduce(self, func: types.FunctionType) -> Any:
+        reduced = super()._dynamic_function_reduce(func)
+        if self._bare and func.__globals__ is self._namespace:
+            # The loader's namespace supplies the globals: writing this side's
+            # values into it would overwrite what it holds now.
+            state, slotstate = reduced[2]
+            reduced = (*reduced[:2], (state, {**slotstate, "__globals__": {}}), *reduced[3:])
+        return reduced
+
     def _dispatcher(self, obj: Any, kind: str) -> Any:
         where = rebuild.importable_as(obj)
         if where is not None:
@@ -141,30 +156,37 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         blob = self._blobs.get(id(obj))
         if blob is None:
             py_func, options = rebuild.portable_parts(obj, kind)
-            blob = dumps_inband((py_func, options))
+            sigs = rebuild.signatures(obj, kind)
+            # The function's globals are the notebook's namespace, like a helper's.
+            blob = dumps_inband((py_func, options, sigs), self._namespace, self._bare)
             self._blobs[id(obj)] = blob
-        return rebuild.rebuild_dispatcher, (kind, blob)
+        return rebuild.rebuild_dispatcher, (kind, rebuild.token_of(obj, kind), blob)
 
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def dumps(value: Any, namespace: dict[str, Any] | None = None) -> list[Buffer]:
+def dumps(
+    value: Any, namespace: dict[str, Any] | None = None, bare_globals: bool = False
+) -> list[Buffer]:
     """``[pickle, *out_of_band_buffers]`` for one value (see the module doc for
-    ``namespace``)."""
+    ``namespace``). With ``bare_globals``, functions of ``namespace`` travel
+    without the values of the globals they read (the way back, see the module doc)."""
     buffers: list[pickle.PickleBuffer] = []
     out = io.BytesIO()
-    _Pickler(out, buffer_callback=buffers.append, namespace=namespace).dump(value)
+    _Pickler(out, buffers.append, namespace, bare_globals).dump(value)
     frames: list[Buffer] = [out.getbuffer()]
     frames.extend(b.raw() for b in buffers)
     return frames
 
 
-def dumps_inband(value: Any) -> bytes:
+def dumps_inband(
+    value: Any, namespace: dict[str, Any] | None = None, bare_globals: bool = False
+) -> bytes:
     """One self-contained pickle (used for the small dispatcher payloads)."""
     out = io.BytesIO()
-    _Pickler(out).dump(value)
+    _Pickler(out, namespace=namespace, bare_globals=bare_globals).dump(value)
     return out.getvalue()
 
 
@@ -218,6 +240,7 @@ def dump_values(
     strict: Iterable[str] | None = None,
     role: str = "input",
     namespace: dict[str, Any] | None = None,
+    bare_globals: bool = False,
 ) -> tuple[Payload, dict[str, str]]:
     """Pickle each name separately.
 
@@ -230,7 +253,7 @@ def dump_values(
     skipped: dict[str, str] = {}
     for name, value in values.items():
         try:
-            frames = dumps(value, namespace)
+            frames = dumps(value, namespace, bare_globals)
         except SerializationError as exc:
             if name in must:
                 raise
@@ -257,13 +280,18 @@ def load_values(
     """Inverse of :func:`dump_values`: ``(values, {name: reason it failed to load})``.
 
     With ``namespace``, notebook functions get it as their globals (and the
-    globals they reference are written into it).
+    globals they reference are written into it, unless they travelled with
+    ``bare_globals``).
     """
     token = _session.set(namespace)
+    # cloudpickle sets __builtins__ in the globals of every function it loads.
+    own_builtins = namespace.get("__builtins__") if namespace is not None else None
     try:
         return _load_values(entries, frames)
     finally:
         _session.reset(token)
+        if own_builtins is not None and namespace is not None:
+            namespace["__builtins__"] = own_builtins
 
 
 def _load_values(
