@@ -31,7 +31,15 @@ import zmq
 
 from worker_kernel.protocol import compress, refs
 from worker_kernel.protocol import messages as m
-from worker_kernel.protocol.curve import CLIENT, ensure_keypair, key_dir, load_keypair, load_public
+from worker_kernel.protocol.curve import (
+    CLIENT,
+    WORKER,
+    derived_keypair,
+    ensure_keypair,
+    key_dir,
+    load_keypair,
+    load_public,
+)
 from worker_kernel.protocol.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -189,6 +197,7 @@ class Client:
         client_key: str | os.PathLike[str] | None = None,
         cache: bool = True,
         compress: str = "auto",
+        plaintext: bool = False,
     ) -> None:
         self.address = address
         if compress not in _COMPRESS_MODES:
@@ -206,14 +215,12 @@ class Client:
         self._last_heard = float("-inf")
         self._cells = 0
         self._used_default_session = False
+        self._unloadable: dict[str, set[str]] = {}  # per session: see _submit
         self.load: dict[str, Any] = {}  # the worker's live numbers, from heartbeats
-        self.curve = _curve(key_file, server_key, client_key)
-        self.transport = Transport(
-            address,
-            key if key is not None else load_key(key_file),
-            context=context,
-            curve=self.curve,
-        )
+        key = key if key is not None else load_key(key_file)
+        self.plaintext = plaintext
+        self.curve = _curve(key, key_file, server_key, client_key, plaintext)
+        self.transport = Transport(address, key, context=context, curve=self.curve)
         try:
             self.info = self._handshake(connect_timeout)
         except BaseException:
@@ -275,7 +282,7 @@ class Client:
             remaining = deadline - self._clock()
             if remaining <= 0:
                 hint = ""
-                if self.curve is not None:
+                if self.curve is not None and not self.curve.shared:
                     hint = (
                         " With encryption, the worker ignores clients it does not know: is "
                         "this machine's client.key in its authorized_keys directory, and is "
@@ -363,18 +370,19 @@ class Client:
 
     def start_kernel(
         self, key: str, *, gpus: Sequence[int] = (), cpu: bool = False, timeout: float = 90.0
-    ) -> tuple[str, dict[str, int]]:
+    ) -> str:
         """Start a Jupyter kernel on the worker that verifies frames with ``key``.
 
-        Returns its id and ports (``shell_port``, ...); it listens on the worker's
-        host. See :mod:`lan2gpu_magic.kernel`.
+        Returns its id. It listens on the worker's 127.0.0.1 only; its channels
+        travel through this connection as ``kernel_frames`` messages. See
+        :mod:`lan2gpu_magic.kernel`.
         """
         msg = self._message(
             m.START_KERNEL,
             {"key": key, "signature_scheme": "hmac-sha256", "gpus": list(gpus), "cpu": cpu},
         )
         reply = self._request(msg, {m.KERNEL_STARTED, m.ERROR}, timeout)
-        return str(reply.content["kernel"]), {k: int(v) for k, v in reply.content["ports"].items()}
+        return str(reply.content["kernel"])
 
     def stop_kernel(self, kernel: str, timeout: float = 15.0) -> None:
         self._request(self._message(m.STOP_KERNEL, {"kernel": kernel}), {m.STATUS_REPLY}, timeout)
@@ -421,7 +429,12 @@ class Client:
         else:
             self.held.learn(session, payload.frames, digests)
             self.held.learn(session, full, full_digests)
-        return results.parse_result(reply, request.plan, request.timeout, request.namespace)
+        result = results.parse_result(reply, request.plan, request.timeout, request.namespace)
+        kept = self._unloadable.setdefault(session, set())
+        kept.difference_update(request.plan.inputs)
+        kept.difference_update(result.outputs)
+        kept.update(result.unloadable)
+        return result
 
     def _submit(
         self,
@@ -452,6 +465,8 @@ class Client:
                 "gpus": list(request.gpus),
                 "cpu": request.cpu,
                 "keep_namespace": request.keep_namespace,
+                # Values that came back but cannot be loaded here: the worker keeps them.
+                "kept": sorted(self._unloadable.get(request.session, set()) - set(plan.inputs)),
                 "refs": in_refs,
                 "have": sorted(local),
                 "link": link,
@@ -806,13 +821,20 @@ def fetch_statuses(
 
 
 def _curve(
+    key: bytes,
     key_file: str | os.PathLike[str] | None,
     server_key: str | os.PathLike[str] | None,
     client_key: str | os.PathLike[str] | None,
+    plaintext: bool,
 ) -> Curve | None:
-    """Keys for an encrypted connection, or None; this machine's pair is made if needed."""
+    """Keys for the connection: per-user ones for an ``--encrypt`` worker (this
+    machine's pair is made if needed), else the pair derived from the shared key;
+    None only in plain text."""
     if server_key is None:
-        return None
+        if plaintext:
+            return None
+        public, secret = derived_keypair(key, CLIENT)
+        return Curve(derived_keypair(key, WORKER)[0], public, secret, shared=True)
     if client_key is None:
         client_key = ensure_keypair(key_dir(key_file or default_key_file()), CLIENT)[1]
     public, secret = load_keypair(client_key)
@@ -831,13 +853,17 @@ def connect(
     key: bytes | None = None,
     connect_timeout: float = 10.0,
     server_key: str | os.PathLike[str] | None = None,
+    plaintext: bool = False,
 ) -> Client:
     """Connect to a worker and shake hands.
 
     ``key_file`` defaults to ``$LAN2GPU_KEY_FILE`` or ``~/.config/lan2gpu/key``.
-    ``server_key`` (the worker's ``worker.key``) turns on CurveZMQ encryption for
-    a worker started with ``--encrypt``. Raises :class:`WorkerUnreachable` if
-    nothing answers within ``connect_timeout``.
+    Connections are encrypted with CurveZMQ keys derived from the shared key.
+    ``server_key`` (the worker's ``worker.key``) is for a worker started with
+    ``--encrypt`` (per-user keys); ``plaintext=True`` for one started with
+    ``--insecure-plaintext``. Raises :class:`WorkerUnreachable` if nothing answers
+    within ``connect_timeout``, :class:`AuthenticationError` if the worker
+    refuses the handshake (another key).
     """
     return Client(
         address,
@@ -845,6 +871,7 @@ def connect(
         key_file=key_file,
         connect_timeout=connect_timeout,
         server_key=server_key,
+        plaintext=plaintext,
     )
 
 

@@ -39,6 +39,12 @@ class Lan2GPU(Configurable):
         help="Find workers on the LAN by mDNS/DNS-SD (_lan2gpu._tcp). Default: on, unless "
         "$LAN2GPU_DISCOVERY is 0."
     ).tag(config=True)
+    insecure_plaintext = Bool(
+        help="Connect without encryption, to workers started with --insecure-plaintext: "
+        "cells, arrays and results then cross the network readable by anyone on the path. "
+        "Default: off (encrypted with keys derived from the shared key), unless "
+        "$LAN2GPU_INSECURE_PLAINTEXT is 1."
+    ).tag(config=True)
     discovery_wait = Float(
         1.0, help="Seconds to wait for LAN announcements before the first cell is placed."
     ).tag(config=True)
@@ -55,6 +61,10 @@ class Lan2GPU(Configurable):
     @default("workers")
     def _default_workers(self) -> list[str]:
         return workers_from_env()
+
+    @default("insecure_plaintext")
+    def _insecure_plaintext_default(self) -> bool:
+        return os.environ.get("LAN2GPU_INSECURE_PLAINTEXT", "0") in ("1", "true", "yes")
 
     @default("discovery")
     def _default_discovery(self) -> bool:

@@ -29,7 +29,8 @@ class Found:
     name: str
     address: str
     protocol: str
-    encrypted: bool = False
+    encrypted: bool = False  # per-user keys (--encrypt)
+    security: str = "shared-key"  # or "per-user", "plaintext" (see protocol.curve)
 
     @property
     def compatible(self) -> bool:
@@ -53,6 +54,7 @@ def _found(info: ServiceInfo) -> Found | None:
         address=address,
         protocol=props.get("protocol", "?"),
         encrypted=props.get("encrypted") == "1",
+        security=props.get("security", "shared-key"),
     )
 
 

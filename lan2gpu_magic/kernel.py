@@ -5,10 +5,13 @@ A kernelspec (``python -m lan2gpu_magic install-kernel``) starts this process
 where a frontend would start ``ipykernel``. It chooses a worker with the same
 placement code as ``%%lan2gpu``, asks it to start a real ipykernel that uses
 this connection file's Jupyter key, then relays the five channels between the
-ports of the local connection file and the remote kernel's, frames unchanged:
+ports of the local connection file and the remote kernel, frames unchanged,
+inside this process's lan2gpu connection to the worker (signed, and encrypted
+by default); the remote kernel listens on the worker's 127.0.0.1 only
+(``worker_kernel.kernel_relay``):
 
-    frontend ──shell/control/stdin (ROUTER)──▶ forwarder ──DEALER per frontend──▶ kernel
-    frontend ◀──────── iopub (PUB) ─────────── forwarder ◀────────── SUB ──────── kernel
+    frontend ──shell/control/stdin (ROUTER)──▶ forwarder ══kernel_frames══▶ worker ──▶ kernel
+    frontend ◀──────── iopub (PUB) ─────────── forwarder ◀═kernel_frames═══ worker ◀── kernel
     frontend ──hb──▶ forwarder (answers while the kernel's own heartbeat answers it)
 
 Interrupts travel as messages (``interrupt_mode: message``). The remote kernel
@@ -29,7 +32,6 @@ import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
-from urllib.parse import urlsplit
 
 import zmq
 from jupyter_client.session import Session
@@ -54,17 +56,13 @@ _HOLD = 3.0  # longest wait for a frontend to subscribe to iopub
 class Forwarder:
     """Owns the local sockets (bound to the connection file's ports) and the remote ones."""
 
-    def __init__(
-        self, connection: dict[str, Any], client: Client, ports: dict[str, int], kernel: str = ""
-    ) -> None:
+    def __init__(self, connection: dict[str, Any], client: Client, kernel: str = "") -> None:
         self.client = client
-        self.kernel = kernel  # its id on the worker, named in our heartbeats
+        self.kernel = kernel  # its id on the worker, named in our messages
         self.active_at = time.monotonic()  # the last request relayed, or output
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         local = f"{connection.get('transport', 'tcp')}://{connection.get('ip', '127.0.0.1')}"
-        host = urlsplit(client.address).hostname or "127.0.0.1"
         channels = (*_ROUTED, "iopub", "hb")
-        self.remote = {name: f"tcp://{host}:{ports[f'{name}_port']}" for name in channels}
         self.front: dict[str, zmq.Socket[bytes]] = {}
         for name in channels:
             kind = zmq.XPUB if name == "iopub" else zmq.ROUTER
@@ -72,15 +70,8 @@ class Forwarder:
         # To greet frontends on iopub as ipykernel does (JEP 65), with their key.
         key = str(connection["key"]).encode()
         self.session = Session(key=key, signature_scheme="hmac-sha256")
-        self.iopub = self._socket(zmq.SUB, connect=self.remote["iopub"])
-        self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
-        self.hb = self._socket(zmq.REQ, connect=self.remote["hb"])
-        self.hb.setsockopt(zmq.REQ_RELAXED, 1)
-        self.hb.setsockopt(zmq.REQ_CORRELATE, 1)
-        self.backs: dict[tuple[str, bytes], zmq.Socket[bytes]] = {}  # per frontend identity
-        self.owner: dict[zmq.Socket[bytes], tuple[str, bytes]] = {}
         self.poller = zmq.Poller()
-        for sock in (*self.front.values(), self.iopub, self.hb):
+        for sock in self.front.values():
             self.poller.register(sock, zmq.POLLIN)
         self.poller.register(client.transport._socket(), zmq.POLLIN)
         self.kernel_heard = time.monotonic()
@@ -92,39 +83,17 @@ class Forwarder:
         self.held: list[tuple[str, list[Any]]] = []
         self.hold_until = time.monotonic() + _HOLD
 
-    def _socket(self, kind: int, *, bind: str = "", connect: str = "") -> zmq.Socket[bytes]:
+    def _socket(self, kind: int, *, bind: str) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
-        if bind:
-            sock.bind(bind)
-        else:
-            sock.connect(connect)
+        sock.bind(bind)
         return sock
 
-    def _back(self, channel: str, identity: bytes) -> zmq.Socket[bytes]:
-        """The socket that speaks to the remote kernel for one frontend, keeping its
-        identity so the kernel's replies (and stdin requests) find their way back."""
-        key = (channel, identity)
-        sock = self.backs.get(key)
-        if sock is None:
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.IDENTITY, identity)
-            sock.connect(self.remote[channel])
-            self.backs[key] = sock
-            self.owner[sock] = key
-            self.poller.register(sock, zmq.POLLIN)
-        return sock
-
-    def wait_for_iopub(self, timeout: float = 15.0) -> None:
-        """Wait until the kernel's iopub has our subscription (its welcome message):
-        output published before that would be lost (PUB/SUB drops it)."""
-        if self.iopub.poll(int(timeout * 1000)):
-            first = self.iopub.recv_multipart()
-            if b"iopub_welcome" not in b"".join(first[:4]):
-                self.front["iopub"].send_multipart(first)
-        else:
-            log.warning("no iopub welcome from the kernel (an older ipykernel?); going on")
+    def _to_kernel(self, channel: str, identity: bytes, frames: list[Any]) -> None:
+        """One frontend message for the remote kernel, through the worker connection."""
+        content = {"kernel": self.kernel, "channel": channel, "identity": identity.hex()}
+        buffers = [f.buffer if isinstance(f, zmq.Frame) else f for f in frames]
+        self.client.transport.send(self.client._message(m.KERNEL_FRAMES, content, buffers=buffers))
 
     def serve(self) -> int:
         """Relay until the kernel dies, the worker is lost, or we are told to stop."""
@@ -138,8 +107,8 @@ class Forwarder:
                     # shutdown: go, so the remote kernel (and its GPU) is freed.
                     log.error("the frontend that started this kernel is gone; stopping")
                     return 1
-                self.hb.send(b"ping")
-                # The worker sees none of the kernel's traffic: tell it when it was busy.
+                self._to_kernel("hb", b"", [b"ping"])
+                # Tell the worker when the kernel was last busy (for its idle column).
                 idle = {"kernel": self.kernel, "idle": now - self.active_at}
                 self.client.transport.send(self.client._message(m.HEARTBEAT, idle))
             if now - self.kernel_heard > _KERNEL_LIVENESS * _HEARTBEAT:
@@ -161,20 +130,12 @@ class Forwarder:
             return self._from_worker()
         frames = sock.recv_multipart(copy=False)
         if log.isEnabledFor(logging.DEBUG):
-            where = next((n for n, s in self.front.items() if s is sock), None)
-            log.debug("%s: %d frames", where or self.owner.get(sock, "remote"), len(frames))
+            where = next((n for n, s in self.front.items() if s is sock), "?")
+            log.debug("%s: %d frames", where, len(frames))
         if sock is self.front["iopub"]:
             self._greet(frames)
-        elif sock is self.iopub:
-            self.active_at = time.monotonic()
-            self.front["iopub"].send_multipart(frames, copy=False)
-        elif sock is self.hb:
-            self.kernel_heard = time.monotonic()
         elif sock is self.front["hb"]:
             sock.send_multipart(frames, copy=False)  # echo: the kernel is known alive
-        elif sock in self.owner:
-            channel, identity = self.owner[sock]
-            self.front[channel].send_multipart([identity, *frames], copy=False)
         else:
             channel = next(name for name, s in self.front.items() if s is sock)
             self.active_at = time.monotonic()
@@ -186,12 +147,7 @@ class Forwarder:
         if not self.held or not (self.listening or time.monotonic() >= self.hold_until):
             return
         for channel, frames in self.held:
-            identity = frames[0].bytes
-            if channel == "shell":
-                # The kernel asks for input on stdin, addressed to this frontend's
-                # identity: its stdin route must exist before the request does.
-                self._back("stdin", identity)
-            self._back(channel, identity).send_multipart(frames[1:], copy=False)
+            self._to_kernel(channel, frames[0].bytes, frames[1:])
         self.held.clear()
 
     def _greet(self, frames: list[Any]) -> None:
@@ -216,6 +172,9 @@ class Forwarder:
         if msg is None:
             return None
         self.client._last_heard = time.monotonic()
+        if msg.kind == m.KERNEL_FRAMES and msg.content.get("kernel") == self.kernel:
+            self._from_kernel(msg)
+            return None
         if msg.kind == m.KERNEL_EVENT and msg.content.get("event") == "died":
             code = msg.content.get("returncode")
             if code == 0:  # it was asked to shut down (a frontend's shutdown or restart)
@@ -225,8 +184,19 @@ class Forwarder:
             return 1
         return None
 
+    def _from_kernel(self, msg: m.Message) -> None:
+        channel = str(msg.content.get("channel", ""))
+        if channel == "hb":
+            self.kernel_heard = time.monotonic()
+        elif channel == "iopub":
+            self.active_at = time.monotonic()
+            self.front["iopub"].send_multipart(msg.buffers, copy=False)
+        elif channel in _ROUTED:
+            identity = bytes.fromhex(str(msg.content.get("identity", "")))
+            self.front[channel].send_multipart([identity, *msg.buffers], copy=False)
+
     def close(self) -> None:
-        for sock in [*self.front.values(), *self.backs.values(), self.iopub, self.hb]:
+        for sock in self.front.values():
             sock.close(linger=0)
         self.ctx.term()
 
@@ -256,6 +226,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", default="", metavar="ADDR,...", help="default: $LAN2GPU_WORKERS")
     p.add_argument("--key-file", metavar="PATH")
     p.add_argument("--server-key", metavar="PATH", help="the worker's worker.key (--encrypt)")
+    p.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        default=os.environ.get("LAN2GPU_INSECURE_PLAINTEXT", "0") in ("1", "true", "yes"),
+        help="connect without encryption, to a worker run with --insecure-plaintext "
+        "[LAN2GPU_INSECURE_PLAINTEXT]",
+    )
     p.add_argument("--no-discovery", action="store_true")
     return p
 
@@ -276,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         discovery=not args.no_discovery,
         announce=log.info,
         server_keys=dict.fromkeys(addresses, args.server_key) if args.server_key else None,
+        plaintext=args.insecure_plaintext,
     )
     forwarder: Forwarder | None = None
     kernel = ""
@@ -291,10 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client, placement = pool.choose(Requirements.from_args(args))
         gpus = [g.index for g in placement.gpus]
-        kernel, ports = client.start_kernel(connection["key"], gpus=gpus, cpu=placement.cpu)
+        kernel = client.start_kernel(connection["key"], gpus=gpus, cpu=placement.cpu)
         log.info("kernel %s on %s", kernel, placement.describe())
-        forwarder = Forwarder(connection, client, ports, kernel)
-        forwarder.wait_for_iopub()
+        forwarder = Forwarder(connection, client, kernel)
         if stop["requested"]:
             return 0
         return forwarder.serve()

@@ -58,6 +58,7 @@ class Lan2GPUMagics(Magics):
             connect_timeout=self.settings.connect_timeout,
             announce=self._say,
             server_keys=self.settings.server_keys,
+            plaintext=self.settings.insecure_plaintext,
         )
         self.jobs: dict[str, Job] = {}  # background cells, by handle name
         self._speeds: dict[str, float] = {}  # rows/s per slot, measured by split cells
@@ -78,6 +79,7 @@ class Lan2GPUMagics(Magics):
         # `%config Lan2GPU.x = ...` changes the settings object; apply it each call.
         self.pool.connect_timeout = self.settings.connect_timeout
         self.pool.key_file = self.settings.key_file or None
+        self.pool.plaintext = self.settings.insecure_plaintext
         self.pool.allow_embedded = self.settings.embedded_worker
         self.pool.discovery = self.settings.discovery
         self.pool.discovery_wait = self.settings.discovery_wait
@@ -390,7 +392,9 @@ class Lan2GPUMagics(Magics):
     def _line(self, line: str) -> Any:
         args = self._line_args.parse_args(shlex.split(line))
         if args.command == "connect":
-            connected = self.pool.connect(args.address, args.key_file, args.server_key)
+            connected = self.pool.connect(
+                args.address, args.key_file, args.server_key, plaintext=args.insecure_plaintext
+            )
             self._say(f"lan2gpu: connected to {connected.info.describe()}")
             for warning in connected.info.warnings:
                 self._say(f"lan2gpu: warning: {warning}")

@@ -148,6 +148,11 @@ def line_parser() -> Parser:
         metavar="PATH",
         help="the worker's worker.key, for a worker run with --encrypt (CurveZMQ)",
     )
+    c.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="connect without encryption, to a worker run with --insecure-plaintext",
+    )
     d = sub.add_parser("disconnect", help="forget a worker")
     d.add_argument("address")
     sub.add_parser("workers", help="list known workers")

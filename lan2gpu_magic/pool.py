@@ -48,6 +48,7 @@ class _Entry:
     key_file: str | None
     origin: str
     server_key: str | None = None  # the worker's CurveZMQ public key file (--encrypt)
+    plaintext: bool = False  # a worker run with --insecure-plaintext
     client: Client | None = None
     problem: str = ""
     state: str = "up"  # or why it is unusable: "unreachable", "key mismatch", ...
@@ -139,6 +140,7 @@ class WorkerPool:
         status_ttl: float = 0.5,
         announce: Callable[[str], None] = print,
         server_keys: Mapping[str, str] | None = None,
+        plaintext: bool = False,
         retry_after: float = _RETRY_AFTER,
         max_backoff: float = _MAX_BACKOFF,
     ) -> None:
@@ -157,6 +159,7 @@ class WorkerPool:
         self.embedded: EmbeddedWorker | None = None
         self.real_gpu_workers: set[str] = set()  # addresses that ever reported a real GPU
         self.server_keys = dict(server_keys or {})
+        self.plaintext = plaintext  # connect without encryption (--insecure-plaintext workers)
         # Extra connections for runs in other threads (split chunks, async cells),
         # kept when idle so they remember what each worker session holds.
         self._spare: dict[str, list[Client]] = {}
@@ -165,19 +168,27 @@ class WorkerPool:
         self._closed = False  # lent clients are closed by their thread on give_back
         for address in addresses:
             entry = _Entry(address, key_file, CONFIGURED, self.server_keys.get(address))
+            entry.plaintext = plaintext
             self._entries[address] = entry
 
     # -- membership -------------------------------------------------------------
 
     def connect(
-        self, address: str, key_file: str | None = None, server_key: str | None = None
+        self,
+        address: str,
+        key_file: str | None = None,
+        server_key: str | None = None,
+        *,
+        plaintext: bool = False,
     ) -> Client:
         """Add a worker and connect now (errors are raised, not recorded).
 
-        ``server_key``: the worker's public key file, for a worker run with --encrypt.
+        ``server_key``: the worker's public key file, for a worker run with --encrypt;
+        ``plaintext``: for a worker run with --insecure-plaintext.
         """
         server_key = server_key or self.server_keys.get(address)
         entry = _Entry(address, key_file or self.key_file, CONFIGURED, server_key)
+        entry.plaintext = plaintext or self.plaintext
         client = self._client(entry)  # raises: a failed connect leaves the pool as it was
         previous = self._entries.get(address)
         if previous is not None and previous.client is not None:
@@ -197,6 +208,7 @@ class WorkerPool:
             key_file=entry.key_file,
             connect_timeout=timeout or self.connect_timeout,
             server_key=entry.server_key,
+            plaintext=entry.plaintext,
         )
 
     def disconnect(self, address: str) -> bool:
@@ -230,7 +242,14 @@ class WorkerPool:
             entry = _Entry(
                 found.address, self.key_file, DISCOVERED, self.server_keys.get(found.address)
             )
-            if found.encrypted and entry.server_key is None:
+            entry.plaintext = self.plaintext
+            if found.security == "plaintext" and not self.plaintext:
+                entry.problem = (
+                    "runs with --insecure-plaintext (no encryption): connect with `%lan2gpu "
+                    f"connect {found.address} --insecure-plaintext` if you accept that"
+                )
+                entry.state, entry.retry_at = "plain text", float("inf")
+            elif found.encrypted and entry.server_key is None:
                 entry.problem = (
                     "encrypted (--encrypt): connect with `%lan2gpu connect "
                     f"{found.address} --server-key PATH-TO-ITS-worker.key`"
@@ -353,13 +372,14 @@ class WorkerPool:
                 raise NoWorkerAvailable(f"{address} is not a known worker")
             spare = self._spare.get(address, [])
             client = spare.pop() if spare else None
-            key_file, server_key = entry.key_file, entry.server_key
+            key_file, server_key, plaintext = entry.key_file, entry.server_key, entry.plaintext
         if client is None:  # the handshake happens outside the lock
             client = Client(
                 address,
                 key_file=key_file,
                 server_key=server_key,
                 connect_timeout=self.connect_timeout,
+                plaintext=plaintext,
             )
         with self._lock:
             self._lent.add(client)

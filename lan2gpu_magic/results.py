@@ -12,6 +12,7 @@ from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker_kernel.protocol import rebuild
 from worker_kernel.protocol.errors import (
     ExecutionCancelled,
     ExecutionTimeout,
@@ -41,6 +42,9 @@ class RunResult:
     value_repr: dict[str, Any] | None = None  # MIME bundle of an unpicklable value
     stats: dict[str, Any] = field(default_factory=dict)
     error: Lan2GPUError | None = None  # the cell failed; outputs bound before it still count
+    unloadable: tuple[str, ...] = ()  # came back, but cannot be loaded here: kept there
+    # Functions with explicit signatures, compiled once the outputs are in place.
+    deferred: list[tuple[Any, list[Any]]] = field(default_factory=list, repr=False)
 
     @property
     def warnings(self) -> list[str]:
@@ -116,7 +120,8 @@ def parse_result(
             raise error
     entries = list(c.get("outputs", []))
     used = sum(int(e["nframes"]) for e in entries)
-    outputs, failed = load_values(entries, msg.buffers[:used], namespace=namespace)
+    with rebuild.deferring() as deferred:
+        outputs, failed = load_values(entries, msg.buffers[:used], namespace=namespace)
     result = RunResult(
         worker=worker,
         outputs=outputs,
@@ -124,6 +129,7 @@ def parse_result(
         skipped={str(k): str(v) for k, v in dict(c.get("skipped", {})).items()},
         stats=dict(c.get("stats", {})),
         error=error,
+        deferred=deferred,
     )
     for name, reason in failed.items():
         if name in plan.required:
@@ -133,6 +139,7 @@ def parse_result(
                 name,
             )
         result.skipped[name] = f"it cannot be loaded here: {reason}"
+        result.unloadable += (name,)
     value = c.get("value")
     if value:
         try:
@@ -156,6 +163,8 @@ def apply(
     namespace.update(result.outputs)
     for name in result.deleted:
         namespace.pop(name, None)
+    # Eager signatures compile now, with the globals the cell bound in place.
+    rebuild.compile_deferred(result.deferred)
     if warn is not None:
         for line in result.warnings:
             warn(line)

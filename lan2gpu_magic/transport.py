@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from worker_kernel.protocol.errors import (
     AuthenticationError,
@@ -41,10 +42,19 @@ class Curve:
     server_public: bytes
     public: bytes
     secret: bytes
+    shared: bool = False  # derived from the shared key (not an --encrypt worker's own)
+
+
+_HANDSHAKE_FAILED = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
 
 
 class Transport:
-    """Owns one DEALER socket (and its context, unless one is given)."""
+    """Owns one DEALER socket (and its context, unless one is given), and a monitor
+    of its handshakes: a worker that refuses ours fails the call at once."""
 
     def __init__(
         self,
@@ -65,6 +75,10 @@ class Transport:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
         self.sock.setsockopt(zmq.MAXMSGSIZE, self.wire.limits.max_frame_bytes)
+        self.monitor: zmq.Socket[bytes] | None = self.sock.get_monitor_socket(
+            _HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+        )
+        self.refused = False  # the last handshake failed (until one succeeds)
         if curve is not None:
             # CurveZMQ: the worker's public key is pinned; ours must be on its allow-list.
             self.sock.curve_serverkey = curve.server_public
@@ -104,8 +118,12 @@ class Transport:
         """
         sock = self._socket()
         try:
-            if not sock.poll(max(0, int(timeout * 1000))):
-                return None
+            ready = self._poll(sock, max(0, int(timeout * 1000)))
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot receive from {self.address}: {exc}") from None
+        if not ready:
+            return None
+        try:
             # Frame by frame into each buffer's final memory (no reassembly copy).
             return recv_message(sock, self.wire)
         except zmq.ZMQError as exc:
@@ -115,6 +133,47 @@ class Transport:
                 f"a message from {self.address} was dropped: {exc}. If this repeats, the "
                 "worker uses a different key file than this notebook."
             ) from None
+
+    def _poll(self, sock: zmq.Socket[bytes], ms: int) -> bool:
+        """Wait for a message; raise if the worker refuses our handshake meanwhile."""
+        if self.monitor is None:
+            return bool(sock.poll(ms))
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        ready = dict(poller.poll(ms))
+        if self.monitor in ready:
+            self._read_monitor()
+            if self.refused:
+                raise self.handshake_error()
+        return sock in ready or bool(sock.poll(0))
+
+    def _read_monitor(self) -> None:
+        assert self.monitor is not None  # noqa: S101 - narrowing for mypy
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            self.refused = bool(event & _HANDSHAKE_FAILED)
+
+    def handshake_error(self) -> AuthenticationError:
+        if self.curve is None:
+            return AuthenticationError(
+                f"the worker at {self.address} refused our handshake: this notebook connects "
+                "without encryption (--insecure-plaintext) and the worker encrypts. Leave "
+                "--insecure-plaintext (LAN2GPU_INSECURE_PLAINTEXT) out."
+            )
+        if not self.curve.shared:
+            return AuthenticationError(
+                f"the worker at {self.address} refused the encrypted handshake: is this "
+                "machine's client.key in its authorized_keys directory, and is --server-key "
+                "that worker's worker.key?"
+            )
+        return AuthenticationError(
+            f"the worker at {self.address} refused the encrypted handshake: this notebook's "
+            "key file differs from the worker's, or the worker runs with --insecure-plaintext "
+            "or with --encrypt (per-user keys). Use the worker's key file (--key-file or "
+            "LAN2GPU_KEY_FILE); for a --insecure-plaintext worker connect with "
+            "--insecure-plaintext, for an --encrypt worker with --server-key."
+        )
 
     def notice_error(self, notice: Message) -> ProtocolError:
         """The error an unsigned rejection notice from the worker stands for."""
@@ -133,6 +192,10 @@ class Transport:
 
     def close(self, term: bool = True) -> None:
         """Close the socket (and the context if this transport made it). Idempotent."""
+        if self.monitor is not None and self.sock is not None:
+            self.sock.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
         if self.sock is not None:
             self.sock.close(linger=0)
             self.sock = None

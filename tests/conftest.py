@@ -18,9 +18,20 @@ from pathlib import Path
 
 import pytest
 
+from worker_kernel.protocol.curve import CLIENT, WORKER, derived_keypair
 from worker_kernel.protocol.keys import generate_key_file, load_key
 
 START_DEADLINE = 60.0
+
+
+def key_holder(sock: object, key_file: Path) -> None:
+    """Give a raw zmq socket the CurveZMQ keys every holder of ``key_file`` derives:
+    workers encrypt by default, so tests that speak raw frames do it as key holders."""
+    key = load_key(key_file)
+    sock.curve_serverkey = derived_keypair(key, WORKER)[0]  # type: ignore[attr-defined]
+    public, secret = derived_keypair(key, CLIENT)
+    sock.curve_publickey = public  # type: ignore[attr-defined]
+    sock.curve_secretkey = secret  # type: ignore[attr-defined]
 
 
 def process_gone(pid: int) -> bool:

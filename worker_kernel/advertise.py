@@ -17,6 +17,7 @@ import ifaddr
 from zeroconf import IPVersion
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
+from .protocol.curve import PER_USER
 from .protocol.messages import PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,9 @@ def _host_ipv4_addresses() -> list[str]:
 class Advertiser:
     """Registers the service while the worker runs; :meth:`close` withdraws it."""
 
-    def __init__(self, name: str, address: str, instance: str, encrypted: bool = False) -> None:
+    def __init__(self, name: str, address: str, instance: str, security: str) -> None:
         self.name = name
-        self.encrypted = encrypted
+        self.security = security  # see protocol.curve
         self.address = address
         self.instance = instance
         self._zc: AsyncZeroconf | None = None
@@ -77,7 +78,8 @@ class Advertiser:
                 "address": announced,
                 "protocol": str(PROTOCOL_VERSION),
                 "instance": self.instance,
-                "encrypted": "1" if self.encrypted else "0",
+                "encrypted": "1" if self.security == PER_USER else "0",  # older notebooks
+                "security": self.security,
             },
             server=f"{socket.gethostname()}.local.",
         )

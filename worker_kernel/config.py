@@ -58,8 +58,10 @@ class WorkerConfig:
     max_kernels: int = 8  # whole Jupyter kernels hosted for IDEs
     max_executors: int = 16  # session executors kept; the longest idle goes first
     kernel_grace: float = 30.0  # a kernel outlives its silent forwarder this long
-    encrypt: bool = False
+    encrypt: bool = False  # per-user CurveZMQ keys instead of keys from the shared key
     authorized_keys: Path | None = None  # CURVE client keys accepted (--encrypt)
+    plaintext: bool = False  # --insecure-plaintext: no encryption at all
+    handshake_timeout: float = 5.0  # a connection that has not finished it is dropped
 
 
 # (flag, env var, help) for every option; the parser and --help come from this.
@@ -70,6 +72,7 @@ environment variables (the command line wins over them):
   LAN2GPU_HEARTBEAT, LAN2GPU_REPLAY_WINDOW, LAN2GPU_MAX_MESSAGE_BYTES,
   LAN2GPU_EXECUTOR_START_TIMEOUT, LAN2GPU_CANCEL_GRACE, LAN2GPU_SESSION_IDLE,
   LAN2GPU_MEMORY_LIMIT, LAN2GPU_CACHE_MEMORY, LAN2GPU_ENCRYPT, LAN2GPU_AUTHORIZED_KEYS,
+  LAN2GPU_INSECURE_PLAINTEXT, LAN2GPU_HANDSHAKE_TIMEOUT,
   LAN2GPU_MAX_KERNELS, LAN2GPU_KERNEL_GRACE,
   LAN2GPU_LOG_LEVEL
 
@@ -206,6 +209,25 @@ def build_parser() -> argparse.ArgumentParser:
         "key is in --authorized-keys may connect [LAN2GPU_ENCRYPT; default off]",
     )
     parser.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        default=env("LAN2GPU_INSECURE_PLAINTEXT", "0") in ("1", "true", "yes"),
+        help="turn encryption off: cells, arrays and remote kernels then cross the network "
+        "readable by anyone on the path, and a peer without the key can make this worker "
+        "hold its bytes until their signature is checked. By default every connection is "
+        "encrypted with CurveZMQ keys derived from the shared key; notebooks must then "
+        "connect with --insecure-plaintext too [LAN2GPU_INSECURE_PLAINTEXT; default off]",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=float(env("LAN2GPU_HANDSHAKE_TIMEOUT", "5")),
+        metavar="S",
+        help="drop a connection that has not finished its ZeroMQ/CurveZMQ handshake within "
+        "S seconds, so idle or slow peers cannot use up file descriptors "
+        "[LAN2GPU_HANDSHAKE_TIMEOUT; default 5]",
+    )
+    parser.add_argument(
         "--authorized-keys",
         type=Path,
         default=env("LAN2GPU_AUTHORIZED_KEYS"),
@@ -309,6 +331,13 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         raise ConfigurationError(f"LAN2GPU_SIMULATE={args.simulate!r}: use on, off or auto")
     if args.heartbeat <= 0 or args.cancel_grace < 0:
         raise ConfigurationError("--heartbeat must be positive and --cancel-grace >= 0")
+    if args.encrypt and args.insecure_plaintext:
+        raise ConfigurationError(
+            "--encrypt and --insecure-plaintext contradict each other; pick one (or neither: "
+            "connections are then encrypted with keys derived from the shared key)"
+        )
+    if not args.handshake_timeout > 0:
+        raise ConfigurationError("--handshake-timeout must be a positive number of seconds")
     return WorkerConfig(
         bind=args.bind,
         key_file=Path(args.key_file).expanduser(),
@@ -334,4 +363,6 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         kernel_grace=args.kernel_grace,
         encrypt=args.encrypt,
         authorized_keys=Path(args.authorized_keys).expanduser() if args.authorized_keys else None,
+        plaintext=args.insecure_plaintext,
+        handshake_timeout=args.handshake_timeout,
     )

@@ -84,6 +84,7 @@ class CellRequest:
     bandwidth: float  # the link, as the client measured it (bytes/s; 0: unknown)
     compress: str  # "auto", "on" or "off"
     keep_namespace: bool = False  # a named session: names of earlier cells stay
+    kept: frozenset[str] = frozenset()  # came back but the notebook cannot load them
 
     @classmethod
     def from_message(cls, msg: Message, client: str) -> CellRequest:
@@ -105,6 +106,7 @@ class CellRequest:
             bandwidth=float(dict(c.get("link", {})).get("bandwidth", 0.0)),
             compress=str(dict(c.get("link", {})).get("compress", "auto")),
             keep_namespace=bool(c.get("keep_namespace", False)),
+            kept=frozenset(str(n) for n in c.get("kept", [])),
         )
 
 
@@ -319,6 +321,7 @@ class CellRunner:
         outcome = Outcome()
         self._fresh, self._inputs, self._input_digests = set(), {}, {}
         ns = self.namespace
+        self._kept |= req.kept
         if not req.keep_namespace:
             self._mirror()
         session_values = _Identity(ns, req.outputs)  # before the notebook's values load
@@ -349,6 +352,7 @@ class CellRunner:
         # Present now and unchanged by the load: a value the session held before.
         from_session = {n for n in req.outputs if session_values.same(n)}
         before = _Identity(ns, req.outputs)
+        everything = _Identity(ns, tuple(n for n in ns if not n.startswith("__")))
         del session_values
         send_stream = self._stream_sender(req)
         saved = sys.stdout, sys.stderr
@@ -384,6 +388,14 @@ class CellRunner:
             # may lack it, or hold an older one).
             self._fresh = {
                 n for n in req.outputs if n in ns and (not before.same(n) or n in from_session)
+            }
+            # Bound in ways the notebook could not see (`from m import *`, globals()):
+            # they never go back, so they stay here for later cells.
+            outputs = set(req.outputs)
+            self._kept |= {
+                n
+                for n in ns
+                if not n.startswith("__") and n not in outputs and not everything.same(n)
             }
         return outcome
 
@@ -427,7 +439,7 @@ class CellRunner:
                 chosen[name] = ns[name]
         try:
             payload, skipped = dump_values(
-                chosen, strict=req.required, role="output", namespace=ns, bare_globals=True
+                chosen, strict=req.required, role="output", namespace=ns, keep_existing=True
             )
         except SerializationError as exc:  # a required output that cannot be pickled
             return _serialization_error(content, exc.name or "", str(exc)), []

@@ -11,6 +11,7 @@ import ctypes
 import logging
 import math
 import re
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,11 @@ import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from .protocol.curve import (
+    CLIENT,
     WORKER,
     authorized,
     authorized_keys_dir,
+    derived_keypair,
     ensure_keypair,
     key_dir,
     load_keypair,
@@ -68,6 +71,21 @@ class AllowList:
         return allowed
 
 
+class SharedKey:
+    """ZAP credentials check of the default mode: the client's public key is the one
+    derived from the shared key, so only key holders finish the handshake."""
+
+    def __init__(self, client_public: bytes) -> None:
+        self.client_public = client_public
+        self._refusals = RejectionLog(log)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        allowed = key == self.client_public
+        if not allowed:
+            self._refusals.note(f"client key {key[:10]!r}...", "not derived from the shared key")
+        return allowed
+
+
 _CLAIMED_ID = re.compile(rb'"id":"([0-9a-f]{8,64})"')
 
 
@@ -90,14 +108,21 @@ def peer_address(frame: Any) -> str:
         return "?"
 
 
-class RejectionLog:
-    """Logs the first rejected message of a peer, then at most one summary a minute,
-    so a misconfigured client or a flood cannot fill the log."""
+_MAX_REASON = 300  # characters of a rejection's reason that reach the log
 
-    def __init__(self, logger: logging.Logger, quiet: float = 60.0) -> None:
+
+class RejectionLog:
+    """Logs the first rejected message of a peer, then at most one summary a minute;
+    at most one line a second in all (many peers at once are one summary line), each
+    truncated, so a misconfigured client or a flood cannot fill the log."""
+
+    def __init__(self, logger: logging.Logger, quiet: float = 60.0, per_second: int = 1) -> None:
         self._log = logger
         self._quiet = quiet
         self._peers: dict[str, tuple[float, int]] = {}  # peer -> (last logged, suppressed)
+        self._second = (float("-inf"), 0)  # (start of the current second, lines logged)
+        self._per_second = per_second
+        self._held = 0  # rejections of this second not logged for the global limit
 
     def note(self, peer: str, reason: str) -> bool:
         """Log a rejection; False when it was one of a burst (then do not answer it)."""
@@ -106,8 +131,22 @@ class RejectionLog:
         if now - logged < self._quiet:
             self._peers[peer] = (logged, suppressed + 1)
             return suppressed < _ANSWERED_PER_BURST
+        start, lines = self._second
+        if now - start >= 1.0:
+            start, lines = now, 0
+        self._peers[peer] = (now, 0)
+        if lines >= self._per_second:  # not logged, but answered: its sender learns why
+            self._held += 1
+            self._second = (start, lines)
+            return True
+        if len(reason) > _MAX_REASON:
+            reason = reason[:_MAX_REASON] + f"... ({len(reason)} characters)"
         more = f" ({suppressed} more since the last report)" if suppressed else ""
-        self._log.warning("rejected a message from %s: %s%s", peer, reason, more)
+        if self._held:
+            more += f"; {self._held} rejections from other peers were not logged"
+            self._held = 0
+        self._log.warning("rejected a message from %s: %s%s", peer[:200], reason, more)
+        self._second = (start, lines + 1)
         self._peers[peer] = (now, 0)
         if len(self._peers) > 4096:  # forget the quietest peers
             for old in sorted(self._peers, key=lambda p: self._peers[p][0])[:2048]:
@@ -133,19 +172,37 @@ def number(content: dict[str, Any], key: str) -> float:
     return float(value)
 
 
-def encrypt(
-    ctx: zmq.asyncio.Context, sock: zmq.asyncio.Socket, key_file: Path, allowed: Path | None
+def encrypt_shared(
+    ctx: zmq.asyncio.Context, sock: zmq.asyncio.Socket, key: bytes
 ) -> AsyncioAuthenticator:
-    """CurveZMQ on the client-facing socket, and a ZAP allow-list of client keys."""
-    public, secret = load_keypair(ensure_keypair(key_dir(key_file), WORKER)[1])
-    folder = allowed or authorized_keys_dir(key_file)
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    """The default: CurveZMQ with the key pairs derived from the shared key."""
+    public, secret = derived_keypair(key, WORKER)
+    auth = _curve_server(ctx, sock, public, secret, SharedKey(derived_keypair(key, CLIENT)[0]))
+    log.info("encrypting with CurveZMQ keys derived from the shared key")
+    return auth
+
+
+def _curve_server(
+    ctx: zmq.asyncio.Context, sock: zmq.asyncio.Socket, public: bytes, secret: bytes, check: Any
+) -> AsyncioAuthenticator:
     auth = AsyncioAuthenticator(ctx)
     auth.start()
-    auth.configure_curve_callback(domain="*", credentials_provider=AllowList(folder))
+    auth.configure_curve_callback(domain="*", credentials_provider=check)
     sock.curve_secretkey = secret
     sock.curve_publickey = public
     sock.curve_server = True
+    return auth
+
+
+def encrypt(
+    ctx: zmq.asyncio.Context, sock: zmq.asyncio.Socket, key_file: Path, allowed: Path | None
+) -> AsyncioAuthenticator:
+    """``--encrypt``: CurveZMQ with this worker's own key pair, and a ZAP allow-list
+    of client keys."""
+    public, secret = load_keypair(ensure_keypair(key_dir(key_file), WORKER)[1])
+    folder = allowed or authorized_keys_dir(key_file)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    auth = _curve_server(ctx, sock, public, secret, AllowList(folder))
     log.info(
         "encrypting with CurveZMQ; clients pin %s and must be listed in %s (%d now)",
         key_dir(key_file) / f"{WORKER}.key",
@@ -153,6 +210,17 @@ def encrypt(
         len(authorized(folder)),
     )
     return auth
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit of open files to the hard one (each connection is a file
+    descriptor; the usual soft limit of 1024 is soon reached); the new soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def release_memory() -> None:

@@ -1,9 +1,10 @@
 """Whole Jupyter kernels on this worker, for IDEs (``python -m lan2gpu_magic.kernel``).
 
-A forwarder on the notebook machine asks, over the signed channel, for a kernel
-with some GPUs; this starts a real ipykernel bound to the worker's interface,
-with the Jupyter key the forwarder chose (so the frames it relays verify
-unchanged), pinned to those GPUs (or the simulator), and answers with its ports.
+A forwarder on the notebook machine asks, over the signed and encrypted
+channel, for a kernel with some GPUs; this starts a real ipykernel bound to
+127.0.0.1 only, with the Jupyter key the forwarder chose (so the frames it
+relays verify unchanged), pinned to those GPUs (or the simulator). Its traffic
+travels inside the forwarder's lan2gpu connection (:mod:`kernel_relay`).
 A kernel is shut down when its forwarder says so, when the forwarder's
 heartbeats stop for longer than ``grace``, or when the worker stops; if a kernel
 dies on its own, its forwarder is told, and exits so the IDE offers a restart.
@@ -26,7 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import zmq.asyncio
+
 from .capabilities import gpu_env
+from .kernel_relay import KernelRelay
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,7 @@ class RemoteKernel:
     started_mono: float = field(default_factory=time.monotonic)
     last_activity: float = field(default_factory=time.monotonic)  # from its forwarder
     stopping: bool = False
+    relay: KernelRelay | None = None
 
     def info(self) -> dict[str, Any]:
         return {
@@ -63,6 +68,8 @@ class RemoteKernel:
 
 
 Notify = Callable[[RemoteKernel, int], Awaitable[None]]
+# (kernel, channel, frontend identity, frames): kernel output for its forwarder
+Forward = Callable[[RemoteKernel, str, bytes, list[Any]], Awaitable[None]]
 
 
 class KernelHost:
@@ -71,13 +78,16 @@ class KernelHost:
     def __init__(
         self,
         *,
-        ip: str,
+        ctx: zmq.asyncio.Context,
         simulate: bool,
         max_kernels: int,
         grace: float,
         on_death: Notify,
+        on_frames: Forward,
     ) -> None:
-        self.ip = ip
+        self.ctx = ctx
+        self.ip = "127.0.0.1"  # never the LAN: traffic comes through the relay
+        self._on_frames = on_frames
         self.simulate = simulate
         self.max_kernels = max_kernels
         self.grace = grace
@@ -131,6 +141,12 @@ class KernelHost:
             conn_file.unlink(missing_ok=True)
             raise
         kernel = RemoteKernel(kernel_id, owner, owner_rid, gpus, process, connection)
+
+        async def forward(channel: str, identity: bytes, frames: list[Any]) -> None:
+            await self._on_frames(kernel, channel, identity, frames)
+
+        kernel.relay = KernelRelay(self.ctx, connection, forward)
+        await kernel.relay.start()
         self.kernels[kernel_id] = kernel
         watcher = asyncio.create_task(self._watch(kernel, conn_file))
         self._watchers.add(watcher)
@@ -160,6 +176,8 @@ class KernelHost:
         returncode = await kernel.process.wait()
         self.kernels.pop(kernel.id, None)
         conn_file.unlink(missing_ok=True)
+        if kernel.relay is not None:
+            await kernel.relay.close()
         if kernel.stopping:
             log.info("kernel %s shut down", kernel.id)
             return

@@ -36,14 +36,17 @@ from .gate import (
     RejectionLog,
     claimed_id,
     encrypt,
+    encrypt_shared,
     number,
     peer_address,
+    raise_open_files_limit,
     release_memory,
 )
 from .history import GpuHistory
 from .kernels import KernelError, KernelHost, RemoteKernel
 from .outbox import Outbox
 from .protocol import messages as m
+from .protocol.curve import PER_USER, PLAINTEXT, SHARED_KEY
 from .protocol.errors import ProtocolError, VersionMismatch
 from .protocol.messages import Message
 from .protocol.versions import check_compatible, local_versions
@@ -91,6 +94,9 @@ class WorkerService:
         # No valid frame is bigger than a chunk or a header: libzmq drops a peer
         # that announces a bigger one before allocating it.
         self.sock.setsockopt(zmq.MAXMSGSIZE, self.wire.limits.max_frame_bytes)
+        # Peers that never finish the handshake (idle, slow, keyless) are dropped.
+        self.sock.setsockopt(zmq.HANDSHAKE_IVL, int(config.handshake_timeout * 1000))
+        self._key = key
         self.address = ""
         self.pool = ExecutorPool(
             self.ctx,
@@ -113,11 +119,12 @@ class WorkerService:
         )
         self.clients: dict[bytes, ClientState] = {}
         self.kernels = KernelHost(
-            ip=_kernel_ip(config.bind),
+            ctx=self.ctx,
             simulate=capabilities.simulator,
             max_kernels=config.max_kernels,
             grace=config.kernel_grace,
             on_death=self._kernel_died,
+            on_frames=self._kernel_frames,
         )
         self.advertiser: Advertiser | None = None
         self._stop = asyncio.Event()
@@ -134,10 +141,13 @@ class WorkerService:
     # -- lifecycle ------------------------------------------------------------
 
     async def run(self) -> None:
+        raise_open_files_limit()
         if self.config.encrypt:
             self.auth = encrypt(
                 self.ctx, self.sock, self.config.key_file, self.config.authorized_keys
             )
+        elif not self.config.plaintext:
+            self.auth = encrypt_shared(self.ctx, self.sock, self._key)
         self.sock.bind(self.config.bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         loop = asyncio.get_running_loop()
@@ -145,7 +155,7 @@ class WorkerService:
             loop.add_signal_handler(signum, self.stop)
         if self.config.advertise:
             self.advertiser = Advertiser(
-                self.config.name, self.address, self.instance, encrypted=self.config.encrypt
+                self.config.name, self.address, self.instance, security=self.security
             )
             try:
                 await self.advertiser.start()
@@ -160,12 +170,12 @@ class WorkerService:
             "simulator: " if self.capabilities.simulator else "",
             gpus,
         )
-        if not self.config.encrypt and not _loopback(self.address):
+        if self.config.plaintext and not _loopback(self.address):
             log.warning(
-                "listening on %s without --encrypt: anyone who can reach it can read the "
-                "traffic, and can make this worker hold data in memory before any signature "
-                "is checked (ZeroMQ hands over a message only once all of it has arrived); "
-                "use --encrypt on a network you do not fully trust",
+                "listening on %s with --insecure-plaintext: anyone who can reach it can read "
+                "the traffic, and can make this worker hold data in memory before any "
+                "signature is checked (ZeroMQ hands over a message only once all of it has "
+                "arrived); leave the flag out to encrypt with the shared key",
                 self.address,
             )
         workers = [
@@ -195,6 +205,13 @@ class WorkerService:
 
     def stop(self) -> None:
         self._stop.set()
+
+    @property
+    def security(self) -> str:
+        """How connections are protected: ``shared-key``, ``per-user`` or ``plaintext``."""
+        if self.config.encrypt:
+            return PER_USER
+        return PLAINTEXT if self.config.plaintext else SHARED_KEY
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -361,6 +378,16 @@ class WorkerService:
             if kernel is not None and kernel.owner == client.client:
                 await self.kernels.stop(kernel)
             await self._reply(msg, rid, m.STATUS_REPLY, {"stopped": kernel is not None})
+        elif msg.kind == m.KERNEL_FRAMES:
+            kernel = self.kernels.kernels.get(str(msg.content.get("kernel", "")))
+            if kernel is None or kernel.owner != client.client or kernel.relay is None:
+                return  # a kernel that just stopped, or someone else's: dropped
+            try:
+                identity = bytes.fromhex(str(msg.content.get("identity", "")))
+                await kernel.relay.to_kernel(str(msg.content.get("channel")), identity, msg.buffers)
+            except ValueError as exc:
+                raise BadRequest(str(exc)) from None
+            kernel.last_activity = now
         elif msg.kind == m.HEARTBEAT:
             kernel = self.kernels.kernels.get(str(msg.content.get("kernel", "")))
             if kernel is not None and kernel.owner == client.client:
@@ -411,9 +438,18 @@ class WorkerService:
         except KernelError as exc:
             await self._reply(msg, rid, m.ERROR, {"code": "kernel", "reason": str(exc)})
             return
-        await self._reply(
-            msg, rid, m.KERNEL_STARTED, {"kernel": kernel.id, "ports": kernel.connection}
+        await self._reply(msg, rid, m.KERNEL_STARTED, {"kernel": kernel.id})
+
+    async def _kernel_frames(
+        self, kernel: RemoteKernel, channel: str, identity: bytes, frames: list[Any]
+    ) -> None:
+        owner = self.clients.get(kernel.owner_rid)
+        content = {"kernel": kernel.id, "channel": channel, "identity": identity.hex()}
+        msg = Message(
+            kind=m.KERNEL_FRAMES, content=content, buffers=frames, to=owner.client if owner else ""
         )
+        with contextlib.suppress(zmq.ZMQError):  # the forwarder went away
+            await self._send(kernel.owner_rid, msg)
 
     async def _kernel_died(self, kernel: RemoteKernel, returncode: int) -> None:
         event = {"kernel": kernel.id, "event": "died", "returncode": returncode}
@@ -619,21 +655,15 @@ class WorkerService:
         return views.status(self, detail)
 
 
-def _kernel_ip(bind: str) -> str:
-    """Where hosted kernels listen: the interface the worker was told to use."""
-    host = urlsplit(bind).hostname or ""
-    if bind.startswith("tcp://*") or host in ("", "*"):
-        return "0.0.0.0"  # noqa: S104 - the worker itself was bound to every interface
-    return host
-
-
 def _verify(wire: Wire, body: list[Any]) -> Message | ProtocolError:
     """The verified message, or why not: returned, not raised, and without a
     traceback. A traceback's frames hold the buffers, and one raised across
     ``asyncio.to_thread`` is also kept in a reference cycle (the future keeps it),
     so a big rejected message stayed in memory until the garbage collector ran."""
     try:
-        return wire.decode(body, assemble=False)
+        # Kernel frames are used here (relayed to a kernel), not relayed to an executor.
+        kernel_frames = len(body) > 2 and bytes(body[2]) == m.KERNEL_FRAMES.encode()
+        return wire.decode(body, assemble=kernel_frames)
     except ProtocolError as exc:
         exc.__traceback__ = exc.__context__ = exc.__cause__ = None
         return exc

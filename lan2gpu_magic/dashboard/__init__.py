@@ -42,6 +42,7 @@ def pool_from_settings(settings: Lan2GPU) -> WorkerPool:
         status_timeout=_STATUS_TIMEOUT,
         announce=lambda _text: None,
         server_keys=settings.server_keys,
+        plaintext=settings.insecure_plaintext,
         retry_after=_RETRY,
         max_backoff=15.0,
     )

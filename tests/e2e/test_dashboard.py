@@ -175,7 +175,7 @@ def test_hosted_kernels_are_listed(
 ) -> None:
     worker = worker_factory("host", bind=late_address)
     with connect(worker.address, key_file=worker.key_file) as c:
-        kernel, _ports = c.start_kernel("a-jupyter-key")
+        kernel = c.start_kernel("a-jupyter-key")
         row = server.wait_for("jobs", lambda d: [k for k in d["kernels"] if k["id"] == kernel])
         assert row[0]["worker"] == "host" and row[0]["gpus"] == [0]
         c.stop_kernel(kernel)

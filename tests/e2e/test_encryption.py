@@ -1,4 +1,6 @@
-"""``--encrypt``: CurveZMQ with a pinned worker key and an allow-list of client keys."""
+"""Encryption: by default CurveZMQ with keys derived from the shared key; with
+``--encrypt``, a pinned worker key and an allow-list of client keys; plain text
+only with ``--insecure-plaintext``."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from lan2gpu_magic import WorkerUnreachable, connect
+from lan2gpu_magic import connect
+from lan2gpu_magic.errors import AuthenticationError
 from worker_kernel.protocol.curve import CLIENT, ensure_keypair
 
 pytestmark = pytest.mark.faults
@@ -59,16 +62,19 @@ def test_an_unknown_client_key_gets_nothing(encrypted, tmp_path):
     _, stranger = ensure_keypair(tmp_path / "stranger", CLIENT)
     from lan2gpu_magic.client import Client
 
-    with pytest.raises(WorkerUnreachable, match="authorized_keys"):
+    with pytest.raises(AuthenticationError, match="authorized_keys"):
         Client(
             worker.address,
             key_file=worker.key_file,
             server_key=server_key,
             client_key=stranger,
-            connect_timeout=2,
+            connect_timeout=10,
         )
-    with pytest.raises(WorkerUnreachable):  # nor does a client that does not encrypt
-        connect(worker.address, key_file=worker.key_file, connect_timeout=2)
+    # Nor does the shared key alone, nor a client in plain text.
+    with pytest.raises(AuthenticationError):
+        connect(worker.address, key_file=worker.key_file, connect_timeout=10)
+    with pytest.raises(AuthenticationError):
+        connect(worker.address, key_file=worker.key_file, connect_timeout=10, plaintext=True)
     assert worker.alive()
 
 
@@ -115,17 +121,27 @@ def _quiet():
     return OutputHandlers(stream=lambda *_: None)
 
 
-def test_a_passive_capture_of_an_encrypted_session_shows_no_plaintext(encrypted, shared_worker):
+def test_a_passive_capture_shows_no_plaintext_unless_asked_for(
+    encrypted, shared_worker, worker_factory
+):
     if os.geteuid() != 0:
         pytest.skip("capturing packets needs root")
     worker, server_key, client_key = encrypted
     from lan2gpu_magic.client import Client
 
-    # Control: without encryption the marker is on the wire, so the capture works.
-    with connect(shared_worker.address, key_file=shared_worker.key_file) as plain:
+    # Control: in plain text the marker is on the wire, so the capture works.
+    plain_worker = worker_factory("plain", "--insecure-plaintext")
+    with connect(plain_worker.address, key_file=plain_worker.key_file, plaintext=True) as plain:
         with _capture_loopback() as wire:
             marker = _marked_cell(plain)
         assert marker in wire
+    assert "--insecure-plaintext" not in plain_worker.log()  # loopback: no warning
+    # The default: encrypted with the shared key.
+    with connect(shared_worker.address, key_file=shared_worker.key_file) as default:
+        with _capture_loopback() as wire:
+            marker = _marked_cell(default)
+        assert len(wire) > 1000 and marker not in wire
+    # Per-user keys.
     with Client(
         worker.address, key_file=worker.key_file, server_key=server_key, client_key=client_key
     ) as c:

@@ -23,6 +23,8 @@ from lan2gpu_magic import (
 from lan2gpu_magic.errors import AuthenticationError
 from worker_kernel.protocol.keys import generate_key_file
 
+from ..conftest import key_holder
+
 pytestmark = pytest.mark.faults
 
 
@@ -196,9 +198,17 @@ def test_unreachable_worker_says_where_and_what_to_do():
     assert time.monotonic() - t0 < 5
 
 
-def test_wrong_key_is_reported_as_such(shared_worker):
+def test_wrong_key_is_reported_as_such_at_once(shared_worker):
+    t0 = time.monotonic()
+    with pytest.raises(AuthenticationError, match="key file differs from the worker's"):
+        connect(shared_worker.address, key=os.urandom(32), connect_timeout=30)
+    assert time.monotonic() - t0 < 5  # the refused handshake, not the timeout
+
+
+def test_wrong_key_in_plain_text_is_reported_as_such(worker_factory):
+    worker = worker_factory("plain", "--insecure-plaintext")
     with pytest.raises(AuthenticationError, match="key file differs"):
-        connect(shared_worker.address, key=os.urandom(32), connect_timeout=5)
+        connect(worker.address, key=os.urandom(32), connect_timeout=5, plaintext=True)
 
 
 def test_a_lost_result_is_fetched_again_not_rerun(worker_factory, tmp_path):
@@ -263,6 +273,7 @@ def test_a_flood_of_bad_messages_does_not_starve_a_running_cell(shared_worker):
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SNDHWM, 100_000)
+        key_holder(sock, shared_worker.key_file)
         sock.connect(shared_worker.address)
         junk = [b"L2G", b"1", b"ping", b"{}", b"x" * 32]
         while not stop.is_set():

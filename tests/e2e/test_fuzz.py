@@ -22,6 +22,8 @@ from worker_kernel.protocol.messages import Message
 from worker_kernel.protocol.serialize import Payload, dumps
 from worker_kernel.protocol.wire import Wire
 
+from ..conftest import key_holder
+
 pytestmark = pytest.mark.faults
 
 
@@ -93,6 +95,7 @@ def test_ten_thousand_fuzzed_messages_are_rejected_unpickled(instrumented):
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    key_holder(sock, worker.key_file)
     sock.connect(worker.address)
     try:
         base = [_valid(worker, rng) for _ in range(20)]

@@ -39,7 +39,7 @@ def test_a_slow_kernel_start_does_not_stall_other_clients_cells(worker_factory, 
     def start_a_kernel() -> None:
         with connect(worker.address, key_file=worker.key_file) as other:
             time.sleep(1)  # while the cell below runs
-            kernel, _ = other.start_kernel(secrets.token_hex(16))
+            kernel = other.start_kernel(secrets.token_hex(16))
             started["kernel"] = kernel
             other.stop_kernel(kernel)
 

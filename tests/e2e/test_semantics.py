@@ -187,3 +187,37 @@ def test_remote_tracebacks_name_the_cell_the_user_sees(nb):
     count = run.reply["execution_count"]
     text = "\n".join(run.error()["traceback"])  # type: ignore[index]
     assert f"<lan2gpu In[{count}]>" in text
+
+
+def test_a_signature_function_from_a_cell_compiles_with_the_cells_globals(nb):
+    ok(nb, "C_SIG = 1")
+    ok(
+        nb,
+        '%%lan2gpu\nC_SIG = 5\nD_SIG = 7\n@njit("int64(int64)")\n'
+        "def plus_c(x):\n    return x + C_SIG\n"
+        '@njit("int64(int64)")\n'
+        "def plus_d(x):\n    return x + D_SIG\n",
+    )
+    # Compiled here too, with the values the cell bound; and it still converts (2.9 -> 2).
+    assert value(nb, "plus_c(1), plus_d(1), plus_c(2.9), C_SIG") == "(6, 8, 7, 5)"
+
+
+def test_a_function_brought_back_with_out_finds_its_globals(nb):
+    ok(nb, "%%lan2gpu --out triple_k\nK_OUT = 3\ndef triple_k():\n    return K_OUT * 2\n")
+    assert value(nb, "triple_k()") == "6"
+
+
+def test_what_only_the_worker_can_hold_stays_there_for_later_cells(nb):
+    # A star import binds names the notebook never sees; a module only the worker
+    # has cannot be loaded here: both stay in the worker's session.
+    ok(nb, "%%lan2gpu\nfrom math import *")
+    assert ok(nb, "%%lan2gpu\nprint(sqrt(16))").strip() == "4.0"
+    run = nb.run(
+        "%%lan2gpu\nimport sys, types\n"
+        "sys.modules['worker_only'] = types.ModuleType('worker_only')\n"
+        "exec('def triple(v):\\n    return 3 * v', sys.modules['worker_only'].__dict__)\n"
+        "import worker_only\n"
+    )
+    assert run.reply["status"] == "ok", run.error()
+    assert "`worker_only` stays on the worker" in run.stream("stderr")
+    assert ok(nb, "%%lan2gpu\nprint(worker_only.triple(4))").strip() == "12"

@@ -24,6 +24,8 @@ from worker_kernel.protocol.serialize import Payload, dumps
 from worker_kernel.protocol.versions import local_versions
 from worker_kernel.protocol.wire import Wire, _mac
 
+from ..conftest import key_holder
+
 pytestmark = pytest.mark.faults
 
 
@@ -40,10 +42,11 @@ class Tripwire:
 class RawPeer:
     """A bare DEALER socket speaking frames directly; closed by the fixture."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, key_file: Path) -> None:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        key_holder(self.sock, key_file)  # past the encryption; what it sends is unsigned
         self.sock.connect(address)
 
     def send(self, frames: list) -> None:
@@ -61,7 +64,7 @@ class RawPeer:
 
 @pytest.fixture
 def peer(shared_worker) -> Iterator[RawPeer]:
-    p = RawPeer(shared_worker.address)
+    p = RawPeer(shared_worker.address, shared_worker.key_file)
     yield p
     p.close()
 
@@ -139,7 +142,7 @@ def test_message_for_another_worker_with_the_same_key_is_refused(worker_factory,
     a = worker_factory("a")
     b = worker_factory("b")  # same key as a
     marker = tmp_path / "unpickled"
-    p = RawPeer(b.address)
+    p = RawPeer(b.address, b.key_file)
     try:
         p.send(execute_frames(a, marker))  # addressed to a, delivered to b
         reply = p.recv()
@@ -210,7 +213,7 @@ def _rss(pid: int) -> int:
 def test_an_oversize_frame_is_refused_before_it_is_allocated(shared_worker):
     before = _rss(shared_worker.pid)
     for _ in range(3):
-        p = RawPeer(shared_worker.address)
+        p = RawPeer(shared_worker.address, shared_worker.key_file)
         try:
             p.send([b"L2G", b"1", b"execute", b"{}", b"", os.urandom(1 << 20) * 64])  # 64 MiB
             time.sleep(0.5)
@@ -245,7 +248,7 @@ def test_unsigned_notices_from_a_client_are_ignored(shared_worker, peer):
 
 def test_a_big_rejected_message_gives_its_memory_back(shared_worker):
     before = _rss(shared_worker.pid)
-    p = RawPeer(shared_worker.address)
+    p = RawPeer(shared_worker.address, shared_worker.key_file)
     try:
         chunk = os.urandom(1 << 20)
         p.send([b"L2G", b"1", b"execute", b"{}", b"x" * 32, *([chunk] * 200)])  # 200 MiB

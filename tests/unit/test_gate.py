@@ -36,6 +36,15 @@ def test_rejections_are_logged_once_per_peer_per_quiet_period(caplog):
     assert answers[0] and sum(answers) <= 21  # a burst is not answered forever
 
 
+def test_a_flood_from_many_peers_is_one_truncated_line_a_second(caplog):
+    log = RejectionLog(logging.getLogger("test"), quiet=60)
+    with caplog.at_level(logging.WARNING):
+        for i in range(1000):  # 1000 peers, each with a 3 MB reason, within a second
+            log.note(f"10.0.{i // 256}.{i % 256}", "x" * 3_000_000)
+    assert len(caplog.records) == 1
+    assert len(caplog.records[0].getMessage()) < 600
+
+
 def test_claimed_id_never_parses_hostile_headers():
     assert claimed_id([b"", b"", b"", b'{"id":"' + b"a" * 32 + b'"}']) == "a" * 32
     assert claimed_id([b"", b"", b"", b"[" * 100_000]) == ""

@@ -1,4 +1,12 @@
-"""CurveZMQ key files for ``--encrypt``: where they live and how they are made.
+"""CurveZMQ keys: derived from the shared key (the default), or per user (``--encrypt``).
+
+By default every connection is encrypted and authenticated with CurveZMQ keys
+that each holder of the shared key derives from it (:func:`derived_keypair`):
+one pair for workers, one for clients. A peer without the shared key cannot
+complete the handshake, so a worker holds none of its bytes, and nothing of a
+session (cells, arrays, a remote kernel's key) crosses the network in the clear.
+
+With ``--encrypt`` a worker uses key pairs of its own and of each user instead:
 
 Next to the shared key (``~/.config/lan2gpu/``) a worker keeps ``worker.key``
 (public: copy it to every notebook machine, which pins it) and
@@ -10,11 +18,16 @@ ZeroMQ's certificate format (``zmq.auth``).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
+import stat
 from pathlib import Path
 
+import zmq
 import zmq.auth
+from zmq.utils import z85
 
 from .errors import ConfigurationError
 
@@ -22,6 +35,19 @@ log = logging.getLogger(__name__)
 
 WORKER = "worker"
 CLIENT = "client"
+
+# How a worker protects its connections (announced over mDNS, shown in status).
+SHARED_KEY = "shared-key"  # the default: CurveZMQ keys derived from the shared key
+PER_USER = "per-user"  # --encrypt: the worker's own key pair, an allow-list of user keys
+PLAINTEXT = "plaintext"  # --insecure-plaintext
+
+
+def derived_keypair(key: bytes, role: str) -> tuple[bytes, bytes]:
+    """``(public, secret)`` z85 CurveZMQ keys for ``role`` (``WORKER``/``CLIENT``),
+    the same for every holder of the shared ``key`` and useless without it."""
+    seed = hmac.new(key, f"lan2gpu curve {role} v1".encode(), hashlib.sha256).digest()
+    secret = z85.encode(seed)
+    return zmq.curve_public(secret), secret
 
 
 def key_dir(key_file: str | os.PathLike[str]) -> Path:
@@ -56,9 +82,20 @@ def load_public(path: str | os.PathLike[str]) -> bytes:
 
 
 def load_keypair(secret_path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
-    """``(public, secret)`` from a ``.key_secret`` file."""
+    """``(public, secret)`` from a ``.key_secret`` file (refused if others can read it)."""
+    path = Path(secret_path).expanduser()
     try:
-        public, secret = zmq.auth.load_certificate(Path(secret_path).expanduser())
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the CurveZMQ key {secret_path}: {exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigurationError(
+            f"CurveZMQ secret key {path} is accessible by other users (mode "
+            f"{stat.S_IMODE(mode):o}); whoever reads it can pose as its owner. "
+            f"Run `chmod 600 {path}`."
+        )
+    try:
+        public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:
         raise ConfigurationError(f"cannot read the CurveZMQ key {secret_path}: {exc}") from None
     if secret is None:

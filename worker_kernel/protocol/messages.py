@@ -41,6 +41,8 @@ RESULT: Final = "result"
 STATUS_REPLY: Final = "status_reply"
 KERNEL_STARTED: Final = "kernel_started"
 KERNEL_EVENT: Final = "kernel_event"  # a kernel died
+# Both directions: one Jupyter message of a hosted kernel's channel, as buffers.
+KERNEL_FRAMES: Final = "kernel_frames"
 ERROR: Final = "error"
 # Unsigned rejection notice: the only kind accepted without a signature, and only
 # ever shown as text (it carries no buffers and is never unpickled).
@@ -61,6 +63,7 @@ KINDS: Final = frozenset(
         STOP_KERNEL,
         KERNEL_STARTED,
         KERNEL_EVENT,
+        KERNEL_FRAMES,
         WELCOME,
         PONG,
         QUEUED,

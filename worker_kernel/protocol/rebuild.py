@@ -40,12 +40,14 @@ This module imports numba only inside :func:`rebuild_dispatcher`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import inspect
 import sys
 import uuid
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import cloudpickle
@@ -91,6 +93,46 @@ _tokens: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 _remembered: weakref.WeakKeyDictionary[Any, list[tuple[Any, Any]]] = weakref.WeakKeyDictionary()
 # Signatures as (argument types, return type), numba type objects.
 Signatures = list[tuple[Any, Any]] | None
+# While set: dispatchers with signatures are built lazily and listed here, to be
+# compiled once the namespace holds the values they read (compile_deferred).
+_deferred: contextvars.ContextVar[list[tuple[Any, list[Any]]] | None] = contextvars.ContextVar(
+    "lan2gpu_deferred_signatures", default=None
+)
+
+
+@contextlib.contextmanager
+def deferring() -> Iterator[list[tuple[Any, list[Any]]]]:
+    """Build dispatchers with explicit signatures lazily inside the block; the list
+    it yields goes to :func:`compile_deferred` once their globals are in place."""
+    pending: list[tuple[Any, list[Any]]] = []
+    token = _deferred.set(pending)
+    try:
+        yield pending
+    finally:
+        _deferred.reset(token)
+
+
+def compile_deferred(pending: list[tuple[Any, list[Any]]]) -> None:
+    """Compile the signatures :func:`deferring` put off, as Numba's eager decorators
+    do (then no other types are compiled). Where that cannot be done here (no CUDA
+    driver), the dispatcher stays lazy and keeps its signatures for the way back."""
+    while pending:
+        dispatcher, declared = pending.pop()
+        if dispatcher_kind(type(dispatcher)) == CUDA and not _can_compile_cuda():
+            continue
+        try:
+            for signature in declared:
+                dispatcher.compile(signature)
+        except Exception:  # noqa: S112 - it stays lazy; a call shows the error where it is made
+            continue
+        dispatcher.disable_compile()
+        _remembered.pop(dispatcher, None)
+
+
+def _can_compile_cuda() -> bool:
+    from numba import config, cuda
+
+    return bool(config.ENABLE_CUDASIM or cuda.is_available())
 
 
 def token_of(obj: Any, kind: str) -> str:
@@ -156,14 +198,14 @@ def import_attribute(module: str, qualname: str) -> Any:
 
 def signatures(obj: Any, kind: str) -> Signatures:
     """The signatures a dispatcher was declared with, if compiling more is off."""
+    if obj in _remembered:
+        return list(_remembered[obj])
     if kind == CPU:
         if getattr(obj, "_can_compile", True):
             return None
         return [(tuple(s.args), s.return_type) for s in obj.nopython_signatures]
     if kind != CUDA or not hasattr(obj, "targetoptions"):  # the simulator keeps none
         return None
-    if obj in _remembered:
-        return list(_remembered[obj])
     if getattr(obj, "_can_compile", True):
         return None
     from numba.core import types
@@ -233,12 +275,17 @@ def _build(
 
         return cuda.reduce(py_func)
     declared = [ret(*args) for args, ret in sigs] if sigs else None
+    pending = _deferred.get()
     if kind == CPU:
         import numba
 
-        if declared:
+        if declared and pending is None:
             return numba.jit(declared, **options)(py_func)
-        return numba.jit(**options)(py_func)
+        dispatcher = numba.jit(**options)(py_func)
+        if declared and pending is not None:
+            pending.append((dispatcher, declared))
+            _remembered[dispatcher] = list(sigs or [])
+        return dispatcher
     from numba import config, cuda
 
     accepted = inspect.signature(cuda.jit).parameters
@@ -247,11 +294,13 @@ def _build(
     if config.ENABLE_CUDASIM:
         # The simulator treats these as "unsupported" rather than ignoring them.
         kwargs = {k: v for k, v in kwargs.items() if k in ("device", "fastmath", "debug")}
-    if declared and (config.ENABLE_CUDASIM or cuda.is_available()):
+    if declared and pending is None and _can_compile_cuda():
         return cuda.jit(declared, **kwargs)(py_func)
     dispatcher = cuda.jit(**kwargs)(py_func)
-    if sigs:  # no driver here to compile them: keep them for the way back
-        _remembered[dispatcher] = list(sigs)
+    if declared:  # compiled later, or (no driver here) kept for the way back
+        _remembered[dispatcher] = list(sigs or [])
+        if pending is not None:
+            pending.append((dispatcher, declared))
     return dispatcher
 
 

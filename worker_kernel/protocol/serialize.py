@@ -100,12 +100,12 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
         file: io.BytesIO,
         buffer_callback: Any = None,
         namespace: dict[str, Any] | None = None,
-        bare_globals: bool = False,
+        keep_existing: bool = False,
     ) -> None:
         super().__init__(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
         self._blobs: dict[int, bytes] = {}
         self._namespace = namespace
-        self._bare = bare_globals and namespace is not None
+        self._keep = keep_existing and namespace is not None
         if namespace is not None:
             # cloudpickle keys the globals of functions it pickles by value on
             # id(func.__globals__): functions of the notebook get the placeholder.
@@ -142,11 +142,10 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
 
     def _dynamic_function_reduce(self, func: types.FunctionType) -> Any:
         reduced = super()._dynamic_function_reduce(func)
-        if self._bare and func.__globals__ is self._namespace:
-            # The loader's namespace supplies the globals: writing this side's
-            # values into it would overwrite what it holds now.
-            state, slotstate = reduced[2]
-            reduced = (*reduced[:2], (state, {**slotstate, "__globals__": {}}), *reduced[3:])
+        if self._keep and func.__globals__ is self._namespace:
+            # Loaded with a state setter that leaves the names the loader's namespace
+            # already holds alone (see keep_existing).
+            reduced = (*reduced[:5], _set_function_state_keeping_globals)
         return reduced
 
     def _dispatcher(self, obj: Any, kind: str) -> Any:
@@ -158,9 +157,22 @@ class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
             py_func, options = rebuild.portable_parts(obj, kind)
             sigs = rebuild.signatures(obj, kind)
             # The function's globals are the notebook's namespace, like a helper's.
-            blob = dumps_inband((py_func, options, sigs), self._namespace, self._bare)
+            blob = dumps_inband((py_func, options, sigs), self._namespace, self._keep)
             self._blobs[id(obj)] = blob
         return rebuild.rebuild_dispatcher, (kind, rebuild.token_of(obj, kind), blob)
+
+
+_cloudpickle_setstate: Any = cloudpickle.cloudpickle._function_setstate
+
+
+def _set_function_state_keeping_globals(func: types.FunctionType, state: Any) -> None:
+    """Unpickling entry point: cloudpickle's state setter for a function, except that
+    a global the namespace already holds keeps its value (the notebook's own)."""
+    func_state, slotstate = state
+    present = func.__globals__
+    carried = slotstate["__globals__"]
+    slotstate = {**slotstate, "__globals__": {k: v for k, v in carried.items() if k not in present}}
+    _cloudpickle_setstate(func, (func_state, slotstate))
 
 
 def _describe(exc: BaseException) -> str:
@@ -168,25 +180,26 @@ def _describe(exc: BaseException) -> str:
 
 
 def dumps(
-    value: Any, namespace: dict[str, Any] | None = None, bare_globals: bool = False
+    value: Any, namespace: dict[str, Any] | None = None, keep_existing: bool = False
 ) -> list[Buffer]:
     """``[pickle, *out_of_band_buffers]`` for one value (see the module doc for
-    ``namespace``). With ``bare_globals``, functions of ``namespace`` travel
-    without the values of the globals they read (the way back, see the module doc)."""
+    ``namespace``). With ``keep_existing``, functions of ``namespace`` write the
+    globals they read into the loader's namespace only where it lacks them (the way
+    back, see the module doc)."""
     buffers: list[pickle.PickleBuffer] = []
     out = io.BytesIO()
-    _Pickler(out, buffers.append, namespace, bare_globals).dump(value)
+    _Pickler(out, buffers.append, namespace, keep_existing).dump(value)
     frames: list[Buffer] = [out.getbuffer()]
     frames.extend(b.raw() for b in buffers)
     return frames
 
 
 def dumps_inband(
-    value: Any, namespace: dict[str, Any] | None = None, bare_globals: bool = False
+    value: Any, namespace: dict[str, Any] | None = None, keep_existing: bool = False
 ) -> bytes:
     """One self-contained pickle (used for the small dispatcher payloads)."""
     out = io.BytesIO()
-    _Pickler(out, namespace=namespace, bare_globals=bare_globals).dump(value)
+    _Pickler(out, namespace=namespace, keep_existing=keep_existing).dump(value)
     return out.getvalue()
 
 
@@ -240,7 +253,7 @@ def dump_values(
     strict: Iterable[str] | None = None,
     role: str = "input",
     namespace: dict[str, Any] | None = None,
-    bare_globals: bool = False,
+    keep_existing: bool = False,
 ) -> tuple[Payload, dict[str, str]]:
     """Pickle each name separately.
 
@@ -253,7 +266,7 @@ def dump_values(
     skipped: dict[str, str] = {}
     for name, value in values.items():
         try:
-            frames = dumps(value, namespace, bare_globals)
+            frames = dumps(value, namespace, keep_existing)
         except SerializationError as exc:
             if name in must:
                 raise
@@ -280,8 +293,8 @@ def load_values(
     """Inverse of :func:`dump_values`: ``(values, {name: reason it failed to load})``.
 
     With ``namespace``, notebook functions get it as their globals (and the
-    globals they reference are written into it, unless they travelled with
-    ``bare_globals``).
+    globals they reference are written into it; with ``keep_existing``, only
+    where it lacks them).
     """
     token = _session.set(namespace)
     # cloudpickle sets __builtins__ in the globals of every function it loads.

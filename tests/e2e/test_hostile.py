@@ -1,0 +1,150 @@
+"""A hostile peer on the LAN, without the key: what it can no longer do by default.
+
+Workers encrypt every connection with CurveZMQ keys derived from the shared key,
+so a peer without the key is refused during the handshake, before the worker
+holds any of its bytes; hosted kernels listen on 127.0.0.1 only, their traffic
+inside the encrypted connection. (The worker here binds 127.0.0.2, standing in
+for its LAN interface.)
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import secrets
+import socket
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import zmq
+
+from lan2gpu_magic import connect
+from lan2gpu_magic.errors import ConfigurationError
+from worker_kernel.protocol.curve import CLIENT, ensure_keypair, load_keypair
+
+pytestmark = pytest.mark.faults
+
+LAN = "tcp://127.0.0.2:*"  # the worker's "LAN" address in these tests
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def _open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _listening(pid: int) -> set[str]:
+    """``ip:port`` of every TCP socket process ``pid`` listens on."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, inode = fields[1], fields[3], fields[9]
+        if state == "0A" and inode in inodes:  # LISTEN
+            host, port = local.split(":")
+            ip = socket.inet_ntoa(bytes.fromhex(host)[::-1])
+            found.add(f"{ip}:{int(port, 16)}")
+    return found
+
+
+@pytest.fixture
+def lan_worker(worker_factory):
+    return worker_factory("lan-box", "--handshake-timeout", "2", bind=LAN)
+
+
+def test_a_keyless_peer_is_refused_before_the_worker_holds_its_bytes(lan_worker):
+    rss = _rss(lan_worker.pid)
+    ctx = zmq.Context()
+    try:
+        for curve in (False, True):  # plain ZeroMQ, and CurveZMQ with guessed keys
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            if curve:
+                public, secret = zmq.curve_keypair()
+                sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = (
+                    zmq.curve_keypair()[0],
+                    public,
+                    secret,
+                )
+            sock.connect(lan_worker.address)
+            block = os.urandom(1 << 20)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:  # push ~a GiB at it, if it would take it
+                try:
+                    sock.send_multipart([b"L2G", b"1", b"execute", b"{}", b"x", block], zmq.NOBLOCK)
+                except zmq.Again:
+                    time.sleep(0.01)
+            sock.close()
+    finally:
+        ctx.term()
+    time.sleep(0.5)
+    assert _rss(lan_worker.pid) - rss < 64 << 20, "the worker held a keyless peer's bytes"
+    assert "rejected a message" not in lan_worker.log()  # nothing even reached verification
+    with connect(lan_worker.address, key_file=lan_worker.key_file) as c:
+        assert c.run("ok = 1", {}).outputs == {"ok": 1}
+
+
+def test_idle_connections_are_dropped_and_do_not_lock_clients_out(lan_worker):
+    url = urlsplit(lan_worker.address)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2_300
+    if hard < wanted:
+        pytest.skip(f"this machine allows only {hard} open files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    before = _open_fds(lan_worker.pid)
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(2_000):
+            idle.append(socket.create_connection((url.hostname, url.port), timeout=5))
+        # With all of them open, a client with the key still gets in.
+        t0 = time.monotonic()
+        with connect(lan_worker.address, key_file=lan_worker.key_file, connect_timeout=20) as c:
+            assert c.run("ok = 1", {}).outputs == {"ok": 1}
+        assert time.monotonic() - t0 < 20
+        # None of them finished a handshake: dropped after --handshake-timeout (2 s).
+        deadline = time.monotonic() + 30
+        while _open_fds(lan_worker.pid) > before + 50 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _open_fds(lan_worker.pid) <= before + 50
+    finally:
+        for s in idle:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert lan_worker.alive()
+
+
+def test_hosted_kernels_listen_on_loopback_only(lan_worker):
+    with connect(lan_worker.address, key_file=lan_worker.key_file) as c:
+        kernel = c.start_kernel(secrets.token_hex(16))
+        try:
+            pid = next(k["pid"] for k in c.status(detail=True)["kernels"] if k["id"] == kernel)
+            deadline = time.monotonic() + 30
+            ports: set[str] = set()
+            while len(ports) < 5 and time.monotonic() < deadline:
+                ports = _listening(pid)
+                time.sleep(0.2)
+            assert len(ports) >= 5, ports
+            assert {p.split(":")[0] for p in ports} == {"127.0.0.1"}, ports
+        finally:
+            c.stop_kernel(kernel)
+
+
+def test_secret_key_files_readable_by_others_are_refused(tmp_path):
+    _, secret = ensure_keypair(tmp_path / "keys", CLIENT)
+    secret.chmod(0o644)
+    with pytest.raises(ConfigurationError, match=f"chmod 600 {secret}"):
+        load_keypair(secret)
+    secret.chmod(0o600)
+    assert load_keypair(secret)[1]

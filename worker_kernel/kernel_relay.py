@@ -1,0 +1,115 @@
+"""The worker's end of a hosted kernel's five Jupyter channels.
+
+Hosted kernels listen on 127.0.0.1 only: nobody on the LAN can reach their
+ports. Their traffic crosses the network inside the lan2gpu connection of the
+forwarder that asked for the kernel, as ``kernel_frames`` messages, signed and
+(by default) encrypted like every other message:
+
+    forwarder ──kernel_frames {channel, identity}──▶ service ──DEALER per frontend──▶ kernel
+    forwarder ◀──────────── kernel_frames ────────── service ◀──── SUB (iopub), hb ─── kernel
+
+The Jupyter frames travel unchanged (the kernel verifies them with its own key,
+which the forwarder chose and sent inside the encrypted ``start_kernel``). One
+relay per kernel, owned by :class:`~worker_kernel.kernels.KernelHost`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+log = logging.getLogger(__name__)
+
+ROUTED = ("shell", "control", "stdin")
+CHANNELS = (*ROUTED, "iopub", "hb")
+MAX_IDENTITY = 255  # bytes of a ZeroMQ routing id
+_MAX_ROUTES = 64  # frontends of one kernel (each has a route per routed channel)
+
+# (channel, frontend identity, frames) -> the forwarder
+Send = Callable[[str, bytes, list[Any]], Awaitable[None]]
+
+
+class KernelRelay:
+    """Sockets to one local kernel, and the tasks that pump its output back."""
+
+    def __init__(self, ctx: zmq.asyncio.Context, ports: dict[str, int], send: Send) -> None:
+        self.ctx = ctx
+        self.ports = ports
+        self._send = send
+        self.iopub = self._socket(zmq.SUB, "iopub")
+        self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
+        self.hb = self._socket(zmq.DEALER, "hb")
+        self.routes: dict[tuple[str, bytes], zmq.asyncio.Socket] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _socket(self, kind: int, channel: str, identity: bytes = b"") -> zmq.asyncio.Socket:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        if identity:
+            sock.setsockopt(zmq.IDENTITY, identity)
+        sock.connect(f"tcp://127.0.0.1:{self.ports[f'{channel}_port']}")
+        return sock
+
+    async def start(self, timeout: float = 15.0) -> None:
+        """Wait until the kernel's iopub has our subscription (its welcome message,
+        JEP 65: output published before that would be lost), then pump."""
+        if await self.iopub.poll(int(timeout * 1000)):
+            first = await self.iopub.recv_multipart()
+            if b"iopub_welcome" not in b"".join(first[:4]):
+                await self._send("iopub", b"", list(first))
+        else:
+            log.warning("no iopub welcome from a hosted kernel (an older ipykernel?); going on")
+        self._pump(self.iopub, "iopub", b"")
+        self._pump(self.hb, "hb", b"")
+
+    def _pump(self, sock: zmq.asyncio.Socket, channel: str, identity: bytes) -> None:
+        async def run() -> None:
+            with contextlib.suppress(zmq.ZMQError, asyncio.CancelledError):
+                while True:
+                    frames = await sock.recv_multipart(copy=False)
+                    await self._send(channel, identity, [f.buffer for f in frames])
+
+        task = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _route(self, channel: str, identity: bytes) -> zmq.asyncio.Socket:
+        """The socket that speaks to the kernel for one frontend, with its identity,
+        so the kernel's replies (and stdin requests) find their way back."""
+        key = (channel, identity)
+        sock = self.routes.get(key)
+        if sock is None:
+            if len(self.routes) >= _MAX_ROUTES * len(ROUTED):
+                raise ValueError("too many frontends on one kernel")
+            sock = self._socket(zmq.DEALER, channel, identity)
+            self.routes[key] = sock
+            self._pump(sock, channel, identity)
+        return sock
+
+    async def to_kernel(self, channel: str, identity: bytes, frames: Sequence[Any]) -> None:
+        """Relay one message of a frontend to the kernel."""
+        if channel == "hb":
+            await self.hb.send_multipart(list(frames), copy=False)
+            return
+        if channel not in ROUTED or not 0 < len(identity) <= MAX_IDENTITY:
+            raise ValueError(f"kernel frames for channel {channel!r} cannot be relayed")
+        if channel == "shell":
+            # The kernel asks for input on stdin, addressed to this frontend's
+            # identity: its stdin route must exist before the request does.
+            self._route("stdin", identity)
+        await self._route(channel, identity).send_multipart(list(frames), copy=False)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for sock in (self.iopub, self.hb, *self.routes.values()):
+            sock.close(linger=0)
+        self.routes.clear()
