@@ -45,6 +45,7 @@ from worker_kernel.protocol.errors import (
     ConfigurationError,
     ConnectionClosed,
     ExecutionCancelled,
+    ExecutionTimeout,
     Lan2GPUError,
     MessageRejected,
     ProtocolError,
@@ -538,6 +539,9 @@ class Client:
         last_heard = self._clock()
         next_beat = last_heard + heartbeat
         allowance = 0.0
+        # With a timeout the worker answers within it, queueing included: this only
+        # guards a worker that never reports back (or only ever says "queued").
+        started_by = self._clock() + timeout + _TIMEOUT_GRACE if timeout else float("inf")
         deadline = float("inf")  # set once the cell starts, if it has a timeout
         acknowledged = False  # the worker has said something about this cell
         recovering = False  # one silent spell was spent asking the worker again
@@ -558,7 +562,7 @@ class Client:
                 deadline = min(deadline, now + _CANCEL_WAIT)
                 last_heard = now
             limit = last_heard + self.liveness * heartbeat + allowance
-            wake = min(next_beat, limit, deadline, now + _POLL_SLICE)
+            wake = min(next_beat, limit, deadline, started_by + allowance, now + _POLL_SLICE)
             try:
                 reply = self._recv(max(0.0, wake - now))
             except ProtocolError as exc:
@@ -616,14 +620,23 @@ class Client:
                         return reply
                     if reply.kind == m.ERROR:
                         self._raise_error(reply)
-                    if reply.kind == m.STARTED and timeout:
-                        # The worker enforces --timeout; this only guards a worker
-                        # that never reports back.
-                        deadline = min(deadline, now + timeout + _TIMEOUT_GRACE)
+                    if reply.kind == m.STARTED:
+                        started_by = float("inf")
+                        if timeout:
+                            # The worker enforces --timeout; this only guards a worker
+                            # that never reports back.
+                            deadline = min(deadline, now + timeout + _TIMEOUT_GRACE)
                     allowance = self._dispatch(reply, handlers, allowance)
             if now >= next_beat:
                 send(self._message(m.HEARTBEAT))
                 next_beat = now + heartbeat
+            if now >= started_by + allowance and not interrupted.cancelled:
+                raise ExecutionTimeout(
+                    f"the cell did not start on worker {self.info.name} within its --timeout "
+                    f"of {timeout:g} s (it was still waiting in the worker's queue); it was "
+                    "withdrawn. Raise --timeout, or pick a less busy worker (--worker).",
+                    self.info.name,
+                )
             if now >= deadline:
                 if interrupted.cancelled and interrupted.by_event:
                     raise ExecutionCancelled(

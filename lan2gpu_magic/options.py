@@ -53,7 +53,12 @@ def cell_parser() -> Parser:
     p.add_argument(
         "--simulate", action="store_true", help="allow workers running the CUDA simulator"
     )
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="stop the cell after this long")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="stop the cell after this long, time waiting in the worker's queue included",
+    )
     p.add_argument(
         "--in", dest="inputs", metavar="A,B", help="send exactly these names (default: detected)"
     )

@@ -77,6 +77,13 @@ def _error(msg: Message, worker: str, timeout: float | None) -> Lan2GPUError:
         return error
     if status == "timeout":
         limit = f" of {timeout:g} s" if timeout else ""
+        if "never started" in reason:
+            return ExecutionTimeout(
+                f"the cell did not start within its --timeout{limit} on worker {worker}: "
+                f"{reason}. Raise --timeout, or pick a less busy worker (--worker).",
+                worker,
+                lost,
+            )
         return ExecutionTimeout(
             f"the cell ran past its --timeout{limit} on worker {worker} and was stopped"
             f"{'; ' + reason if reason else ''}. {state} Raise --timeout if it needs longer.",

@@ -64,6 +64,13 @@ class Dispatcher:
 
     async def submit(self, cell: Cell) -> None:
         self.cells[cell.id] = cell
+        if cell.timeout:
+            # --timeout bounds the user's wait: the time queued counts. A cell still
+            # queued then is answered "timeout" without running.
+            loop = asyncio.get_running_loop()
+            cell.timers.append(
+                loop.call_later(cell.timeout, lambda: self._spawn(self.stop(cell, "timeout")))
+            )
         self.queue.push(cell)
         self.pump()
         if cell.id not in self.running:
@@ -120,11 +127,6 @@ class Dispatcher:
             self.pool.kill(handle)
             await self.finish(cell, "died", f"executor unreachable: {exc}", session_lost=True)
             return
-        if cell.timeout:
-            loop = asyncio.get_running_loop()
-            cell.timers.append(
-                loop.call_later(cell.timeout, lambda: self._spawn(self.stop(cell, "timeout")))
-            )
 
     async def stop(self, cell: Cell, reason: str) -> None:
         """Cancel or time out a cell: dequeue it, or interrupt (then kill) its executor."""
@@ -132,7 +134,13 @@ class Dispatcher:
             return
         cell.stop_reason = reason
         if self.queue.remove(cell.id) is not None:
-            await self.finish(cell, reason, "")
+            waited = time.monotonic() - cell.received
+            why = (
+                f"it waited {waited:.1f} s in the queue and never started"
+                if reason == "timeout"
+                else ""
+            )
+            await self.finish(cell, reason, why)
             return
         handle = self._handle_of(cell)
         if handle is None:

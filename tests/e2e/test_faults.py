@@ -350,3 +350,21 @@ def test_cancelling_a_waiting_cell_releases_its_reservation(worker_factory):
         c.run("y = 2", {}, gpus=(1,))  # GPU 1 is free again once b is cancelled
         assert time.monotonic() - t0 < 7.5  # well before the holder's cell ends
         holder.join(30)
+
+
+def test_timeout_counts_the_wait_in_the_queue(worker_factory):
+    worker = worker_factory("busy-box")
+    with connect(worker.address, key_file=worker.key_file) as hog:
+        blocker = threading.Thread(
+            target=lambda: hog.run("import time\ntime.sleep(12)", {}, session="first"),
+            daemon=True,
+        )
+        blocker.start()
+        time.sleep(1.0)  # the GPU is taken
+        with connect(worker.address, key_file=worker.key_file) as c:
+            t0 = time.monotonic()
+            with pytest.raises(ExecutionTimeout, match="did not start within its --timeout"):
+                c.run("x = 1", {}, timeout=3, session="second")
+            assert time.monotonic() - t0 < 8
+            blocker.join(30)
+            assert c.run("x = 1", {}, timeout=3, session="second").outputs == {"x": 1}
