@@ -8,6 +8,7 @@ translated here, once, into the lan2gpu error tree.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -45,6 +46,7 @@ class Curve:
     shared: bool = False  # derived from the shared key (not an --encrypt worker's own)
 
 
+SEND_TIMEOUT = 30.0  # seconds a send may wait for room in the socket's queue
 _HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -102,10 +104,26 @@ class Transport:
             raise ConnectionClosed(f"the connection to {self.address} was closed")
         return self.sock
 
-    def send(self, msg: Message) -> None:
+    def send(self, msg: Message, timeout: float = SEND_TIMEOUT) -> None:
+        """Queue ``msg``; raise :class:`TransportError` if the worker takes none of our
+        messages for ``timeout`` seconds (a full queue: it stopped reading)."""
         frames = self.wire.encode(msg)
+        sock = self._socket()
+        deadline = time.monotonic() + timeout
         try:
-            self._socket().send_multipart(frames, copy=False)
+            while True:
+                try:
+                    # The first frame decides; the rest of a message is queued with it.
+                    sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                    return
+                except zmq.Again:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TransportError(
+                            f"cannot send to {self.address}: the worker took none of our "
+                            f"messages for {timeout:g} s (is it stuck, or gone?)"
+                        ) from None
+                    sock.poll(int(min(left, 1.0) * 1000), zmq.POLLOUT)
         except zmq.ZMQError as exc:
             raise TransportError(f"cannot send to {self.address}: {exc}") from None
 

@@ -65,11 +65,11 @@ class Dispatcher:
     async def submit(self, cell: Cell) -> None:
         self.cells[cell.id] = cell
         if cell.timeout:
-            # --timeout bounds the user's wait: the time queued counts. A cell still
-            # queued then is answered "timeout" without running.
+            # --timeout bounds the user's wait: the time queued counts (not the
+            # executor's start). A cell still queued then is answered "timeout".
             loop = asyncio.get_running_loop()
-            cell.timers.append(
-                loop.call_later(cell.timeout, lambda: self._spawn(self.stop(cell, "timeout")))
+            cell.queue_timer = loop.call_later(
+                cell.timeout, lambda: self._spawn(self.stop(cell, "timeout"))
             )
         self.queue.push(cell)
         self.pump()
@@ -79,6 +79,9 @@ class Dispatcher:
     def pump(self) -> None:
         """Start every cell that can start now."""
         for cell in self.queue.take(self.busy):
+            if cell.queue_timer is not None:
+                cell.queue_timer.cancel()
+            cell.dequeued = time.monotonic()
             self.busy |= set(cell.resources)
             self.running[cell.id] = cell
             self._spawn(self._start(cell))
@@ -127,6 +130,15 @@ class Dispatcher:
             self.pool.kill(handle)
             await self.finish(cell, "died", f"executor unreachable: {exc}", session_lost=True)
             return
+        if cell.timeout:
+            queued = (cell.dequeued or cell.received) - cell.received
+            loop = asyncio.get_running_loop()
+            cell.timers.append(
+                loop.call_later(
+                    max(0.0, cell.timeout - queued),
+                    lambda: self._spawn(self.stop(cell, "timeout")),
+                )
+            )
 
     async def stop(self, cell: Cell, reason: str) -> None:
         """Cancel or time out a cell: dequeue it, or interrupt (then kill) its executor."""
@@ -196,6 +208,8 @@ class Dispatcher:
 
     def done(self, cell: Cell, status: str, stats: dict[str, Any]) -> None:
         """Forget an answered cell and free its resources."""
+        if cell.queue_timer is not None:
+            cell.queue_timer.cancel()
         for timer in cell.timers:
             timer.cancel()
         self.cells.pop(cell.id, None)

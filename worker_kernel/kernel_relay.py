@@ -46,6 +46,7 @@ class KernelRelay:
         self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
         self.hb = self._socket(zmq.DEALER, "hb")
         self.routes: dict[tuple[str, bytes], zmq.asyncio.Socket] = {}
+        self.dropped = 0  # messages for a kernel that was not reading
         self._tasks: set[asyncio.Task[None]] = set()
 
     def _socket(self, kind: int, channel: str, identity: bytes = b"") -> zmq.asyncio.Socket:
@@ -93,17 +94,25 @@ class KernelRelay:
         return sock
 
     async def to_kernel(self, channel: str, identity: bytes, frames: Sequence[Any]) -> None:
-        """Relay one message of a frontend to the kernel."""
+        """Relay one message of a frontend to the kernel. Never waits: a kernel that
+        does not read (stopped, wedged) loses messages rather than stalling the
+        worker's loop, as a full ZeroMQ queue drops them for PUB/SUB."""
+        if not frames:
+            raise ValueError("kernel frames without frames cannot be relayed")
         if channel == "hb":
-            await self.hb.send_multipart(list(frames), copy=False)
-            return
-        if channel not in ROUTED or not 0 < len(identity) <= MAX_IDENTITY:
+            sock = self.hb
+        elif channel in ROUTED and 0 < len(identity) <= MAX_IDENTITY:
+            if channel == "shell":
+                # The kernel asks for input on stdin, addressed to this frontend's
+                # identity: its stdin route must exist before the request does.
+                self._route("stdin", identity)
+            sock = self._route(channel, identity)
+        else:
             raise ValueError(f"kernel frames for channel {channel!r} cannot be relayed")
-        if channel == "shell":
-            # The kernel asks for input on stdin, addressed to this frontend's
-            # identity: its stdin route must exist before the request does.
-            self._route("stdin", identity)
-        await self._route(channel, identity).send_multipart(list(frames), copy=False)
+        try:
+            await sock.send_multipart(list(frames), copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self.dropped += 1
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -94,16 +94,26 @@ class KernelHost:
         self._on_death = on_death
         self._dir = Path(tempfile.mkdtemp(prefix="lan2gpu-kernels-"))  # 0700
         self.kernels: dict[str, RemoteKernel] = {}
+        self._starting = 0  # kernels being started (they count against the limit)
         self._watchers: set[asyncio.Task[None]] = set()
 
     async def start(
         self, owner: str, owner_rid: bytes, gpus: list[int], key: str, scheme: str
     ) -> RemoteKernel:
-        if len(self.kernels) >= self.max_kernels:
+        if len(self.kernels) + self._starting >= self.max_kernels:
             raise KernelError(
                 f"this worker already hosts {len(self.kernels)} kernels, its --max-kernels; "
                 "shut one down or use another worker"
             )
+        self._starting += 1
+        try:
+            return await self._start(owner, owner_rid, gpus, key, scheme)
+        finally:
+            self._starting -= 1
+
+    async def _start(
+        self, owner: str, owner_rid: bytes, gpus: list[int], key: str, scheme: str
+    ) -> RemoteKernel:
         kernel_id = secrets.token_hex(8)
         conn_file = self._dir / f"kernel-{kernel_id}.json"
         info: dict[str, Any] = {

@@ -44,6 +44,8 @@ class Cell:
     timeout: float | None
     received: float
     started: float | None = None
+    dequeued: float | None = None  # when it left the queue (its resources were free)
+    queue_timer: Any = None  # its --timeout while it waits in the queue
     stop_reason: str | None = None  # "cancelled" or "timeout" once asked to stop
     timers: list[Any] = field(default_factory=list)
     position: int = -1  # last queue position reported to the client

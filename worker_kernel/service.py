@@ -57,6 +57,7 @@ from .scheduler import CPU, Cell, gpu_slot
 log = logging.getLogger(__name__)
 
 _THREAD_DECODE_FRAMES = 8  # hash messages with several 1 MiB frames off the event loop
+_TRIM_EVERY = 5.0  # seconds between returns of freed heap pages to the system
 _SLOW_KINDS = frozenset({m.START_KERNEL, m.STOP_KERNEL, m.CLOSE_SESSION})  # run as tasks
 _TRIM_AFTER = 64 << 20
 _CLIENT_LIVENESS = 5  # heartbeat intervals before a silent client's cells are cancelled
@@ -97,6 +98,7 @@ class WorkerService:
         # Peers that never finish the handshake (idle, slow, keyless) are dropped.
         self.sock.setsockopt(zmq.HANDSHAKE_IVL, int(config.handshake_timeout * 1000))
         self._key = key
+        self._next_trim = 0.0
         self.address = ""
         self.pool = ExecutorPool(
             self.ctx,
@@ -310,7 +312,7 @@ class WorkerService:
         try:
             await self._on_message(rid, msg, frames)
         except BadRequest as exc:
-            log.warning("bad %s from %s: %s", msg.kind, rid.hex()[:8], exc)
+            self.rejections.note(f"{rid.hex()[:8]} (key holder)", f"bad {msg.kind}: {exc}")
             await self._reply(msg, rid, m.ERROR, {"code": "bad-request", "reason": str(exc)})
         except Exception:  # a bug here must not take the worker down
             log.exception("error handling %s from %s", msg.kind, rid.hex()[:8])
@@ -375,12 +377,12 @@ class WorkerService:
             await self._start_kernel(rid, client, msg)
         elif msg.kind == m.STOP_KERNEL:
             kernel = self.kernels.kernels.get(str(msg.content.get("kernel", "")))
-            if kernel is not None and kernel.owner == client.client:
+            if kernel is not None and kernel.owner_rid == rid:
                 await self.kernels.stop(kernel)
             await self._reply(msg, rid, m.STATUS_REPLY, {"stopped": kernel is not None})
         elif msg.kind == m.KERNEL_FRAMES:
             kernel = self.kernels.kernels.get(str(msg.content.get("kernel", "")))
-            if kernel is None or kernel.owner != client.client or kernel.relay is None:
+            if kernel is None or kernel.owner_rid != rid or kernel.relay is None:
                 return  # a kernel that just stopped, or someone else's: dropped
             try:
                 identity = bytes.fromhex(str(msg.content.get("identity", "")))
@@ -390,7 +392,7 @@ class WorkerService:
             kernel.last_activity = now
         elif msg.kind == m.HEARTBEAT:
             kernel = self.kernels.kernels.get(str(msg.content.get("kernel", "")))
-            if kernel is not None and kernel.owner == client.client:
+            if kernel is not None and kernel.owner_rid == rid:
                 # Its forwarder relays the kernel's traffic and says when it last did.
                 idle = min(number(msg.content, "idle"), now - kernel.started_mono)
                 kernel.last_activity = now - idle
@@ -592,8 +594,11 @@ class WorkerService:
 
     async def _tick(self, now: float) -> None:
         self.capabilities = self.monitor.refresh(self.capabilities)
-        if self.dispatcher.relayed_big:  # freed frames of large cells: back to the system
+        if self.dispatcher.relayed_big or now >= self._next_trim:
+            # Freed frames of large cells, and buffers libzmq filled for handshakes
+            # that never finished (keyless peers): back to the system.
             self.dispatcher.relayed_big = False
+            self._next_trim = now + _TRIM_EVERY
             release_memory()
         self.history.sample(self.capabilities, self.dispatcher.busy)
         await self.outbox.flush_all()

@@ -121,6 +121,21 @@ def kernel_with(workers: Sequence[Any]) -> Iterator[Kernel]:
         k.shutdown()
 
 
+@contextlib.contextmanager
+def notebook_on(
+    worker: Any, setup: str = "import numpy as np\nfrom numba import cuda"
+) -> Iterator[Kernel]:
+    """A kernel like a laptop's (no simulator), connected to ``worker``, ``setup`` run."""
+    k = Kernel()
+    try:
+        ok(k, "%load_ext lan2gpu_magic")
+        ok(k, f"%lan2gpu connect {worker.address} --key-file {worker.key_file}")
+        ok(k, setup)
+        yield k
+    finally:
+        k.shutdown()
+
+
 def ok(k: Kernel, code: str, timeout: float = 120) -> str:
     """Run ``code``, which must succeed; its stdout."""
     run = k.run(code, timeout=timeout)

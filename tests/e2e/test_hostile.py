@@ -148,3 +148,81 @@ def test_secret_key_files_readable_by_others_are_refused(tmp_path):
         load_keypair(secret)
     secret.chmod(0o600)
     assert load_keypair(secret)[1]
+
+
+# -- a peer with the key that is not a kernel's owner, or floods its own kernel ---------
+
+
+def _kernel_frames(c, kernel: str, channel: str, frames: list[bytes]) -> None:
+    from worker_kernel.protocol import messages as m
+
+    content = {"kernel": kernel, "channel": channel, "identity": b"frontend".hex()}
+    c.transport.send(c._message(m.KERNEL_FRAMES, content, buffers=frames))
+
+
+def test_a_kernel_that_stops_reading_does_not_stall_the_worker(lan_worker):
+    import os as _os
+    import signal
+
+    with connect(lan_worker.address, key_file=lan_worker.key_file) as owner:
+        kernel = owner.start_kernel(secrets.token_hex(16))
+        pid = next(k["pid"] for k in owner.status(detail=True)["kernels"] if k["id"] == kernel)
+        _os.kill(pid, signal.SIGSTOP)  # wedged: reads nothing more
+        try:
+            for _ in range(3000):
+                _kernel_frames(owner, kernel, "shell", [b"x" * 16_000])
+            _kernel_frames(owner, kernel, "hb", [])  # malformed: answered, not fatal
+            with connect(lan_worker.address, key_file=lan_worker.key_file, connect_timeout=10) as c:
+                assert c.run("ok = 1", {}, timeout=30).outputs == {"ok": 1}
+        finally:
+            _os.kill(pid, signal.SIGCONT)
+            owner.stop_kernel(kernel)
+    assert lan_worker.alive()
+
+
+def test_only_the_connection_that_started_a_kernel_controls_it(lan_worker, monkeypatch):
+    with connect(lan_worker.address, key_file=lan_worker.key_file) as owner:
+        kernel = owner.start_kernel(secrets.token_hex(16))
+        listed = next(k for k in owner.status(detail=True)["kernels"] if k["id"] == kernel)
+        # Another key holder claims the owner's client id in its handshake.
+        import lan2gpu_magic.client as client_module
+
+        monkeypatch.setattr(client_module, "new_id", lambda: listed["owner"])
+        with connect(lan_worker.address, key_file=lan_worker.key_file) as other:
+            other.stop_kernel(kernel)
+        kernels = [k["id"] for k in owner.status(detail=True)["kernels"]]
+        assert kernel in kernels, "another connection stopped the kernel"
+        owner.stop_kernel(kernel)
+
+
+def test_kernels_started_at_once_respect_max_kernels(worker_factory):
+    import threading
+
+    worker = worker_factory("two-kernels", "--max-kernels", "2")
+    started: list[str] = []
+    refused: list[str] = []
+
+    release = threading.Event()
+
+    def start() -> None:
+        with connect(worker.address, key_file=worker.key_file) as c:
+            try:
+                kernel = c.start_kernel(secrets.token_hex(16))
+            except Exception as exc:  # the refusal names the limit
+                refused.append(str(exc))
+                return
+            started.append(kernel)
+            release.wait(120)  # held until every start was answered
+            c.stop_kernel(kernel)
+
+    threads = [threading.Thread(target=start) for _ in range(5)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while len(started) + len(refused) < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    release.set()
+    for t in threads:
+        t.join(120)
+    assert len(started) <= 2 < len(started) + len(refused) == 5
+    assert all("--max-kernels" in r for r in refused)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from .kernel_driver import Kernel, ok
+from .kernel_driver import Kernel, notebook_on, ok
 
 
 @dataclass(frozen=True)
@@ -310,14 +310,8 @@ gather[1, 5](idx, gathered)
 
 @pytest.fixture(scope="module")
 def nb(shared_worker) -> Iterator[Kernel]:
-    k = Kernel()
-    try:
-        ok(k, "%load_ext lan2gpu_magic")
-        ok(k, f"%lan2gpu connect {shared_worker.address} --key-file {shared_worker.key_file}")
-        ok(k, "import numpy as np\nfrom numba import cuda")
+    with notebook_on(shared_worker) as k:
         yield k
-    finally:
-        k.shutdown()
 
 
 @pytest.mark.parametrize("name", list(EXAMPLES))

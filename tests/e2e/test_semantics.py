@@ -13,19 +13,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from .kernel_driver import Kernel, ok, value
+from .kernel_driver import Kernel, notebook_on, ok, value
 
 
 @pytest.fixture(scope="module")
 def nb(shared_worker) -> Iterator[Kernel]:
-    k = Kernel()
-    try:
-        ok(k, "%load_ext lan2gpu_magic")
-        ok(k, f"%lan2gpu connect {shared_worker.address} --key-file {shared_worker.key_file}")
-        ok(k, "import numpy as np\nfrom numba import cuda, njit")
+    with notebook_on(shared_worker, "import numpy as np\nfrom numba import cuda, njit") as k:
         yield k
-    finally:
-        k.shutdown()
 
 
 def error_text(k: Kernel, code: str) -> str:

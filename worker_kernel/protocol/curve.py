@@ -22,7 +22,6 @@ import hashlib
 import hmac
 import logging
 import os
-import stat
 from pathlib import Path
 
 import zmq
@@ -30,6 +29,7 @@ import zmq.auth
 from zmq.utils import z85
 
 from .errors import ConfigurationError
+from .keys import refuse_if_shared
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,7 @@ def load_keypair(secret_path: str | os.PathLike[str]) -> tuple[bytes, bytes]:
         mode = path.stat().st_mode
     except OSError as exc:
         raise ConfigurationError(f"cannot read the CurveZMQ key {secret_path}: {exc}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigurationError(
-            f"CurveZMQ secret key {path} is accessible by other users (mode "
-            f"{stat.S_IMODE(mode):o}); whoever reads it can pose as its owner. "
-            f"Run `chmod 600 {path}`."
-        )
+    refuse_if_shared(path, mode, "CurveZMQ secret key", "whoever reads it can pose as its owner")
     try:
         public, secret = zmq.auth.load_certificate(path)
     except (OSError, ValueError) as exc:

@@ -43,6 +43,15 @@ def generate_key_file(path: str | os.PathLike[str]) -> Path:
     return target
 
 
+def refuse_if_shared(path: Path, mode: int, what: str, risk: str) -> None:
+    """Raise if a secret file with ``mode`` is accessible by group or others."""
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigurationError(
+            f"{what} {path} is accessible by other users (mode {stat.S_IMODE(mode):o}); "
+            f"{risk}. Run `chmod 600 {path}`."
+        )
+
+
 def load_key(path: str | os.PathLike[str] | None = None) -> bytes:
     """Read a key file written by :func:`generate_key_file`.
 
@@ -61,11 +70,9 @@ def load_key(path: str | os.PathLike[str] | None = None) -> bytes:
         ) from None
     except OSError as exc:
         raise ConfigurationError(f"cannot read key file {target}: {exc}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigurationError(
-            f"key file {target} is accessible by other users (mode {stat.S_IMODE(mode):o}); "
-            f"anyone who can read it can run code on your workers. Run `chmod 600 {target}`."
-        )
+    refuse_if_shared(
+        target, mode, "key file", "anyone who can read it can run code on your workers"
+    )
     try:
         key = bytes.fromhex(text)
     except ValueError:
