@@ -121,8 +121,10 @@ def start_worker(
     *,
     bind: str = "tcp://127.0.0.1:*",
     prefix: Sequence[str] = (),
+    extra: Sequence[str] = (),
 ) -> Child:
-    """``python -m worker_kernel --simulate`` on ``bind``, ready to serve."""
+    """``python -m worker_kernel --simulate`` on ``bind`` (``extra`` flags added), ready
+    to serve."""
     ready = work / f"{name}.ready"
     argv = [
         sys.executable,
@@ -140,6 +142,7 @@ def start_worker(
         "WARNING",
         "--ready-file",
         str(ready),
+        *extra,
     ]
     return spawn(name, argv, work, prefix=prefix, ready_file=ready)
 

@@ -46,6 +46,7 @@ def starters() -> dict[str, Starter]:
     return {
         "raw-zmq": raw_zmq.start,
         "lan2gpu": lan2gpu.start_api,
+        "lan2gpu-plaintext": lan2gpu.start_plaintext,
         "lan2gpu-magic": lan2gpu.start_magic,
         "ipyparallel": ipp.start,
         "dask": dask_distributed.start_submit,
@@ -53,4 +54,12 @@ def starters() -> dict[str, Starter]:
     }
 
 
-NAMES = ("raw-zmq", "lan2gpu", "lan2gpu-magic", "ipyparallel", "dask", "dask-scatter")
+NAMES = (
+    "raw-zmq",
+    "lan2gpu",
+    "lan2gpu-plaintext",
+    "lan2gpu-magic",
+    "ipyparallel",
+    "dask",
+    "dask-scatter",
+)

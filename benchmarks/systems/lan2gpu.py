@@ -98,9 +98,23 @@ class Lan2GPUApi:
             self.worker.stop()
 
 
-def _on_a_worker(system: Callable[[Child, Options], T], name: str, options: Options) -> T:
+class Lan2GPUPlaintext(Lan2GPUApi):
+    """The Python API without encryption (``--insecure-plaintext`` on both sides):
+    side by side with the default, what CurveZMQ encryption costs."""
+
+    label = "lan2gpu, Python API, --insecure-plaintext"
+    trivial_call = 'Client.run("pass"), plain text'
+
+    def __init__(self, worker: Child, options: Options) -> None:
+        plain = Options(options.work, {**options.client, "plaintext": True}, options.cell_flags)
+        super().__init__(worker, plain)
+
+
+def _on_a_worker(
+    system: Callable[[Child, Options], T], name: str, options: Options, *flags: str
+) -> T:
     """``system`` on a fresh worker, which is stopped if ``system`` fails to start."""
-    worker = start_worker(options.work, keygen(options.work), name)
+    worker = start_worker(options.work, keygen(options.work), name, extra=flags)
     try:
         return system(worker, options)
     except BaseException:
@@ -110,6 +124,10 @@ def _on_a_worker(system: Callable[[Child, Options], T], name: str, options: Opti
 
 def start_api(options: Options) -> Lan2GPUApi:
     return _on_a_worker(Lan2GPUApi, "bench-api", options)
+
+
+def start_plaintext(options: Options) -> Lan2GPUPlaintext:
+    return _on_a_worker(Lan2GPUPlaintext, "bench-plain", options, "--insecure-plaintext")
 
 
 class CellFailed(RuntimeError):
