@@ -54,7 +54,8 @@ _HOLD = 3.0  # longest wait for a frontend to subscribe to iopub
 
 
 class Forwarder:
-    """Owns the local sockets (bound to the connection file's ports) and the remote ones."""
+    """Owns the local sockets (bound to the connection file's ports); the remote
+    kernel is reached through ``client``'s connection."""
 
     def __init__(self, connection: dict[str, Any], client: Client, kernel: str = "") -> None:
         self.client = client
@@ -97,7 +98,8 @@ class Forwarder:
 
     def serve(self) -> int:
         """Relay until the kernel dies, the worker is lost, or we are told to stop."""
-        next_beat = time.monotonic()
+        next_beat = self.kernel_heard = time.monotonic()  # the kernel has just started
+        self.hold_until = next_beat + _HOLD
         while not self.stopping:
             now = time.monotonic()
             if now >= next_beat:
@@ -269,9 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         client, placement = pool.choose(Requirements.from_args(args))
         gpus = [g.index for g in placement.gpus]
+        # The connection file's ports are taken before the remote kernel starts: the
+        # frontend chose them free, and every second they stay unbound another
+        # process's connection may be given one of them.
+        forwarder = Forwarder(connection, client)
         kernel = client.start_kernel(connection["key"], gpus=gpus, cpu=placement.cpu)
+        forwarder.kernel = kernel
         log.info("kernel %s on %s", kernel, placement.describe())
-        forwarder = Forwarder(connection, client, kernel)
         if stop["requested"]:
             return 0
         return forwarder.serve()

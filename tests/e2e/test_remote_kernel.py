@@ -59,7 +59,12 @@ class Session:
         self.km.start_kernel()
         self.kc = self.km.client()
         self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=60)
+        try:
+            self.kc.wait_for_ready(timeout=60)
+        except BaseException:  # its sockets must not outlive the test (ResourceWarning)
+            self.kc.stop_channels()
+            self.km.shutdown_kernel(now=True)
+            raise
 
     def run(self, code: str, stdin: str | None = None, timeout: float = 60) -> list[dict[str, Any]]:
         msg_id = self.kc.execute(code, allow_stdin=stdin is not None)
