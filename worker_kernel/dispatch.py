@@ -67,10 +67,7 @@ class Dispatcher:
         if cell.timeout:
             # --timeout bounds the user's wait: the time queued counts (not the
             # executor's start). A cell still queued then is answered "timeout".
-            loop = asyncio.get_running_loop()
-            cell.queue_timer = loop.call_later(
-                cell.timeout, lambda: self._spawn(self.stop(cell, "timeout"))
-            )
+            cell.queue_timer = self._time_out_in(cell, cell.timeout)
         self.queue.push(cell)
         self.pump()
         if cell.id not in self.running:
@@ -132,13 +129,11 @@ class Dispatcher:
             return
         if cell.timeout:
             queued = (cell.dequeued or cell.received) - cell.received
-            loop = asyncio.get_running_loop()
-            cell.timers.append(
-                loop.call_later(
-                    max(0.0, cell.timeout - queued),
-                    lambda: self._spawn(self.stop(cell, "timeout")),
-                )
-            )
+            cell.timers.append(self._time_out_in(cell, max(0.0, cell.timeout - queued)))
+
+    def _time_out_in(self, cell: Cell, seconds: float) -> asyncio.TimerHandle:
+        loop = asyncio.get_running_loop()
+        return loop.call_later(seconds, lambda: self._spawn(self.stop(cell, "timeout")))
 
     async def stop(self, cell: Cell, reason: str) -> None:
         """Cancel or time out a cell: dequeue it, or interrupt (then kill) its executor."""

@@ -351,8 +351,7 @@ class CellRunner:
         self._inputs = {n: id(v) for n, v in values.items()}
         # Present now and unchanged by the load: a value the session held before.
         from_session = {n for n in req.outputs if session_values.same(n)}
-        before = _Identity(ns, req.outputs)
-        everything = _Identity(ns, tuple(n for n in ns if not n.startswith("__")))
+        before = _Identity(ns, tuple(n for n in ns if not n.startswith("__")))
         del session_values
         send_stream = self._stream_sender(req)
         saved = sys.stdout, sys.stderr
@@ -393,9 +392,7 @@ class CellRunner:
             # they never go back, so they stay here for later cells.
             outputs = set(req.outputs)
             self._kept |= {
-                n
-                for n in ns
-                if not n.startswith("__") and n not in outputs and not everything.same(n)
+                n for n in ns if not n.startswith("__") and n not in outputs and not before.same(n)
             }
         return outcome
 

@@ -274,18 +274,26 @@ def _build(
         from numba import cuda
 
         return cuda.reduce(py_func)
-    declared = [ret(*args) for args, ret in sigs] if sigs else None
+    jit, kwargs = _jit(kind, options)
+    if not sigs:
+        return jit(**kwargs)(py_func)
+    declared = [ret(*args) for args, ret in sigs]
     pending = _deferred.get()
+    if pending is None and (kind == CPU or _can_compile_cuda()):
+        return jit(declared, **kwargs)(py_func)
+    dispatcher = jit(**kwargs)(py_func)  # compiled later, or (no driver) kept for the way back
+    _remembered[dispatcher] = list(sigs)
+    if pending is not None:
+        pending.append((dispatcher, declared))
+    return dispatcher
+
+
+def _jit(kind: str, options: dict[str, Any]) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """This process's ``jit`` decorator for ``kind``, and the options it accepts."""
     if kind == CPU:
         import numba
 
-        if declared and pending is None:
-            return numba.jit(declared, **options)(py_func)
-        dispatcher = numba.jit(**options)(py_func)
-        if declared and pending is not None:
-            pending.append((dispatcher, declared))
-            _remembered[dispatcher] = list(sigs or [])
-        return dispatcher
+        return numba.jit, options
     from numba import config, cuda
 
     accepted = inspect.signature(cuda.jit).parameters
@@ -294,14 +302,7 @@ def _build(
     if config.ENABLE_CUDASIM:
         # The simulator treats these as "unsupported" rather than ignoring them.
         kwargs = {k: v for k, v in kwargs.items() if k in ("device", "fastmath", "debug")}
-    if declared and pending is None and _can_compile_cuda():
-        return cuda.jit(declared, **kwargs)(py_func)
-    dispatcher = cuda.jit(**kwargs)(py_func)
-    if declared:  # compiled later, or (no driver here) kept for the way back
-        _remembered[dispatcher] = list(sigs or [])
-        if pending is not None:
-            pending.append((dispatcher, declared))
-    return dispatcher
+    return cuda.jit, kwargs
 
 
 def clear_cache() -> None:
