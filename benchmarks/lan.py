@@ -1,15 +1,21 @@
-"""An emulated 1 Gbit/s LAN: two network namespaces joined by a shaped veth pair.
+"""Emulated LANs (1 and 10 Gbit/s): two network namespaces joined by a shaped veth pair.
 
 ::
 
     netns l2gb-w-PID                         netns l2gb-c-PID
-    python -m worker_kernel  10.231.0.1 ──veth── 10.231.0.2  python -m benchmarks.lan client
-    + TCP sink (raw bandwidth)      tbf 1gbit on each end      (lan2gpu Client, raw TCP)
+    python -m worker_kernel (x2)  10.231.0.1 ──veth── 10.231.0.2  python -m benchmarks.lan client
+    + TCP sink (raw bandwidth)      tbf RATE on each end      (lan2gpu Client, raw TCP)
 
-Both ends get ``tc qdisc add dev IF root tbf rate 1gbit burst 256kb latency 50ms``.
+Both ends get ``tc qdisc add dev IF root tbf rate RATE burst ... latency 50ms``.
 The client process measures the link with a raw TCP transfer in each direction
 (the wire floor is bytes / that bandwidth), then times lan2gpu cells on a
-compressible (zeros-heavy) and an incompressible (random) input and prints JSON.
+compressible (zeros-heavy) and an incompressible (random) input against two
+workers on the same link: one encrypted (the default, CurveZMQ) and one run
+with ``--insecure-plaintext``, alternating sample by sample so both see the
+same moment of this noisy machine. For every sample it also counts the page
+faults (``minflt`` of ``/proc/PID/stat``) of the client, the worker's service
+and the executor that ran the cell: on this VM a first touch of fresh memory
+costs more than copying into memory already touched. Prints JSON.
 Needs root and ``ip netns``; :class:`LanUnavailable` says why not. The namespaces
 (and with them the veth pair) are deleted however the section ends.
 """
@@ -17,10 +23,12 @@ Needs root and ``ip netns``; :class:`LanUnavailable` says why not. The namespace
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -34,16 +42,28 @@ from typing import Any
 
 import numpy as np
 
-from .measure import Kind, Stats, check_negated, payload, rate, refresh, repeat, size_label
+from .measure import Kind, Stats, check_negated, payload, rate, refresh, size_label, timed
 from .procs import keygen, run_client, spawn, start_worker
 from .report import Table, ratio, short_error, spread
 from .systems.lan2gpu import open_client
 
-RATE = "1gbit"
-SHAPE = ["root", "tbf", "rate", RATE, "burst", "256kb", "latency", "50ms"]
+RATES = ("1gbit", "10gbit")
+SECURITY = ("encrypted", "plaintext")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def shape(rate: str) -> list[str]:
+    """The ``tc`` token bucket of a link of ``rate``; the burst grows with the rate
+    (a 10 Gbit/s bucket of 256 kB refills 40,000 times a second: the kernel's
+    timer cannot keep up, and the link runs far below its rate)."""
+    burst = "256kb" if rate == "1gbit" else "2mb"
+    return ["root", "tbf", "rate", rate, "burst", burst, "latency", "50ms"]
+
+
 WORKER_IP, CLIENT_IP = "10.231.0.1", "10.231.0.2"
 _CHILD_DEADLINE = 900.0
 _CHUNK = 4 << 20
+MiB = 1 << 20
 
 
 class LanUnavailable(Exception):
@@ -80,8 +100,8 @@ def _tc(ns: str, *args: str) -> None:
 
 
 @contextmanager
-def shaped_link() -> Iterator[Link]:
-    """Create the two namespaces and the shaped veth pair; delete them on exit."""
+def shaped_link(rate: str) -> Iterator[Link]:
+    """Create the two namespaces and the veth pair shaped to ``rate``; delete them on exit."""
     if os.geteuid() != 0:
         raise LanUnavailable("network namespaces need root (this run is not root)")
     tag = str(os.getpid())
@@ -113,7 +133,7 @@ def shaped_link() -> Iterator[Link]:
             _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             _ip("-n", ns, "link", "set", dev, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
-            _tc(ns, "qdisc", "add", "dev", dev, *SHAPE)
+            _tc(ns, "qdisc", "add", "dev", dev, *shape(rate))
         yield link
     finally:
         for ns in made:  # deleting a namespace deletes its end of the veth pair
@@ -122,10 +142,14 @@ def shaped_link() -> Iterator[Link]:
 
 @dataclass(frozen=True)
 class LanResult:
+    rate: str  # the link's tc rate, e.g. "1gbit"
     bandwidth_up: float  # bytes/s, client -> worker, raw TCP
     bandwidth_down: float  # bytes/s, worker -> client
     nbytes: int
-    cells: dict[str, Stats | str]  # "random upload" -> seconds, or the error
+    # "random upload encrypted" -> seconds, or the error
+    cells: dict[str, Stats | str]
+    # the same keys -> median MiB of fresh pages touched per cell: client, service, executor
+    faults: dict[str, tuple[float, float, float]]
     options: str  # the lan2gpu client options used
 
 
@@ -133,12 +157,41 @@ CELLS = {"upload": "n = a.size", "round trip": "b = -a"}
 
 
 def measure_lan(
-    work: Path, nbytes: int, times: int, probe_bytes: int, client_kwargs: dict[str, Any]
+    work: Path,
+    nbytes: int,
+    times: int,
+    probe_bytes: int,
+    client_kwargs: dict[str, Any],
+    *,
+    rates: tuple[str, ...] = RATES,
+) -> list[LanResult]:
+    """One result per link rate, each with both workers (encrypted, plain text)."""
+    return [
+        _measure_link(
+            work,
+            rate,
+            nbytes=nbytes,
+            times=times,
+            probe_bytes=probe_bytes,
+            client_kwargs=client_kwargs,
+        )
+        for rate in rates
+    ]
+
+
+def _measure_link(
+    work: Path,
+    rate: str,
+    *,
+    nbytes: int,
+    times: int,
+    probe_bytes: int,
+    client_kwargs: dict[str, Any],
 ) -> LanResult:
-    key_file = keygen(work)
-    with shaped_link() as link:
+    key_file = keygen(work / f"lan-{rate}")
+    with shaped_link(rate) as link:
         worker_prefix = link.exec_prefix(link.worker_ns)
-        sink_ready = work / "lan-sink.ready"
+        sink_ready = work / f"lan-sink-{rate}.ready"
         sink_argv = [
             sys.executable,
             "-m",
@@ -147,11 +200,20 @@ def measure_lan(
             "--ready-file",
             str(sink_ready),
         ]
+        bind = f"tcp://{WORKER_IP}:*"
         with (
-            spawn("lan-sink", sink_argv, work, prefix=worker_prefix, ready_file=sink_ready) as sink,
+            spawn(
+                f"lan-sink-{rate}", sink_argv, work, prefix=worker_prefix, ready_file=sink_ready
+            ) as sink,
+            start_worker(work, key_file, f"lan-enc-{rate}", bind=bind, prefix=worker_prefix) as enc,
             start_worker(
-                work, key_file, "bench-lan", bind=f"tcp://{WORKER_IP}:*", prefix=worker_prefix
-            ) as worker,
+                work,
+                key_file,
+                f"lan-plain-{rate}",
+                bind=bind,
+                prefix=worker_prefix,
+                extra=["--insecure-plaintext"],
+            ) as plain,
         ):
             argv = [
                 *link.exec_prefix(link.client_ns),
@@ -160,7 +222,13 @@ def measure_lan(
                 "benchmarks.lan",
                 "client",
                 "--address",
-                worker.ready["address"],
+                enc.ready["address"],
+                "--worker-pid",
+                str(enc.ready["pid"]),
+                "--plain-address",
+                plain.ready["address"],
+                "--plain-worker-pid",
+                str(plain.ready["pid"]),
                 "--sink",
                 f"{WORKER_IP}:{sink.ready['port']}",
                 "--key-file",
@@ -174,48 +242,71 @@ def measure_lan(
                 "--client-options",
                 json.dumps(client_kwargs),
             ]
-            out = run_client("LAN", argv, worker, _CHILD_DEADLINE)
+            out = run_client(f"LAN {rate}", argv, enc, _CHILD_DEADLINE)
     cells = {
         k: (Stats(tuple(v)) if isinstance(v, list) else str(v)) for k, v in out["cells"].items()
     }
-    return LanResult(out["up"], out["down"], nbytes, cells, out["options"])
+    faults = {k: (v[0], v[1], v[2]) for k, v in out["faults"].items()}
+    return LanResult(rate, out["up"], out["down"], nbytes, cells, faults, out["options"])
 
 
-def table_lan(result: LanResult | BaseException | str, nbytes: int) -> Table:
+def table_lan(results: list[LanResult] | BaseException | str, nbytes: int) -> Table:
     table = Table(
-        f"Emulated 1 Gbit/s LAN (netns + veth + tc tbf), lan2gpu with a {size_label(nbytes)} input",
-        ["data", "cell", "wire floor s", "median s [min-max]", "x floor", "effective MB/s"],
+        f"Emulated LANs (netns + veth + tc tbf), lan2gpu with a {size_label(nbytes)} input, "
+        "encrypted (default) and --insecure-plaintext, interleaved",
+        [
+            "link",
+            "data",
+            "cell",
+            "security",
+            "wire floor s",
+            "median s [min-max]",
+            "x floor",
+            "effective MB/s",
+            "fresh MiB client/service/executor",
+        ],
     )
-    if isinstance(result, str):
-        table.notes.append(f"skipped: {result}")
+    if isinstance(results, str):
+        table.notes.append(f"skipped: {results}")
         return table
-    if isinstance(result, BaseException):
-        table.notes.append(f"error: {short_error(result)}")
+    if isinstance(results, BaseException):
+        table.notes.append(f"error: {short_error(results)}")
         return table
-    up, down, n = result.bandwidth_up, result.bandwidth_down, result.nbytes
-    floors = {"upload": n / up, "round trip": n / up + n / down}
-    for key, stats in result.cells.items():
-        kind, cell = key.split(" ", 1)
-        floor = floors[cell]
-        moved = n if cell == "upload" else 2 * n
-        label = f"{kind} ({'incompressible' if kind == 'random' else 'compressible, 7/8 zeros'})"
-        code = f"`{CELLS[cell]}`"
-        if isinstance(stats, str):
-            table.add(label, code, f"{floor:.2f}", f"error ({stats})", None, None)
-        else:
+    for result in results:
+        up, down, n = result.bandwidth_up, result.bandwidth_down, result.nbytes
+        floors = {"upload": n / up, "round trip": n / up + n / down}
+        for key, stats in result.cells.items():
+            kind, rest = key.split(" ", 1)
+            cell, security = rest.rsplit(" ", 1)
+            floor = floors[cell]
+            moved = n if cell == "upload" else 2 * n
+            label = "incompressible" if kind == "random" else "compressible, 7/8 zeros"
+            code = f"`{CELLS[cell]}`"
+            faults = result.faults.get(key)
+            fresh = "/".join(f"{f:.0f}" for f in faults) if faults else None
+            if isinstance(stats, str):
+                table.add(result.rate, label, code, security, f"{floor:.2f}", f"error ({stats})")
+                continue
             table.add(
+                result.rate,
                 label,
                 code,
+                security,
                 f"{floor:.2f}",
                 spread(stats),
                 ratio(stats.median / floor),
                 f"{rate(moved, stats.median) * 1000:.0f}",
+                fresh,
             )
+        table.notes.append(
+            f"{result.rate}: raw TCP {up / 1e6:.0f} MB/s client→worker, {down / 1e6:.0f} MB/s "
+            "worker→client (median of 3 transfers); wire floor = bytes / that bandwidth"
+        )
     table.notes += [
-        f"raw TCP on this link: {up / 1e6:.0f} MB/s client→worker, {down / 1e6:.0f} MB/s "
-        "worker→client (median of 3 transfers); wire floor = bytes / that bandwidth",
         "x floor below 1 means the data crossed the link in fewer bytes than the array "
-        f"(compression); lan2gpu client options: {result.options}",
+        "(compression); fresh MiB = pages touched for the first time during the cell "
+        "(minflt x page size), median per cell",
+        f"lan2gpu client options: {results[0].options if results else 'defaults'}",
     ]
     return table
 
@@ -276,6 +367,17 @@ def _tcp_seconds(address: tuple[str, int], mode: bytes, n: int) -> float:
         return time.perf_counter() - t0
 
 
+def minflt(pid: int | str) -> int:
+    """Minor page faults of a process so far (first touches of fresh pages)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[7])
+
+
+def _executor_pid(worker: Any) -> int | None:
+    executors = worker.status().get("executors", [])
+    return int(executors[0]["pid"]) if executors else None
+
+
 def client(args: argparse.Namespace) -> None:
     host, port = args.sink.rsplit(":", 1)
     bw = {}
@@ -284,23 +386,50 @@ def client(args: argparse.Namespace) -> None:
         bw[mode] = args.probe_bytes / seconds[1]
     options = json.loads(args.client_options)  # already limited to what the client takes
     used = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "defaults"
-    cells: dict[str, list[float] | str] = {}
-    with open_client(args.address, args.key_file, options) as worker:
+    samples: dict[str, list[float]] = {}
+    faults: dict[str, list[tuple[int, int, int]]] = {}
+    failed: dict[str, str] = {}
+    with (
+        open_client(args.address, args.key_file, options) as enc,
+        open_client(args.plain_address, args.key_file, {**options, "plaintext": True}) as plain,
+    ):
+        workers = {"encrypted": (enc, args.worker_pid), "plaintext": (plain, args.plain_worker_pid)}
         kinds: tuple[Kind, ...] = ("random", "sparse")
         for kind in kinds:
             a = payload(args.bytes, kind, seed=7)
             for cell, code in CELLS.items():
-                try:
-                    stats = repeat(
-                        partial(_run, worker, code, a),
-                        args.repeat,
-                        before=partial(refresh, a, kind=kind),
-                        check=_checker(a, code),
-                    )
-                    cells[f"{kind} {cell}"] = list(stats.samples)
-                except Exception as exc:  # reported in the table, the other rows still run
-                    cells[f"{kind} {cell}"] = short_error(exc)
-    print(json.dumps({"up": bw[b"U"], "down": bw[b"D"], "cells": cells, "options": used}))
+                check = _checker(a, code)
+                for i in range(1 + args.repeat):  # the first round warms up, untimed
+                    for security, (worker, service_pid) in workers.items():
+                        key = f"{kind} {cell} {security}"
+                        if key in failed:
+                            continue
+                        refresh(a, i, kind=kind)
+                        gc.collect()
+                        try:
+                            executor = _executor_pid(worker) if i else None
+                            pids = ["self", service_pid, executor]
+                            before = [minflt(p) if p else 0 for p in pids]
+                            seconds, value = timed(partial(_run, worker, code, a))
+                            after = [minflt(p) if p else 0 for p in pids]
+                            check(value)
+                        except Exception as exc:  # reported in the table; the rest still runs
+                            failed[key] = short_error(exc)
+                            continue
+                        if i:
+                            samples.setdefault(key, []).append(seconds)
+                            moved = [(y - x) * PAGE for x, y in zip(before, after, strict=True)]
+                            faults.setdefault(key, []).append((moved[0], moved[1], moved[2]))
+    cells: dict[str, list[float] | str] = {**samples, **failed}
+    fresh = {
+        key: [statistics.median(f[j] for f in found) / MiB for j in range(3)]
+        for key, found in faults.items()
+    }
+    print(
+        json.dumps(
+            {"up": bw[b"U"], "down": bw[b"D"], "cells": cells, "faults": fresh, "options": used}
+        )
+    )
 
 
 def _run(worker: Any, code: str, a: np.ndarray) -> object:
@@ -327,6 +456,9 @@ def main() -> None:
     s.add_argument("--ready-file", type=Path, required=True)
     c = sub.add_parser("client")
     c.add_argument("--address", required=True)
+    c.add_argument("--worker-pid", type=int, required=True)
+    c.add_argument("--plain-address", required=True)
+    c.add_argument("--plain-worker-pid", type=int, required=True)
     c.add_argument("--sink", required=True)
     c.add_argument("--key-file", required=True)
     c.add_argument("--bytes", type=int, required=True)

@@ -4,7 +4,8 @@ One run, one process tree: each system is started, measured (trivial call, then
 array round trips at every size) and stopped before the next starts, so idle
 systems do not steal the two cores. Then the lan2gpu-only sections: the same cell
 twice, an unchanged @njit kernel, peak memory in fresh processes, and the
-emulated 1 Gbit/s LAN. Progress goes to stderr; the tables go to stdout at the end.
+emulated 1 and 10 Gbit/s LANs (encrypted and plain text). Progress goes to stderr;
+the tables go to stdout at the end.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="timed repetitions per case, after one warm-up (default 7; --quick 2); "
         "arrays of 4 MiB or less get 4 times as many",
     )
-    p.add_argument("--skip-lan", action="store_true", help="skip the emulated 1 Gbit/s LAN")
+    p.add_argument("--skip-lan", action="store_true", help="skip the emulated LANs")
     p.add_argument(
         "--only",
         metavar="SYSTEM,...",
@@ -192,7 +193,7 @@ def run(plan: Plan, work: Path, client: ClientOptions) -> list[Table]:
         if plan.skip_lan:
             results.lan = "--skip-lan"
         else:
-            progress(f"emulated 1 Gbit/s LAN with {size_label(plan.lan_bytes)}")
+            progress(f"emulated 1 and 10 Gbit/s LANs with {size_label(plan.lan_bytes)}")
             try:
                 results.lan = lan.measure_lan(
                     work, plan.lan_bytes, plan.lan_repeat, plan.lan_probe_bytes, client.kwargs

@@ -98,6 +98,14 @@ class Browser(ServiceListener):
                 self._changed.wait(deadline - time.monotonic())
             return sorted(self._found.values(), key=lambda f: (f.name, f.address))
 
+    def wait_for_change(self, seen: int, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the number of announced workers to
+        differ from ``seen``."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while len(self._found) == seen and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait(left)
+
     def close(self) -> None:
         """Stop browsing and release zeroconf's sockets and thread. Idempotent."""
         if self._browser is not None:

@@ -418,6 +418,7 @@ class Lan2GPUMagics(Magics):
         return None
 
     def _print_status(self) -> None:
+        self.pool.wait_for_probes()
         for row in self.pool.rows(max_age=0):
             if row.status is None:
                 print(f"{row.address}: unusable: {row.problem}")
@@ -431,12 +432,14 @@ class Lan2GPUMagics(Magics):
             ):
                 for cell in cells:
                     where = "+".join(cell["resources"])
-                    what = f"{cell['id'][:8]} ({cell['session']}, {cell[clock]:.1f} s)"
+                    who = f"{cell['user']}, " if cell.get("user") else ""
+                    what = f"{cell['id'][:8]} ({who}{cell['session']}, {cell[clock]:.1f} s)"
                     print(f"  {state} {where}: {what}")
             if not status["running"] and not status["queued"]:
                 print("  idle")
 
     def _print_workers(self) -> None:
+        self.pool.wait_for_probes()
         rows = self.pool.rows(max_age=0)
         if not rows:
             print(

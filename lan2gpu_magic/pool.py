@@ -13,13 +13,15 @@ and latency.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from worker_kernel.protocol.errors import Lan2GPUError, NoWorkerAvailable
+from worker_kernel.protocol.errors import Lan2GPUError, NoWorkerAvailable, WorkerUnreachable
 
 from .client import Client, StatusReply, fetch_statuses, state_of
 from .discovery import Browser
@@ -39,6 +41,9 @@ CONFIGURED, DISCOVERED, EMBEDDED = "configured", "discovered", "embedded"
 _RETRY_AFTER = 30.0  # seconds before a worker that failed is tried again (doubling)
 _MAX_BACKOFF = 600.0
 _RETRY_CONNECT = 3.0  # handshake limit when trying a failed worker again
+_PROBE_DISCOVERED = 3.0  # handshake limit for a worker only announced on the LAN
+_PROBES_AT_ONCE = 128  # fakes announced by the hundred must not queue the real one
+_LAN_POLL = 0.05  # seconds between looks while a first cell waits for the LAN
 _MAX_SPARE = 8  # idle extra connections kept per worker
 
 
@@ -155,7 +160,12 @@ class WorkerPool:
         self._announce = announce
         self._entries: dict[str, _Entry] = {}
         self._browser: Browser | None = None
-        self._waited_for_discovery = False
+        self._discovery_until: float | None = None  # first look: announcements may come
+        self._announced = 0  # how many the last look saw
+        # Workers announced while others are usable are tried in the background.
+        self._probing: set[str] = set()
+        self._probed: queue.SimpleQueue[tuple[_Entry, Client | Lan2GPUError]] = queue.SimpleQueue()
+        self._probe_threads: list[threading.Thread] = []
         self.embedded: EmbeddedWorker | None = None
         self.real_gpu_workers: set[str] = set()  # addresses that ever reported a real GPU
         self.server_keys = dict(server_keys or {})
@@ -229,9 +239,12 @@ class WorkerPool:
         if self._browser is None:
             self._browser = Browser()
         # The first time, give announcements a moment to arrive.
-        wait = 0.0 if self._waited_for_discovery else self.discovery_wait
-        self._waited_for_discovery = True
+        wait = 0.0
+        if self._discovery_until is None:
+            wait = self.discovery_wait
+            self._discovery_until = time.monotonic() + wait
         announced = self._browser.workers(wait=wait)
+        self._announced = len(announced)
         current = {found.address for found in announced}
         for entry in [e for e in self._entries.values() if e.origin == DISCOVERED]:
             if entry.address not in current:  # stopped announcing: gone, or moved
@@ -264,17 +277,109 @@ class WorkerPool:
             self._entries[found.address] = entry
 
     def _connect_pending(self) -> None:
+        """Connect to every worker not connected yet, all at once: a worker that
+        does not answer (or a fake one announced on the LAN) costs one short
+        deadline, not one per worker. Until a worker finished the signed,
+        encrypted handshake (it holds the key), nothing of it is used. Workers
+        found on the LAN are tried in the background, so they never delay a cell
+        that has a worker to run on (:meth:`_place` waits for them only while it
+        has none)."""
+        self._collect_probes()
         now = time.monotonic()
-        for entry in self._entries.values():
-            if entry.client is not None or entry.retry_at > now:
-                continue
+        due = [
+            e
+            for e in self._entries.values()
+            if e.client is None and e.retry_at <= now and e.address not in self._probing
+        ]
+        if not due:
+            return
+        later = [e for e in due if e.origin == DISCOVERED]
+        if later:
+            self._probing.update(e.address for e in later)
+            thread = threading.Thread(
+                target=self._probe_in_background, args=(later,), name="lan2gpu-probe"
+            )
+            self._probe_threads.append(thread)
+            thread.start()
+            due = [e for e in due if e not in later]
+        for entry, outcome in zip(due, self._probe(due), strict=True):
+            self._settle(entry, outcome, now)
+
+    def _probe(self, entries: list[_Entry]) -> list[Client | Lan2GPUError]:
+        """Try to connect to each of ``entries`` at once; a client or why not."""
+
+        def attempt(entry: _Entry) -> Client | Lan2GPUError:
+            timeout = self.connect_timeout
+            if entry.failures:  # a worker that failed before must not stall cells
+                timeout = min(timeout, _RETRY_CONNECT)
+            elif entry.origin == DISCOVERED:  # unproven: anyone can announce one
+                timeout = min(timeout, _PROBE_DISCOVERED)
             try:
-                # A worker that failed before gets a short try: it must not stall cells.
-                timeout = _RETRY_CONNECT if entry.failures else self.connect_timeout
-                entry.client = self._client(entry, min(timeout, self.connect_timeout))
-                entry.succeeded()
+                return self._client(entry, timeout)
             except Lan2GPUError as exc:
-                self._failed(entry, str(exc), state_of(exc), now)
+                return exc
+            except Exception as exc:  # e.g. out of file descriptors: this worker, not all
+                return WorkerUnreachable(f"cannot connect to {entry.address}: {exc}")
+
+        if len(entries) <= 1:
+            return [attempt(e) for e in entries]
+        with ThreadPoolExecutor(min(len(entries), _PROBES_AT_ONCE), "lan2gpu-probe") as probes:
+            futures = [probes.submit(attempt, entry) for entry in entries]
+            try:
+                return [f.result() for f in futures]
+            except BaseException:  # e.g. Ctrl-C: close what the probes opened
+                for future in futures:
+                    future.cancel()
+                probes.shutdown(wait=True)
+                for future in futures:
+                    opened = None if future.cancelled() else future.result()
+                    if isinstance(opened, Client):
+                        opened.close()
+                raise
+
+    def _probe_in_background(self, entries: list[_Entry]) -> None:
+        outcomes: list[Client | Lan2GPUError] = []
+        try:
+            outcomes = self._probe(entries)
+        finally:  # every entry gets an answer, so none stays "trying" for good
+            for entry, outcome in zip(entries, outcomes, strict=False):
+                self._probed.put((entry, outcome))
+            for entry in entries[len(outcomes) :]:
+                self._probed.put((entry, WorkerUnreachable(f"could not try {entry.address}")))
+
+    def wait_for_probes(self, timeout: float = _PROBE_DISCOVERED + 1.0) -> None:
+        """Wait (up to ``timeout``) for the workers being tried in the background,
+        so a listing shows what they are rather than "trying"."""
+        self._discover()
+        self._connect_pending()
+        deadline = time.monotonic() + timeout
+        while self._probe_threads and time.monotonic() < deadline:
+            self._probe_threads[0].join(max(0.0, deadline - time.monotonic()))
+            self._collect_probes()
+        self._collect_probes()
+
+    def _collect_probes(self) -> None:
+        """Take in what background probes found (in the pool's own thread)."""
+        now = time.monotonic()
+        while True:
+            try:
+                entry, outcome = self._probed.get_nowait()
+            except queue.Empty:
+                break
+            self._probing.discard(entry.address)
+            if self._entries.get(entry.address) is not entry or self._closed:
+                if isinstance(outcome, Client):  # forgotten meanwhile
+                    outcome.close()
+                continue
+            self._settle(entry, outcome, now)
+        self._probe_threads = [t for t in self._probe_threads if t.is_alive()]
+
+    def _settle(self, entry: _Entry, outcome: Client | Lan2GPUError, now: float) -> None:
+        if isinstance(outcome, Client):
+            entry.client = outcome
+            entry.succeeded()
+        else:
+            self._failed(entry, str(outcome), state_of(outcome), now)
 
     def _start_embedded(self) -> None:
         self.embedded = EmbeddedWorker()
@@ -335,6 +440,11 @@ class WorkerPool:
             WorkerRow(e.address, e.origin, None, None, e.problem, e.state)
             for e in entries
             if e.problem
+        ]
+        rows += [
+            WorkerRow(e.address, e.origin, None, None, "announced; trying its handshake", "trying")
+            for e in entries
+            if not e.problem and e.client is None and e.address in self._probing
         ]
         return rows
 
@@ -423,6 +533,19 @@ class WorkerPool:
         if not self._entries and self.allow_embedded:
             self._start_embedded()
         rows = self.rows(session)
+        # With no usable worker yet, wait for the LAN: announcements still coming
+        # (within the discovery window) and workers still being tried. Anyone can
+        # announce a worker, so the first ones heard may all be unusable.
+        until = (self._discovery_until or 0.0) + _PROBE_DISCOVERED + 1.0
+        while (
+            self._browser is not None
+            and not any(r.view is not None for r in rows)
+            and (self._probing or time.monotonic() < (self._discovery_until or 0.0))
+            and time.monotonic() < until
+        ):
+            self._browser.wait_for_change(self._announced, _LAN_POLL)
+            self._discover()
+            rows = self.rows(session)
         views = [r.view for r in rows if r.view is not None and r.address not in exclude]
         try:
             # Consent for simulators looks at every real GPU worker ever seen, not
@@ -455,6 +578,9 @@ class WorkerPool:
             self._spare.clear()
         for client in extra:
             client.close()
+        for thread in self._probe_threads:
+            thread.join()  # each probe ends within its short deadline
+        self._collect_probes()  # closes what they opened: the pool is closed
         if self._browser is not None:
             self._browser.close()
             self._browser = None

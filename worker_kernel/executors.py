@@ -25,6 +25,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
+from . import child_output
 from .capabilities import gpu_env
 from .protocol.messages import new_id
 from .scheduler import Cell
@@ -42,6 +43,7 @@ class ExecutorHandle:
     cell: Cell | None = None
     last_used: float = field(default_factory=time.monotonic)
     stopping: bool = False
+    output: child_output.ChildOutput | None = None  # its stdout/stderr, into the log
 
     @property
     def pid(self) -> int:
@@ -157,7 +159,33 @@ class ExecutorPool:
         # The cell's GPUs in the host's (nvidia-smi) numbering, for the curious cell.
         env["LAN2GPU_CELL_GPUS"] = ",".join(map(str, gpus))
         executor_id = new_id()
-        process = await asyncio.create_subprocess_exec(
+        output = child_output.ChildOutput("executor")
+        try:
+            process = await self._start_process(executor_id, env, output.fd)
+        except BaseException:
+            await output.close()
+            raise
+        output.started(process.pid)
+        if process.stdin is None:  # cannot happen with stdin=PIPE; keeps mypy honest
+            raise ExecutorStartError("executor has no stdin")
+        process.stdin.write(self._key.hex().encode() + b"\n")
+        await process.stdin.drain()
+        process.stdin.close()
+        ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        handle = ExecutorHandle(executor_id, session, resources, process, ready)
+        handle.output = output
+        self._by_id[executor_id] = handle
+        self._by_slot[(session, resources)] = handle
+        watcher = asyncio.create_task(self._watch(handle))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+        log.debug("started executor %s (pid %d), session %s", executor_id[:8], process.pid, session)
+        return handle
+
+    async def _start_process(
+        self, executor_id: str, env: dict[str, str], output: int
+    ) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "worker_kernel.executor",
@@ -171,30 +199,20 @@ class ExecutorPool:
             str(os.getpid()),
             *self._extra,
             stdin=asyncio.subprocess.PIPE,
+            stdout=output,  # into the log, rate-limited (child_output)
+            stderr=output,
             env=env,
             # Own process group: a Ctrl-C meant for the service must not hit cells.
             start_new_session=True,
         )
-        if process.stdin is None:  # cannot happen with stdin=PIPE; keeps mypy honest
-            raise ExecutorStartError("executor has no stdin")
-        process.stdin.write(self._key.hex().encode() + b"\n")
-        await process.stdin.drain()
-        process.stdin.close()
-        ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        handle = ExecutorHandle(executor_id, session, resources, process, ready)
-        self._by_id[executor_id] = handle
-        self._by_slot[(session, resources)] = handle
-        watcher = asyncio.create_task(self._watch(handle))
-        self._watchers.add(watcher)
-        watcher.add_done_callback(self._watchers.discard)
-        log.debug("started executor %s (pid %d), session %s", executor_id[:8], process.pid, session)
-        return handle
 
     async def _watch(self, handle: ExecutorHandle) -> None:
         returncode = await handle.process.wait()
         # What its cells started and left running goes with it (same process group).
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(handle.pid, signal.SIGKILL)
+        if handle.output is not None:
+            await handle.output.close()
         self._by_id.pop(handle.id, None)
         if self._by_slot.get((handle.session, handle.resources)) is handle:
             del self._by_slot[(handle.session, handle.resources)]

@@ -46,8 +46,13 @@ class AllowList:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._stamp: tuple[tuple[str, int, int], ...] | None = None
-        self._keys: set[bytes] = set()
+        self._keys: dict[bytes, str] = {}  # z85 public key -> user (its file's name)
         self._refusals = RejectionLog(log)
+
+    def user(self, user_id: str) -> str:
+        """The user a connection's ZAP ``User-Id`` (its z85 public key) belongs to:
+        the name of its file in the allow-list (``alice`` for ``alice.key``)."""
+        return self._keys.get(user_id.encode(), f"key {user_id[:8]}")
 
     def _current(self) -> tuple[tuple[str, int, int], ...]:
         entries = []
@@ -61,7 +66,7 @@ class AllowList:
             stamp = self._current()
             if stamp != self._stamp:
                 self._stamp = stamp
-                self._keys = {public for _, public in authorized(self.folder)}
+                self._keys = {public: name[:-4] for name, public in authorized(self.folder)}
             allowed = key in self._keys
         except Exception:  # a broken key file must not take ZAP down: deny, log
             log.exception("cannot read the authorized keys in %s", self.folder)
@@ -196,20 +201,29 @@ def _curve_server(
 
 def encrypt(
     ctx: zmq.asyncio.Context, sock: zmq.asyncio.Socket, key_file: Path, allowed: Path | None
-) -> AsyncioAuthenticator:
+) -> tuple[AsyncioAuthenticator, AllowList]:
     """``--encrypt``: CurveZMQ with this worker's own key pair, and a ZAP allow-list
-    of client keys."""
+    of client keys (returned too: it names the user of each connection)."""
     public, secret = load_keypair(ensure_keypair(key_dir(key_file), WORKER)[1])
     folder = allowed or authorized_keys_dir(key_file)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    auth = _curve_server(ctx, sock, public, secret, AllowList(folder))
+    users = AllowList(folder)
+    auth = _curve_server(ctx, sock, public, secret, users)
     log.info(
         "encrypting with CurveZMQ; clients pin %s and must be listed in %s (%d now)",
         key_dir(key_file) / f"{WORKER}.key",
         folder,
         len(authorized(folder)),
     )
-    return auth
+    return auth, users
+
+
+def zap_user(frame: Any) -> str:
+    """The ZAP ``User-Id`` of the connection a frame came on ("" if none)."""
+    try:
+        return str(frame.get("User-Id") or "")
+    except (zmq.ZMQError, AttributeError):
+        return ""
 
 
 def raise_open_files_limit() -> int:

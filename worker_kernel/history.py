@@ -71,6 +71,7 @@ class JobLog:
             {
                 "id": cell.id,
                 "session": cell.session,
+                "user": cell.user,
                 "client": cell.client,
                 "resources": list(cell.resources),
                 "status": status,

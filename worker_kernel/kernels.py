@@ -29,6 +29,7 @@ from typing import Any
 
 import zmq.asyncio
 
+from . import child_output
 from .capabilities import gpu_env
 from .kernel_relay import KernelRelay
 
@@ -55,6 +56,7 @@ class RemoteKernel:
     last_activity: float = field(default_factory=time.monotonic)  # from its forwarder
     stopping: bool = False
     relay: KernelRelay | None = None
+    output: child_output.ChildOutput | None = None  # its stdout/stderr, into the log
 
     def info(self) -> dict[str, Any]:
         return {
@@ -132,25 +134,36 @@ class KernelHost:
             env = gpu_env(os.environ, gpus)
             env.pop("NUMBA_ENABLE_CUDASIM", None)
         env["LAN2GPU_CELL_GPUS"] = ",".join(map(str, gpus))
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "ipykernel_launcher",
-            "-f",
-            str(conn_file),
-            env=env,
-            stdin=asyncio.subprocess.DEVNULL,
-            start_new_session=True,  # signals for it come from its frontend, not ours
-        )
+        output = child_output.ChildOutput(f"kernel {kernel_id[:8]}")
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "ipykernel_launcher",
+                "-f",
+                str(conn_file),
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=output.fd,  # into the log, rate-limited (child_output)
+                stderr=output.fd,
+                start_new_session=True,  # signals for it come from its frontend, not ours
+            )
+        except BaseException:
+            await output.close()
+            conn_file.unlink(missing_ok=True)
+            raise
+        output.started()
         try:
             connection = await self._ports(conn_file, process)
         except BaseException:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             await process.wait()
+            await output.close()
             conn_file.unlink(missing_ok=True)
             raise
         kernel = RemoteKernel(kernel_id, owner, owner_rid, gpus, process, connection)
+        kernel.output = output
 
         async def forward(channel: str, identity: bytes, frames: list[Any]) -> None:
             await self._on_frames(kernel, channel, identity, frames)
@@ -184,6 +197,8 @@ class KernelHost:
 
     async def _watch(self, kernel: RemoteKernel, conn_file: Path) -> None:
         returncode = await kernel.process.wait()
+        if kernel.output is not None:
+            await kernel.output.close()
         self.kernels.pop(kernel.id, None)
         conn_file.unlink(missing_ok=True)
         if kernel.relay is not None:

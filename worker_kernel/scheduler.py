@@ -1,13 +1,16 @@
-"""Cells waiting for GPUs: round-robin across sessions, first fit with reservation.
+"""Cells waiting for GPUs: round-robin across users, first fit with reservation.
 
 Pure bookkeeping (no sockets, no clock). Each cell needs a set of resources:
 one GPU (the usual case), several GPUs of this host (``--gpus 2``), or the CPU
 slot (``--cpu``). Policy:
 
-- Sessions take turns (round-robin: the session served least recently goes
-  next, so one that just ran waits behind one that arrived meanwhile); within a
-  session cells run in the order they were sent. One user's fifty cells do not
-  starve a colleague's one.
+- Owners take turns (round-robin: the owner served least recently goes next,
+  so one that just ran waits behind one that arrived meanwhile); an owner's
+  cells run in the order they were sent. One user's fifty cells do not starve
+  a colleague's one. The owner is the user when the worker knows users (per-user
+  keys, ``--encrypt``: the key the handshake proved, so opening a new session for
+  every cell gains nothing), else the session (every holder of the shared key
+  is equal).
 - Walking the waiting cells in that order, a cell starts if all its resources
   are idle and no earlier waiting cell has reserved any of them. A cell that
   cannot start reserves its resources, so later single-GPU cells cannot starve
@@ -49,6 +52,12 @@ class Cell:
     stop_reason: str | None = None  # "cancelled" or "timeout" once asked to stop
     timers: list[Any] = field(default_factory=list)
     position: int = -1  # last queue position reported to the client
+    user: str = ""  # with per-user keys, whose key sent it
+
+    @property
+    def owner(self) -> str:
+        """Whose turn this cell is in the fair queue: its user, or its session."""
+        return f"user:{self.user}" if self.user else f"session:{self.session}"
 
     @property
     def gpus(self) -> list[int]:
@@ -56,31 +65,31 @@ class Cell:
 
 
 class FairQueue:
-    """Waiting cells: sessions take turns, least recently served first; FIFO within one."""
+    """Waiting cells: owners take turns, least recently served first; FIFO within one."""
 
     def __init__(self) -> None:
         self._cells: dict[str, deque[Cell]] = {}
-        self._served: dict[str, int] = {}  # session -> tick of its last turn (0: never)
-        self._arrived: dict[str, int] = {}  # session -> order of arrival, for ties
+        self._served: dict[str, int] = {}  # owner -> tick of its last turn (0: never)
+        self._arrived: dict[str, int] = {}  # owner -> order of arrival, for ties
         self._tick = 0
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._cells.values())
 
     def push(self, cell: Cell) -> None:
-        if cell.session not in self._cells:
-            self._cells[cell.session] = deque()
+        if cell.owner not in self._cells:
+            self._cells[cell.owner] = deque()
             self._tick += 1
-            self._arrived[cell.session] = self._tick
-        self._cells[cell.session].append(cell)
+            self._arrived[cell.owner] = self._tick
+        self._cells[cell.owner].append(cell)
 
     def remove(self, cell_id: str) -> Cell | None:
-        for session, queue in self._cells.items():
+        for owner, queue in self._cells.items():
             for cell in queue:
                 if cell.id == cell_id:
                     queue.remove(cell)
                     if not queue:
-                        del self._cells[session]
+                        del self._cells[owner]
                     return cell
         return None
 
@@ -91,12 +100,12 @@ class FairQueue:
         tick = self._tick
         out: list[Cell] = []
         while queues:
-            session = min(queues, key=lambda s: (served.get(s, 0), self._arrived[s]))
-            out.append(queues[session].pop(0))
-            if not queues[session]:
-                del queues[session]
+            owner = min(queues, key=lambda s: (served.get(s, 0), self._arrived[s]))
+            out.append(queues[owner].pop(0))
+            if not queues[owner]:
+                del queues[owner]
             tick += 1
-            served[session] = tick
+            served[owner] = tick
         return out
 
     def take(self, busy: Iterable[str]) -> list[Cell]:
@@ -109,20 +118,20 @@ class FairQueue:
                 started.append(cell)
                 self.remove(cell.id)
                 self._tick += 1
-                self._served[cell.session] = self._tick
+                self._served[cell.owner] = self._tick
             taken |= need
         self._forget_idle_sessions()
         return started
 
     def _forget_idle_sessions(self) -> None:
-        # Keep the bookkeeping small: a session with nothing queued that has not
+        # Keep the bookkeeping small: an owner with nothing queued that has not
         # been served recently starts over as a newcomer.
         if len(self._served) > 1024:
             recent = sorted(self._served.values())[-512]
-            for session in [s for s, t in self._served.items() if t < recent]:
-                if session not in self._cells:
-                    del self._served[session]
-                    self._arrived.pop(session, None)
+            for owner in [s for s, t in self._served.items() if t < recent]:
+                if owner not in self._cells:
+                    del self._served[owner]
+                    self._arrived.pop(owner, None)
 
     def positions(self, running: Iterable[Cell]) -> dict[str, int]:
         """For each waiting cell, how many cells (running or waiting) are ahead of it

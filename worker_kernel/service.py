@@ -32,6 +32,7 @@ from .config import WorkerConfig
 from .dispatch import Dispatcher
 from .executors import ExecutorHandle, ExecutorPool
 from .gate import (
+    AllowList,
     BadRequest,
     RejectionLog,
     claimed_id,
@@ -41,6 +42,7 @@ from .gate import (
     peer_address,
     raise_open_files_limit,
     release_memory,
+    zap_user,
 )
 from .history import GpuHistory
 from .kernels import KernelError, KernelHost, RemoteKernel
@@ -50,7 +52,7 @@ from .protocol.curve import PER_USER, PLAINTEXT, SHARED_KEY
 from .protocol.errors import ProtocolError, VersionMismatch
 from .protocol.messages import Message
 from .protocol.versions import check_compatible, local_versions
-from .protocol.wire import Limits, Wire
+from .protocol.wire import Limits, Wire, trusted_content
 from .result_cache import ResultCache
 from .scheduler import CPU, Cell, gpu_slot
 
@@ -70,6 +72,7 @@ _FORGET_CLIENT = 3600.0
 class ClientState:
     rid: bytes
     client: str = ""
+    user: str = ""  # with per-user keys: whose key the connection proved
     last_seen: float = field(default_factory=time.monotonic)
     attached_until: float = 0.0
 
@@ -137,6 +140,7 @@ class WorkerService:
         self.outbox = Outbox(self.sock)
         self.outbox.gone = self._client_gone
         self.auth: AsyncioAuthenticator | None = None
+        self.users: AllowList | None = None  # per-user keys (--encrypt): who each client is
         self.rejections = RejectionLog(log)
         self._dropped = False  # the drop-first-result fault was applied
 
@@ -145,7 +149,7 @@ class WorkerService:
     async def run(self) -> None:
         raise_open_files_limit()
         if self.config.encrypt:
-            self.auth = encrypt(
+            self.auth, self.users = encrypt(
                 self.ctx, self.sock, self.config.key_file, self.config.authorized_keys
             )
         elif not self.config.plaintext:
@@ -529,10 +533,14 @@ class WorkerService:
         timeout = number(msg.content, "timeout")
         if not isinstance(msg.content.get("code"), str):
             raise BadRequest("execute without code")
+        user = ""
+        if self.users is not None:  # per-user keys: the user the handshake proved
+            user = self.users.user(zap_user(frames[0])) if frames else ""
         cell = Cell(
             id=request,
             client_rid=rid,
             client=client.client,
+            user=user,
             session=msg.session,
             resources=resources,
             frames=frames,
@@ -571,7 +579,7 @@ class WorkerService:
             if is_result:
                 handle.cell = None
                 handle.last_used = time.monotonic()
-                content = json.loads(body[3].bytes).get("content", {})
+                content = trusted_content(body)
                 if content.get("poisoned"):
                     log.warning(
                         "cell %s left its GPU context unusable; replacing the executor", cell.id[:8]

@@ -42,6 +42,7 @@ def status(service: WorkerService, detail: bool = False) -> dict[str, Any]:
         return {
             "id": cell.id,
             "session": cell.session,
+            "user": cell.user,  # with per-user keys (--encrypt), else ""
             "client": cell.client,
             "resources": list(cell.resources),
             "bytes": cell.nbytes,

@@ -22,6 +22,7 @@ import pytest
 from lan2gpu_magic import connect
 from lan2gpu_magic.errors import ExecutionTimeout, RemoteExecutionError
 from worker_kernel.protocol.keys import generate_key_file
+from worker_kernel.protocol.messages import PROTOCOL_VERSION
 
 from ..conftest import WorkerFactory
 from .dashboard_server import TOKEN, JupyterServer, free_port
@@ -97,7 +98,7 @@ def test_a_worker_appearing_and_going_away(
     worker = worker_factory("late", bind=late_address)
     up = server.wait_for("workers", _state(late_address, "up"))
     assert up["name"] == "late" and up["simulator"] is True
-    assert up["versions"]["protocol"] == "1" and up["cpu_count"] >= 1
+    assert up["versions"]["protocol"] == str(PROTOCOL_VERSION) and up["cpu_count"] >= 1
     assert 0 < up["memory_available"] <= up["memory_total"]
     gpus = server.wait_for("gpus", lambda d: d["gpus"])
     (gpu,) = gpus

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -159,3 +160,56 @@ def test_keygen_commands_keep_existing_keys(tmp_path):
     before = public.read_bytes()
     _cli("worker_kernel", "curve-keygen", "--key-file", str(key))
     assert public.read_bytes() == before
+
+
+def test_with_per_user_keys_the_queue_is_fair_per_user_and_shows_whose_cells_wait(
+    encrypted, tmp_path
+):
+    worker, server_key, alice_key = encrypted  # alice is "laptop" on the allow-list
+    bob_dir = tmp_path / "bob"
+    bob_dir.mkdir()
+    _cli("lan2gpu_magic", "curve-keygen", "--key-file", str(bob_dir / "key"))
+    shutil.copy(bob_dir / "client.key", worker.key_file.parent / "authorized_keys" / "bob.key")
+    from lan2gpu_magic.client import Client
+
+    def client(secret: Path) -> Client:
+        return Client(
+            worker.address, key_file=worker.key_file, server_key=server_key, client_key=secret
+        )
+
+    started: dict[str, float] = {}
+    errors: list[BaseException] = []
+
+    def run(secret: Path, session: str, code: str) -> None:
+        try:
+            with client(secret) as c:
+                ns: dict[str, object] = {}
+                c.run(code, ns, session=session, timeout=120)
+                started[session] = float(ns["t"])  # type: ignore[arg-type]
+        except BaseException as exc:
+            errors.append(exc)
+
+    cell = "import time\nt = time.time()\ntime.sleep(0.2)"
+    threads = [
+        threading.Thread(target=run, args=(alice_key, "busy", "import time\nt = 0\ntime.sleep(4)"))
+    ]
+    # Alice opens a new session for every cell, to jump the queue; then Bob sends one.
+    threads += [
+        threading.Thread(target=run, args=(alice_key, f"alice-{i}", cell)) for i in range(3)
+    ]
+    threads.append(threading.Thread(target=run, args=(bob_dir / "client.key_secret", "bob", cell)))
+    with client(alice_key) as watcher:
+        threads[0].start()
+        deadline = time.monotonic() + 60
+        while not watcher.status()["running"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for thread in threads[1:]:
+            thread.start()
+            time.sleep(0.3)  # in this order
+        queued = watcher.status()["queued"]
+        for thread in threads:
+            thread.join(120)
+    assert not errors, errors
+    assert sorted(c["user"] for c in queued) == ["bob", "laptop", "laptop", "laptop"], queued
+    # Bob waited for one of Alice's cells (the running one), not for all of her sessions.
+    assert started["bob"] < min(started[f"alice-{i}"] for i in range(3)), started

@@ -22,8 +22,11 @@ from lan2gpu_magic import (
 )
 from lan2gpu_magic.errors import AuthenticationError
 from worker_kernel.protocol.keys import generate_key_file
+from worker_kernel.protocol.messages import PROTOCOL_VERSION
 
 from ..conftest import key_holder
+
+VERSION = str(PROTOCOL_VERSION).encode()
 
 pytestmark = pytest.mark.faults
 
@@ -275,7 +278,7 @@ def test_a_flood_of_bad_messages_does_not_starve_a_running_cell(shared_worker):
         sock.setsockopt(zmq.SNDHWM, 100_000)
         key_holder(sock, shared_worker.key_file)
         sock.connect(shared_worker.address)
-        junk = [b"L2G", b"1", b"ping", b"{}", b"x" * 32]
+        junk = [b"L2G", VERSION, b"ping", b"{}", b"x" * 32]
         while not stop.is_set():
             for _ in range(500):
                 sock.send_multipart(junk)

@@ -18,11 +18,13 @@ import zmq
 from lan2gpu_magic import connect
 from lan2gpu_magic.errors import MessageRejected
 from worker_kernel.protocol import messages as m
-from worker_kernel.protocol.messages import Message
+from worker_kernel.protocol.messages import PROTOCOL_VERSION, Message
 from worker_kernel.protocol.serialize import Payload, dumps
 from worker_kernel.protocol.wire import Wire
 
 from ..conftest import key_holder
+
+VERSION = str(PROTOCOL_VERSION).encode()
 
 pytestmark = pytest.mark.faults
 
@@ -84,7 +86,7 @@ def _mutate(frames: list[bytes], rng: random.Random) -> list[bytes]:
 def _random_frames(rng: random.Random) -> list[bytes]:
     frames = [os.urandom(rng.randint(0, 200)) for _ in range(rng.randint(1, 10))]
     if rng.random() < 0.5:  # look like lan2gpu at first glance
-        frames[:3] = [b"L2G", b"1", rng.choice([b"execute", b"hello", b"ping", b"status"])]
+        frames[:3] = [b"L2G", VERSION, rng.choice([b"execute", b"hello", b"ping", b"status"])]
     return frames
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import resource
 import secrets
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -22,7 +23,10 @@ import zmq
 
 from lan2gpu_magic import connect
 from lan2gpu_magic.errors import ConfigurationError
-from worker_kernel.protocol.curve import CLIENT, ensure_keypair, load_keypair
+from worker_kernel.protocol.curve import CLIENT, ensure_keypair, key_dir, load_keypair
+from worker_kernel.protocol.messages import PROTOCOL_VERSION
+
+VERSION = str(PROTOCOL_VERSION).encode()
 
 pytestmark = pytest.mark.faults
 
@@ -63,7 +67,20 @@ def lan_worker(worker_factory):
     return worker_factory("lan-box", "--handshake-timeout", "2", bind=LAN)
 
 
-def test_a_keyless_peer_is_refused_before_the_worker_holds_its_bytes(lan_worker):
+@pytest.fixture(params=["shared key", "per-user keys"])
+def guarded(request, worker_factory):
+    """A worker in either encrypted mode, and what a legitimate client connects with."""
+    if request.param == "shared key":
+        return worker_factory("lan-box", "--handshake-timeout", "2", bind=LAN), {}
+    worker = worker_factory("lan-box", "--handshake-timeout", "2", "--encrypt", bind=LAN)
+    keys = key_dir(worker.key_file)
+    public, _ = ensure_keypair(keys, CLIENT)  # the client key connect() uses by default
+    shutil.copy(public, keys / "authorized_keys" / "me.key")
+    return worker, {"server_key": keys / "worker.key"}
+
+
+def test_a_keyless_peer_is_refused_before_the_worker_holds_its_bytes(guarded):
+    lan_worker, how = guarded
     rss = _rss(lan_worker.pid)
     ctx = zmq.Context()
     try:
@@ -83,7 +100,9 @@ def test_a_keyless_peer_is_refused_before_the_worker_holds_its_bytes(lan_worker)
             deadline = time.monotonic() + 3
             while time.monotonic() < deadline:  # push ~a GiB at it, if it would take it
                 try:
-                    sock.send_multipart([b"L2G", b"1", b"execute", b"{}", b"x", block], zmq.NOBLOCK)
+                    sock.send_multipart(
+                        [b"L2G", VERSION, b"execute", b"{}", b"x", block], zmq.NOBLOCK
+                    )
                 except zmq.Again:
                     time.sleep(0.01)
             sock.close()
@@ -92,25 +111,32 @@ def test_a_keyless_peer_is_refused_before_the_worker_holds_its_bytes(lan_worker)
     time.sleep(0.5)
     assert _rss(lan_worker.pid) - rss < 64 << 20, "the worker held a keyless peer's bytes"
     assert "rejected a message" not in lan_worker.log()  # nothing even reached verification
-    with connect(lan_worker.address, key_file=lan_worker.key_file) as c:
+    with connect(lan_worker.address, key_file=lan_worker.key_file, **how) as c:
         assert c.run("ok = 1", {}).outputs == {"ok": 1}
 
 
-def test_idle_connections_are_dropped_and_do_not_lock_clients_out(lan_worker):
+def test_idle_connections_are_dropped_and_do_not_lock_clients_out(guarded):
+    lan_worker, how = guarded
     url = urlsplit(lan_worker.address)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = 2_300
     if hard < wanted:
         pytest.skip(f"this machine allows only {hard} open files")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
-    before = _open_fds(lan_worker.pid)
+    before, rss = _open_fds(lan_worker.pid), _rss(lan_worker.pid)
+    # A ZMTP 3 greeting asking for CURVE: each connection then waits for its HELLO.
+    greeting = b"\xff" + bytes(8) + b"\x7f\x03\x00" + b"CURVE".ljust(20, b"\0") + bytes(32)
     idle: list[socket.socket] = []
     try:
         for _ in range(2_000):
             idle.append(socket.create_connection((url.hostname, url.port), timeout=5))
+            idle[-1].sendall(greeting)
+        assert _rss(lan_worker.pid) - rss < 64 << 20  # pending handshakes cost KiB each
         # With all of them open, a client with the key still gets in.
         t0 = time.monotonic()
-        with connect(lan_worker.address, key_file=lan_worker.key_file, connect_timeout=20) as c:
+        with connect(
+            lan_worker.address, key_file=lan_worker.key_file, connect_timeout=20, **how
+        ) as c:
             assert c.run("ok = 1", {}).outputs == {"ok": 1}
         assert time.monotonic() - t0 < 20
         # None of them finished a handshake: dropped after --handshake-timeout (2 s).
@@ -226,3 +252,24 @@ def test_kernels_started_at_once_respect_max_kernels(worker_factory):
         t.join(120)
     assert len(started) <= 2 < len(started) + len(refused) == 5
     assert all("--max-kernels" in r for r in refused)
+
+
+def test_a_cell_flooding_its_stderr_does_not_flood_the_worker_log(lan_worker):
+    before = Path(lan_worker.log_path).stat().st_size
+    flood = (
+        "import os\n"
+        "line = b'x' * 5000 + b'\\n'\n"
+        "for _ in range(10_000):\n"
+        "    os.write(2, line)\n"  # 50 MB past Python's sys.stderr, as C code writes
+        "os.write(1, b'y' * 300_000)\n"  # and one line with no end
+        "done = True"
+    )
+    with connect(lan_worker.address, key_file=lan_worker.key_file) as c:
+        assert c.run(flood, {}, timeout=120).outputs["done"] is True
+        assert c.run("ok = 1", {}).outputs == {"ok": 1}
+    deadline = time.monotonic() + 10
+    while "lines of output" not in lan_worker.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    grown = Path(lan_worker.log_path).stat().st_size - before
+    assert grown < 1 << 20, f"the worker log grew by {grown} bytes"
+    assert "lines of output" in lan_worker.log()  # the flood is summarized, not hidden

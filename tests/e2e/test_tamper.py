@@ -19,12 +19,14 @@ import zmq
 
 from lan2gpu_magic import connect
 from worker_kernel.protocol import messages as m
-from worker_kernel.protocol.messages import Message
+from worker_kernel.protocol.messages import PROTOCOL_VERSION, Message
 from worker_kernel.protocol.serialize import Payload, dumps
 from worker_kernel.protocol.versions import local_versions
 from worker_kernel.protocol.wire import Wire, _mac
 
 from ..conftest import key_holder
+
+VERSION = str(PROTOCOL_VERSION).encode()
 
 pytestmark = pytest.mark.faults
 
@@ -72,7 +74,7 @@ def peer(shared_worker) -> Iterator[RawPeer]:
 def execute_frames(worker, marker: Path, *, to: str | None = None, **kw) -> list[bytes]:
     payload = Payload()
     payload.add("trap", dumps(Tripwire(marker)))
-    payload.add("arr", dumps(np.arange(256, dtype=np.float32)))
+    payload.add("arr", dumps(np.arange(8192, dtype=np.float32)))  # out of band: 32 KiB
     msg = Message(
         kind=m.EXECUTE,
         content={"code": "y = 1", "inputs": payload.entries, "outputs": ["y"]},
@@ -156,7 +158,7 @@ def test_message_for_another_worker_with_the_same_key_is_refused(worker_factory,
     assert_still_serving(b)
 
 
-@pytest.mark.parametrize("version", [b"0", b"2"])
+@pytest.mark.parametrize("version", [b"0", str(PROTOCOL_VERSION + 1).encode()])
 def test_other_protocol_versions_are_rejected_by_name(shared_worker, peer, tmp_path, version):
     frames = execute_frames(shared_worker, tmp_path / "unpickled")
     frames[1] = version
@@ -215,7 +217,7 @@ def test_an_oversize_frame_is_refused_before_it_is_allocated(shared_worker):
     for _ in range(3):
         p = RawPeer(shared_worker.address, shared_worker.key_file)
         try:
-            p.send([b"L2G", b"1", b"execute", b"{}", b"", os.urandom(1 << 20) * 64])  # 64 MiB
+            p.send([b"L2G", VERSION, b"execute", b"{}", b"", os.urandom(1 << 20) * 64])  # 64 MiB
             time.sleep(0.5)
         finally:
             p.close()
@@ -232,7 +234,7 @@ def test_large_arrays_cross_in_chunks_both_ways(client):
 
 def test_a_deeply_nested_header_is_rejected_not_fatal(shared_worker, peer):
     nested = b"[" * 200_000 + b"]" * 200_000  # json.loads would recurse to death
-    peer.send([b"L2G", b"1", b"execute", nested, b"x" * 32])
+    peer.send([b"L2G", VERSION, b"execute", nested, b"x" * 32])
     reply = peer.recv()
     assert reply is not None and reply[2] == b"reject"
     time.sleep(0.3)
@@ -251,7 +253,7 @@ def test_a_big_rejected_message_gives_its_memory_back(shared_worker):
     p = RawPeer(shared_worker.address, shared_worker.key_file)
     try:
         chunk = os.urandom(1 << 20)
-        p.send([b"L2G", b"1", b"execute", b"{}", b"x" * 32, *([chunk] * 200)])  # 200 MiB
+        p.send([b"L2G", VERSION, b"execute", b"{}", b"x" * 32, *([chunk] * 200)])  # 200 MiB
         assert p.recv() is not None
     finally:
         p.close()

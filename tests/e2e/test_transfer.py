@@ -80,3 +80,27 @@ def test_compression_modes_give_the_same_arrays(shared_worker, mode):
         ns = {"a": smooth}
         c.run("b = a + 1", ns)
         assert np.array_equal(ns["b"], smooth + 1)
+
+
+@pytest.mark.parametrize(
+    "what",
+    ["ten thousand names", "thirty thousand small arrays", "1.5 MiB of source"],
+)
+def test_results_of_any_size_come_back(client: Client, what):
+    # Each of these once made a header larger than a receiver's largest frame:
+    # libzmq dropped the connection and the notebook hung.
+    if what == "ten thousand names":
+        code, check = "\n".join(f"v{i} = {i}" for i in range(10_000)), "v9999"
+    elif what == "thirty thousand small arrays":
+        code = "import numpy as np\nd = {i: np.arange(3) + i for i in range(30_000)}"
+        check = "d"
+    else:
+        code, check = "x = 7\n# " + "y" * 1_500_000 + "\n", "x"
+    ns: dict[str, object] = {}
+    result = client.run(code, ns, timeout=60)
+    if what == "ten thousand names":
+        assert len(result.outputs) == 10_000 and ns[check] == 9999
+    elif what == "thirty thousand small arrays":
+        assert len(ns["d"]) == 30_000 and list(ns["d"][29_999]) == [29_999, 30_000, 30_001]
+    else:
+        assert ns[check] == 7

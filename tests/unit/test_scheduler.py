@@ -1,4 +1,4 @@
-"""Fair queueing: round-robin across sessions, first fit with reservation."""
+"""Fair queueing: round-robin across users (or sessions), first fit with reservation."""
 
 from __future__ import annotations
 
@@ -75,3 +75,20 @@ def test_remove_keeps_turns_consistent():
     assert q.remove("nope") is None
     assert ids(q.order()) == ["a0", "a1"]
     assert len(q) == 2
+
+
+def test_with_users_known_a_new_session_per_cell_does_not_jump_the_queue():
+    q = FairQueue()
+    for i in range(3):  # alice: a new session for every cell
+        c = cell(f"a{i}", f"alice-{i}")
+        c.user = "alice"
+        q.push(c)
+    bob = cell("b0", "bob-session")
+    bob.user = "bob"
+    q.push(bob)
+    assert ids(q.order()) == ["a0", "b0", "a1", "a2"]
+    # Without users (the shared key: every holder is equal), sessions take turns.
+    q = FairQueue()
+    for c in [cell("a0", "s0"), cell("a1", "s1"), cell("b0", "s2")]:
+        q.push(c)
+    assert ids(q.order()) == ["a0", "a1", "b0"]

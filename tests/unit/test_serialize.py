@@ -14,7 +14,13 @@ import pytest
 
 from worker_kernel.protocol import rebuild
 from worker_kernel.protocol.errors import SerializationError
-from worker_kernel.protocol.serialize import dump_values, dumps, load_values, loads
+from worker_kernel.protocol.serialize import (
+    OUT_OF_BAND_BYTES,
+    dump_values,
+    dumps,
+    load_values,
+    loads,
+)
 
 KERNEL_SOURCE = """
 import numpy as np
@@ -49,7 +55,7 @@ def _python(code: str, *, simulate: bool, cwd: Path) -> str:
 
 
 def test_arrays_travel_out_of_band_and_load_writable():
-    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    array = np.arange(12_000, dtype=np.float32).reshape(30, 400)
     frames = dumps({"a": array})
     assert len(frames) == 2
     assert memoryview(frames[1]).nbytes == array.nbytes
@@ -61,13 +67,23 @@ def test_arrays_travel_out_of_band_and_load_writable():
     assert loaded[0, 0] == 99
 
 
+def test_small_arrays_stay_in_the_pickle_and_load_writable():
+    arrays = {i: np.arange(3) + i for i in range(30_000)}
+    frames = dumps(arrays)
+    assert len(frames) == 1  # one frame, not thirty thousand buffers
+    loaded = loads([bytearray(f) for f in frames])
+    assert all(np.array_equal(loaded[i], arrays[i]) for i in (0, 29_999))
+    assert loaded[5].flags.writeable
+    assert len(dumps(np.zeros(OUT_OF_BAND_BYTES, dtype=np.uint8))) == 2
+
+
 def test_non_contiguous_arrays_still_roundtrip():
     array = np.arange(100.0).reshape(10, 10)[::2, ::3]
     assert np.array_equal(loads(dumps(array)), array)
 
 
 def test_a_strided_view_travels_out_of_band_and_pickles_alike_on_arrival():
-    base = np.arange(48.0).reshape(4, 12)
+    base = np.arange(48_000.0).reshape(40, 1200)
     view = base[:, ::3]
     frames = dumps(view)
     assert len(frames) == 2 and memoryview(frames[1]).nbytes == view.nbytes  # not in band

@@ -10,9 +10,11 @@ import pytest
 
 from worker_kernel.protocol import messages as m
 from worker_kernel.protocol.errors import AuthenticationError, MessageRejected, VersionMismatch
-from worker_kernel.protocol.messages import Message
+from worker_kernel.protocol.messages import PROTOCOL_VERSION, Message
 from worker_kernel.protocol.serialize import dumps
 from worker_kernel.protocol.wire import Limits, ReplayGuard, Wire
+
+VERSION = str(PROTOCOL_VERSION).encode()
 
 KEY = secrets.token_bytes(32)
 
@@ -29,7 +31,7 @@ def _flip(frame: bytes, bit: int = 0) -> bytes:
 
 
 def test_roundtrip_keeps_content_and_buffers():
-    array = np.arange(1000, dtype=np.float32)
+    array = np.arange(10_000, dtype=np.float32)
     frames = _frames(dumps(array))
     msg = Wire(KEY).decode(frames)
     assert msg.kind == m.EXECUTE
@@ -41,7 +43,7 @@ def test_roundtrip_keeps_content_and_buffers():
 
 @pytest.mark.parametrize("index", range(7))
 def test_a_flipped_bit_in_any_frame_is_rejected(index):
-    frames = _frames(dumps(np.arange(64, dtype=np.float64)))
+    frames = _frames(dumps(np.arange(4096, dtype=np.float64)))
     assert len(frames) == 7  # magic, version, kind, header, signature, pickle, array
     frames[index] = _flip(frames[index], bit=8 * (len(frames[index]) // 2) + 3)
     with pytest.raises((AuthenticationError, MessageRejected, VersionMismatch)):
@@ -111,8 +113,10 @@ def test_replay_cache_forgets_ids_older_than_two_windows():
 
 def test_other_protocol_version_names_both_versions():
     frames = _frames()
-    frames[1] = b"2"
-    with pytest.raises(VersionMismatch, match=r"version 2.*speaks 1"):
+    frames[1] = str(PROTOCOL_VERSION + 1).encode()
+    with pytest.raises(
+        VersionMismatch, match=rf"version {PROTOCOL_VERSION + 1}.*speaks {PROTOCOL_VERSION}"
+    ):
         Wire(KEY).decode(frames)
 
 
@@ -139,7 +143,7 @@ def test_missing_or_extra_frames_are_rejected(change):
 
 def test_too_few_frames_and_bad_magic():
     with pytest.raises(MessageRejected, match="not a lan2gpu message"):
-        Wire(KEY).decode([b"L2G", b"1"])
+        Wire(KEY).decode([b"L2G", VERSION])
     frames = _frames()
     frames[0] = b"XYZ"
     with pytest.raises(MessageRejected, match="not a lan2gpu message"):

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 MAGIC: Final = b"L2G"
-PROTOCOL_VERSION: Final = 1
+# 2: headers whose content would be large spill it into an extension (wire.py).
+PROTOCOL_VERSION: Final = 2
 
 # Client -> worker.
 HELLO: Final = "hello"

@@ -1,8 +1,10 @@
 """Values <-> frames: cloudpickle, protocol 5, numpy data out of band.
 
-``dumps(value)`` returns ``[pickle, *buffers]``: every contiguous numpy array's
-data is a separate raw buffer (sent with ``copy=False``, received as a writable
-view of the frame), so arrays are never copied into the pickle. Numba
+``dumps(value)`` returns ``[pickle, *buffers]``: the data of every contiguous
+numpy array from :data:`OUT_OF_BAND_BYTES` up is a separate raw buffer (sent
+with ``copy=False``, received as a writable view of the frame), so large arrays
+are never copied into the pickle. Smaller ones stay in the pickle: a dict of
+thirty thousand tiny arrays is then one frame, not thirty thousand. Numba
 dispatchers are reduced by :mod:`rebuild`; device arrays (real or simulated)
 are copied to the host first.
 
@@ -40,6 +42,8 @@ import cloudpickle
 from . import rebuild
 from .errors import SerializationError
 from .messages import Buffer
+
+OUT_OF_BAND_BYTES: Final = 16 << 10  # arrays from this size up travel as their own buffers
 
 PROTOCOL: Final = 5
 
@@ -187,8 +191,16 @@ def dumps(
     globals they read into the loader's namespace only where it lacks them (the way
     back, see the module doc)."""
     buffers: list[pickle.PickleBuffer] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        """``False`` (out of band) for large buffers, which are collected."""
+        if buffer.raw().nbytes < OUT_OF_BAND_BYTES:
+            return True
+        buffers.append(buffer)
+        return False
+
     out = io.BytesIO()
-    _Pickler(out, buffers.append, namespace, keep_existing).dump(value)
+    _Pickler(out, out_of_band, namespace, keep_existing).dump(value)
     frames: list[Buffer] = [out.getbuffer()]
     frames.extend(b.raw() for b in buffers)
     return frames

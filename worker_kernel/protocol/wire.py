@@ -12,9 +12,17 @@ Buffers larger than :data:`CHUNK` travel as several frames (zero-copy slices on
 the way out, reassembled on the way in). Small frames are faster through
 libzmq than huge ones, and they let a receiver cap the size of any single frame
 (``zmq.MAXMSGSIZE``), so an unauthenticated peer cannot make it allocate one
-giant frame before the signature is checked. (It can still send frame after
-frame of one never-ending message, which libzmq holds until the last one: only
-CurveZMQ, ``--encrypt``, shuts such a peer out.)
+giant frame before the signature is checked. (It could still send frame after
+frame of one never-ending message, which libzmq holds until the last one: the
+CurveZMQ handshake, on by default, shuts such a peer out before its first
+frame; ``--insecure-plaintext`` gives that up.)
+
+The header stays small whatever a message carries. When its content and buffer
+list would pass :data:`SPILL_BYTES` (a cell that binds ten thousand names, or
+returns thirty thousand arrays, or has megabytes of source), they travel in an
+*extension*: frames right after the signature, declared in the signed header by
+length, digest and frame count, together with the buffers' total bytes and
+frames, so every limit is still checked before anything is allocated.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import json
 import math
 import mmap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -42,6 +50,8 @@ _VERSION_FRAME: Final = str(PROTOCOL_VERSION).encode()
 _PRELUDE: Final = 5  # magic, version, kind, header, signature
 _PARALLEL_HASH_BYTES: Final = 1 << 20  # BLAKE3 uses threads past 1 MiB
 _NOTICE_BYTES: Final = 8192
+# Headers whose content and buffer list pass this move them to an extension.
+SPILL_BYTES: Final = 64 << 10
 # Kinds that may wait on a connection behind a large upload, so arrive late, and
 # are harmless late or replayed: a heartbeat only says "alive", a cancel names
 # one cell. A replayed one is still refused.
@@ -55,6 +65,8 @@ class Limits:
     max_frames: int = 100_000
     max_bytes: int = 16 << 30
     max_header_bytes: int = 1 << 20
+    # Content and buffer list, when spilled: parsed JSON takes ~20x its size in memory.
+    max_extension_bytes: int = 16 << 20
     # A message may arrive this long after it was sent, on top of the window:
     # hashing and moving N bytes at this rate (a slow link) takes time.
     min_bandwidth: float = 10e6
@@ -181,7 +193,7 @@ class Wire:
             checksum = msg.digests[i] if given else digest(buf)
             declared.append([memoryview(buf).nbytes, checksum, len(chunks), codec])
             frames.extend(chunks)
-        header = {
+        header: dict[str, Any] = {
             "v": PROTOCOL_VERSION,
             "id": msg.id,
             "kind": msg.kind,
@@ -192,12 +204,23 @@ class Wire:
             "content": msg.content,
             "buffers": declared,
         }
-        prelude: list[Buffer] = [
-            MAGIC,
-            _VERSION_FRAME,
-            msg.kind.encode(),
-            json.dumps(header, separators=(",", ":")).encode(),
-        ]
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        if len(encoded) > SPILL_BYTES:
+            extension = json.dumps(
+                {"content": msg.content, "buffers": declared}, separators=(",", ":")
+            ).encode()
+            ext_frames = _chunks(extension)
+            header["content"], header["buffers"] = {}, []
+            header["ext"] = [
+                len(extension),
+                digest(extension),
+                len(ext_frames),
+                sum(int(entry[0]) for entry in declared),
+                sum(int(entry[2]) for entry in declared),
+            ]
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            frames[:0] = ext_frames
+        prelude: list[Buffer] = [MAGIC, _VERSION_FRAME, msg.kind.encode(), encoded]
         return [*prelude, _mac(self.key, prelude), *frames]
 
     @staticmethod
@@ -249,8 +272,37 @@ class Wire:
         if isinstance(opened, Message):  # an unsigned notice
             return opened
         header, declared, total = opened
-        buffers = self._buffers(declared, views[_PRELUDE:], not trusted_hop, assemble)
+        rest = views[_PRELUDE:]
+        if "ext" in header:
+            count = int(header["ext"][2])
+            declared = self._extend(header, rest[:count])
+            rest = rest[count:]
+        buffers = self._buffers(declared, rest, not trusted_hop, assemble)
         return self._message(header, declared, total, buffers, trusted_hop)
+
+    def _extend(self, header: dict[str, Any], frames: Sequence[Buffer]) -> list[list[Any]]:
+        """Read a spilled header's extension into ``header``; its buffer list.
+
+        The extension is checked against the signed header (length, digest, and
+        the buffers' total bytes and frames) before it is parsed."""
+        nbytes, expected, count, total, nframes = header["ext"]
+        views = [memoryview(f).cast("B") for f in frames]
+        if len(views) != count or sum(v.nbytes for v in views) != nbytes:
+            raise MessageRejected(f"header extension does not match the {nbytes} bytes declared")
+        raw = b"".join(views)
+        if not hmac.compare_digest(digest(raw), str(expected)):
+            raise AuthenticationError("header extension does not match its signed digest")
+        try:
+            extension = json.loads(raw)
+        except ValueError as exc:
+            raise MessageRejected(f"header extension is not valid JSON: {exc}") from None
+        if not isinstance(extension, dict) or not isinstance(extension.get("content"), dict):
+            raise MessageRejected("header extension has no content")
+        declared = _check_buffer_list(extension.get("buffers"))
+        if sum(int(e[0]) for e in declared) != total or sum(int(e[2]) for e in declared) != nframes:
+            raise MessageRejected("header extension's buffers do not match the signed header")
+        header["content"], header["buffers"] = extension["content"], declared
+        return declared
 
     def _message(
         self,
@@ -333,7 +385,17 @@ class Wire:
             raise MessageRejected("header kind does not match the kind frame")
         declared = header["buffers"]
         total = sum(int(entry[0]) for entry in declared)
-        if stream and sum(int(entry[2]) for entry in declared) > self.limits.max_frames:
+        frames = sum(int(entry[2]) for entry in declared)
+        if "ext" in header:
+            ext_bytes, _, ext_frames, total, frames = header["ext"]
+            if ext_bytes > min(self.limits.max_extension_bytes, self.limits.max_bytes):
+                raise MessageRejected(
+                    f"header extension of {ext_bytes} bytes is over the limit of "
+                    f"{min(self.limits.max_extension_bytes, self.limits.max_bytes)}"
+                )
+            frames += ext_frames
+            stream = True  # the declared frames are checked before the extension is read
+        if stream and frames > self.limits.max_frames:
             raise MessageRejected("header declares more buffer frames than the limit")
         if total > self.limits.max_bytes:
             raise MessageRejected(
@@ -418,9 +480,23 @@ class Incoming:
         self._total, self._trusted = total, trusted_hop
         self._buffers: list[Buffer] = []
         self._targets: list[memoryview | None] = []
+        self._owner: list[int] = []  # buffer index of each frame (-1: the extension)
         self._frames: dict[int, list[Buffer]] = {}  # compressed buffers' frames
-        for i, entry in enumerate(declared):
+        self._extension: list[memoryview] = []
+        if "ext" in header:  # its buffers are planned once the extension is in
+            view = memoryview(fresh_memory(int(header["ext"][0])))
+            self._extension = [view[k : k + CHUNK] for k in range(0, view.nbytes, CHUNK)] or [view]
+            self._targets += self._extension
+            self._owner += [-1] * len(self._extension)
+        else:
+            self._plan()
+        self.nbytes = total
+        self._next = 0
+
+    def _plan(self) -> None:
+        for i, entry in enumerate(self._declared):
             nbytes, count, codec = int(entry[0]), int(entry[2]), entry[3]
+            self._owner += [i] * count
             if codec == compress.LZ4:
                 self._buffers.append(b"")
                 self._frames[i] = []
@@ -434,12 +510,24 @@ class Incoming:
             self._buffers.append(memory)
             view = memoryview(memory)
             self._targets += [view[k : k + CHUNK] for k in range(0, nbytes, CHUNK)] or [view]
-        self._owner = [i for i, entry in enumerate(declared) for _ in range(int(entry[2]))]
-        self.nbytes = total
-        self._next = 0
 
-    def targets(self) -> list[memoryview | None]:
-        return list(self._targets)
+    def targets(self) -> Iterator[memoryview | None]:
+        """Where each frame goes, in order; each must be passed to :meth:`received`
+        or :meth:`put` before the next is asked for (the buffers of a spilled
+        header are known only once its extension frames are in)."""
+        index = 0
+        while index < len(self._targets):
+            yield self._targets[index]
+            index += 1
+            if self._extension and index == len(self._extension) and self._next == index:
+                try:
+                    self._declared = self._wire._extend(self._header, self._extension)
+                    self._extension = []
+                    self._plan()
+                except ProtocolError:
+                    raise
+                except Exception as exc:  # e.g. RecursionError, as in Wire.decode
+                    raise MessageRejected(f"malformed message ({type(exc).__name__})") from None
 
     def received(self, nbytes: int) -> None:
         """The next frame went into its target; it was ``nbytes`` long."""
@@ -457,7 +545,7 @@ class Incoming:
 
     def finish(self) -> Message:
         """All frames are in: verify and return the message."""
-        if self._next != len(self._targets):
+        if self._extension or self._next != len(self._targets):
             raise MessageRejected(
                 f"header declares {len(self._targets)} buffer frames, but {self._next} arrived"
             )
@@ -535,21 +623,57 @@ def _parse_header(frame: memoryview) -> dict[str, Any]:
     for name, typ in fields.items():
         if not isinstance(header.get(name), typ):
             raise MessageRejected(f"header field {name!r} is missing or has the wrong type")
-    for entry in header["buffers"]:
-        if not (
-            isinstance(entry, list)
-            and len(entry) == 4
-            and all(isinstance(x, int) and not isinstance(x, bool) for x in (entry[0], entry[2]))
-            and isinstance(entry[1], str)
-            and isinstance(entry[3], str)
-            and entry[0] >= 0
-            and entry[2] >= 1
-        ):
-            raise MessageRejected("header buffer list is malformed")
+    _check_buffer_list(header["buffers"])
     header["sent"] = float(header["sent"])
     if not math.isfinite(header["sent"]):
         raise MessageRejected("header field 'sent' is not a time")
-    for entry in header["buffers"]:
-        if not entry[1].isascii() or len(entry[1]) > 128:
-            raise MessageRejected("header buffer digest is malformed")
+    if "ext" in header:
+        ext = header["ext"]
+        if not (
+            isinstance(ext, list)
+            and len(ext) == 5
+            and all(_count(ext[i]) for i in (0, 2, 3, 4))
+            and isinstance(ext[1], str)
+            and ext[1].isascii()
+            and len(ext[1]) <= 128
+            and ext[2] == max(1, math.ceil(ext[0] / CHUNK))
+            and not header["content"]
+            and not header["buffers"]
+        ):
+            raise MessageRejected("header extension entry is malformed")
     return header
+
+
+def trusted_content(frames: Sequence[Any]) -> dict[str, Any]:
+    """The content of a message this process's own executor sent, unverified
+    (``frames`` are zmq frames or buffers, spilled header or not)."""
+    views = [memoryview(getattr(f, "buffer", f)) for f in frames]
+    header = json.loads(bytes(views[3]))
+    if "ext" in header:
+        count = int(header["ext"][2])
+        extension = b"".join(views[_PRELUDE : _PRELUDE + count])
+        return dict(json.loads(extension)["content"])
+    return dict(header["content"])
+
+
+def _count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_buffer_list(declared: object) -> list[list[Any]]:
+    if not isinstance(declared, list):
+        raise MessageRejected("header buffer list is malformed")
+    for entry in declared:
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 4
+            and _count(entry[0])
+            and _count(entry[2])
+            and entry[2] >= 1
+            and isinstance(entry[1], str)
+            and isinstance(entry[3], str)
+            and entry[1].isascii()
+            and len(entry[1]) <= 128
+        ):
+            raise MessageRejected("header buffer list is malformed")
+    return declared

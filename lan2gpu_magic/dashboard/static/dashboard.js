@@ -118,6 +118,10 @@ function gpuCard(g) {
   );
 }
 
+function who(job) {
+  return job.user ? `${job.user} · ${job.session}` : job.session;
+}
+
 function on(job) {
   return (job.resources || job.gpus || []).join("+") || "–";
 }
@@ -134,11 +138,11 @@ function render(workers, gpus, jobs) {
   fill("workers", known.map(workerRow));
   document.getElementById("gpus").replaceChildren(...gpus.gpus.map(gpuCard));
   fill("running", jobs.running.map((j) => jobRow("running", j, [
-    el("td", {}, j.worker), el("td", {}, on(j)), el("td", {}, j.session),
+    el("td", {}, j.worker), el("td", {}, on(j)), el("td", {}, who(j)),
     el("td", {}, seconds(j.running)), el("td", {}, bytes(j.bytes)),
   ])), "no cell running");
   fill("waiting", jobs.waiting.map((j) => jobRow("waiting", j, [
-    el("td", {}, j.worker), el("td", {}, on(j)), el("td", {}, j.session),
+    el("td", {}, j.worker), el("td", {}, on(j)), el("td", {}, who(j)),
     el("td", {}, seconds(j.waiting)), el("td", {}, bytes(j.bytes)),
   ])), "no cell waiting");
   const now = Date.now() / 1000;
@@ -148,7 +152,7 @@ function render(workers, gpus, jobs) {
   ])), "no remote kernel");
   fill("recent", jobs.recent.map((j) => jobRow("recent", j, [
     el("td", {}, new Date(j.finished * 1000).toLocaleTimeString()), el("td", {}, j.worker),
-    el("td", {}, on(j)), el("td", {}, j.session),
+    el("td", {}, on(j)), el("td", {}, who(j)),
     el("td", { class: `outcome outcome-${slug(j.status)}` }, j.status),
     el("td", {}, seconds(j.duration)), el("td", {}, seconds(j.waited)),
     el("td", {}, bytes(j.bytes_in)), el("td", {}, bytes(j.bytes_out)),
