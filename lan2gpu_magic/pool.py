@@ -162,7 +162,8 @@ class WorkerPool:
         self._browser: Browser | None = None
         self._discovery_until: float | None = None  # first look: announcements may come
         self._announced = 0  # how many the last look saw
-        # Workers announced while others are usable are tried in the background.
+        # Workers found on the LAN are tried in background threads (addresses in
+        # flight; what they found, taken in by the pool's own thread).
         self._probing: set[str] = set()
         self._probed: queue.SimpleQueue[tuple[_Entry, Client | Lan2GPUError]] = queue.SimpleQueue()
         self._probe_threads: list[threading.Thread] = []
@@ -338,14 +339,13 @@ class WorkerPool:
                 raise
 
     def _probe_in_background(self, entries: list[_Entry]) -> None:
-        outcomes: list[Client | Lan2GPUError] = []
         try:
             outcomes = self._probe(entries)
-        finally:  # every entry gets an answer, so none stays "trying" for good
-            for entry, outcome in zip(entries, outcomes, strict=False):
-                self._probed.put((entry, outcome))
-            for entry in entries[len(outcomes) :]:
-                self._probed.put((entry, WorkerUnreachable(f"could not try {entry.address}")))
+        except BaseException as exc:  # every entry gets an answer: none stays "trying"
+            failed = WorkerUnreachable(f"could not try it: {exc!r}")
+            outcomes = [failed] * len(entries)
+        for entry, outcome in zip(entries, outcomes, strict=True):
+            self._probed.put((entry, outcome))
 
     def wait_for_probes(self, timeout: float = _PROBE_DISCOVERED + 1.0) -> None:
         """Wait (up to ``timeout``) for the workers being tried in the background,

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import time
-from typing import Final
+from typing import Any, Final
 
 log = logging.getLogger(__name__)
 
@@ -115,19 +115,31 @@ class _Relay:
         self._summary_at = now
 
 
+async def spawn(
+    label: str, *argv: str, **kwargs: Any
+) -> tuple[asyncio.subprocess.Process, ChildOutput]:
+    """``asyncio.create_subprocess_exec(*argv, **kwargs)`` with its stdout and
+    stderr going into the log as ``label PID: ...``; close the output (after the
+    process ended) with :meth:`ChildOutput.close`."""
+    output = ChildOutput(label)
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdout=output.fd, stderr=output.fd, **kwargs
+        )
+    except BaseException:
+        await output.close()
+        raise
+    output.started(process.pid)
+    return process, output
+
+
 class ChildOutput:
     """The pipe a child writes its stdout and stderr to, and the task that logs it.
 
     The pipe is made here, not by asyncio's subprocess transport: a process
     whose pipes belong to the transport is not reported as exited (``wait()``)
     while anything it started still holds them, and cleaning up after it waits
-    for exactly that. Usage::
-
-        output = ChildOutput("executor")
-        process = await asyncio.create_subprocess_exec(..., stdout=output.fd, stderr=output.fd)
-        output.started(process.pid)  # closes this side's write end, starts logging
-        ...
-        await output.close()  # after the process ended
+    for exactly that. :func:`spawn` uses it.
     """
 
     def __init__(self, label: str) -> None:

@@ -159,13 +159,25 @@ class ExecutorPool:
         # The cell's GPUs in the host's (nvidia-smi) numbering, for the curious cell.
         env["LAN2GPU_CELL_GPUS"] = ",".join(map(str, gpus))
         executor_id = new_id()
-        output = child_output.ChildOutput("executor")
-        try:
-            process = await self._start_process(executor_id, env, output.fd)
-        except BaseException:
-            await output.close()
-            raise
-        output.started(process.pid)
+        process, output = await child_output.spawn(
+            "executor",
+            sys.executable,
+            "-m",
+            "worker_kernel.executor",
+            "--connect",
+            self.endpoint,
+            "--identity",
+            executor_id,
+            "--worker",
+            self._worker,
+            "--parent-pid",
+            str(os.getpid()),
+            *self._extra,
+            stdin=asyncio.subprocess.PIPE,
+            env=env,
+            # Own process group: a Ctrl-C meant for the service must not hit cells.
+            start_new_session=True,
+        )
         if process.stdin is None:  # cannot happen with stdin=PIPE; keeps mypy honest
             raise ExecutorStartError("executor has no stdin")
         process.stdin.write(self._key.hex().encode() + b"\n")
@@ -181,30 +193,6 @@ class ExecutorPool:
         watcher.add_done_callback(self._watchers.discard)
         log.debug("started executor %s (pid %d), session %s", executor_id[:8], process.pid, session)
         return handle
-
-    async def _start_process(
-        self, executor_id: str, env: dict[str, str], output: int
-    ) -> asyncio.subprocess.Process:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "worker_kernel.executor",
-            "--connect",
-            self.endpoint,
-            "--identity",
-            executor_id,
-            "--worker",
-            self._worker,
-            "--parent-pid",
-            str(os.getpid()),
-            *self._extra,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=output,  # into the log, rate-limited (child_output)
-            stderr=output,
-            env=env,
-            # Own process group: a Ctrl-C meant for the service must not hit cells.
-            start_new_session=True,
-        )
 
     async def _watch(self, handle: ExecutorHandle) -> None:
         returncode = await handle.process.wait()

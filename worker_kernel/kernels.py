@@ -134,9 +134,9 @@ class KernelHost:
             env = gpu_env(os.environ, gpus)
             env.pop("NUMBA_ENABLE_CUDASIM", None)
         env["LAN2GPU_CELL_GPUS"] = ",".join(map(str, gpus))
-        output = child_output.ChildOutput(f"kernel {kernel_id[:8]}")
         try:
-            process = await asyncio.create_subprocess_exec(
+            process, output = await child_output.spawn(
+                f"kernel {kernel_id[:8]}",
                 sys.executable,
                 "-m",
                 "ipykernel_launcher",
@@ -144,15 +144,11 @@ class KernelHost:
                 str(conn_file),
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=output.fd,  # into the log, rate-limited (child_output)
-                stderr=output.fd,
                 start_new_session=True,  # signals for it come from its frontend, not ours
             )
         except BaseException:
-            await output.close()
             conn_file.unlink(missing_ok=True)
             raise
-        output.started()
         try:
             connection = await self._ports(conn_file, process)
         except BaseException:

@@ -52,7 +52,7 @@ from .protocol.curve import PER_USER, PLAINTEXT, SHARED_KEY
 from .protocol.errors import ProtocolError, VersionMismatch
 from .protocol.messages import Message
 from .protocol.versions import check_compatible, local_versions
-from .protocol.wire import Limits, Wire, trusted_content
+from .protocol.wire import Limits, Wire
 from .result_cache import ResultCache
 from .scheduler import CPU, Cell, gpu_slot
 
@@ -579,7 +579,11 @@ class WorkerService:
             if is_result:
                 handle.cell = None
                 handle.last_used = time.monotonic()
-                content = trusted_content(body)
+                # Its own executor's message: signed, but nothing re-hashed.
+                verified = self.wire.decode(
+                    [f.buffer for f in body], trusted_hop=True, assemble=False
+                )
+                content = verified.content
                 if content.get("poisoned"):
                     log.warning(
                         "cell %s left its GPU context unusable; replacing the executor", cell.id[:8]

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from worker_kernel import child_output
-from worker_kernel.child_output import BURST, MAX_LINE, ChildOutput, _Relay
+from worker_kernel.child_output import BURST, MAX_LINE, _Relay
 
 
 def test_a_flood_is_a_burst_of_lines_then_one_summary(caplog):
@@ -45,12 +45,9 @@ def test_a_child_that_leaves_a_process_behind_is_seen_to_end(caplog):
     caplog.set_level(logging.INFO, logger=child_output.__name__)
 
     async def main() -> tuple[float, float]:
-        output = ChildOutput("executor")
-        process = await asyncio.create_subprocess_exec(
-            "sh", "-c", "sleep 60 & echo started", stdout=output.fd, stderr=output.fd,
-            start_new_session=True,
-        )  # fmt: skip
-        output.started(process.pid)
+        process, output = await child_output.spawn(
+            "executor", "sh", "-c", "sleep 60 & echo started", start_new_session=True
+        )
         t0 = time.monotonic()
         try:
             await asyncio.wait_for(process.wait(), 10)  # the sleep still holds the pipe
@@ -70,10 +67,8 @@ def test_a_failed_spawn_leaves_no_descriptor_open():
     before = len(os.listdir("/proc/self/fd"))
 
     async def main() -> None:
-        output = ChildOutput("executor")
         with pytest.raises(FileNotFoundError):
-            await asyncio.create_subprocess_exec("/nonexistent", stdout=output.fd)
-        await output.close()
+            await child_output.spawn("executor", "/nonexistent")
 
     asyncio.run(main())
     assert len(os.listdir("/proc/self/fd")) == before

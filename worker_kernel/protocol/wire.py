@@ -274,26 +274,29 @@ class Wire:
         header, declared, total = opened
         rest = views[_PRELUDE:]
         if "ext" in header:
-            count = int(header["ext"][2])
-            declared = self._extend(header, rest[:count])
+            nbytes, count = int(header["ext"][0]), int(header["ext"][2])
+            frames_in = rest[:count]
+            if len(frames_in) != count or sum(v.nbytes for v in frames_in) != nbytes:
+                raise MessageRejected(
+                    f"header extension does not match the {nbytes} bytes declared"
+                )
+            declared = self._extend(header, b"".join(frames_in), verify=not trusted_hop)
             rest = rest[count:]
         buffers = self._buffers(declared, rest, not trusted_hop, assemble)
         return self._message(header, declared, total, buffers, trusted_hop)
 
-    def _extend(self, header: dict[str, Any], frames: Sequence[Buffer]) -> list[list[Any]]:
-        """Read a spilled header's extension into ``header``; its buffer list.
+    def _extend(self, header: dict[str, Any], raw: Buffer, *, verify: bool) -> list[list[Any]]:
+        """Read a spilled header's extension (``raw``, of the declared length) into
+        ``header``; its buffer list.
 
-        The extension is checked against the signed header (length, digest, and
-        the buffers' total bytes and frames) before it is parsed."""
-        nbytes, expected, count, total, nframes = header["ext"]
-        views = [memoryview(f).cast("B") for f in frames]
-        if len(views) != count or sum(v.nbytes for v in views) != nbytes:
-            raise MessageRejected(f"header extension does not match the {nbytes} bytes declared")
-        raw = b"".join(views)
-        if not hmac.compare_digest(digest(raw), str(expected)):
+        The extension is checked against the signed header (digest, unless the
+        service already did: ``verify``; the buffers' total bytes and frames)
+        before its buffer list is used."""
+        _, expected, _, total, nframes = header["ext"]
+        if verify and not hmac.compare_digest(digest(raw), str(expected)):
             raise AuthenticationError("header extension does not match its signed digest")
         try:
-            extension = json.loads(raw)
+            extension = json.loads(raw if isinstance(raw, bytes | bytearray) else bytes(raw))
         except ValueError as exc:
             raise MessageRejected(f"header extension is not valid JSON: {exc}") from None
         if not isinstance(extension, dict) or not isinstance(extension.get("content"), dict):
@@ -482,12 +485,11 @@ class Incoming:
         self._targets: list[memoryview | None] = []
         self._owner: list[int] = []  # buffer index of each frame (-1: the extension)
         self._frames: dict[int, list[Buffer]] = {}  # compressed buffers' frames
-        self._extension: list[memoryview] = []
+        self._extension: memoryview | None = None  # until it is in and read
         if "ext" in header:  # its buffers are planned once the extension is in
-            view = memoryview(fresh_memory(int(header["ext"][0])))
-            self._extension = [view[k : k + CHUNK] for k in range(0, view.nbytes, CHUNK)] or [view]
-            self._targets += self._extension
-            self._owner += [-1] * len(self._extension)
+            self._extension = view = memoryview(fresh_memory(int(header["ext"][0])))
+            self._targets += [view[k : k + CHUNK] for k in range(0, view.nbytes, CHUNK)] or [view]
+            self._owner += [-1] * len(self._targets)
         else:
             self._plan()
         self.nbytes = total
@@ -519,10 +521,12 @@ class Incoming:
         while index < len(self._targets):
             yield self._targets[index]
             index += 1
-            if self._extension and index == len(self._extension) and self._next == index:
+            if self._extension is not None and index == len(self._targets) == self._next:
                 try:
-                    self._declared = self._wire._extend(self._header, self._extension)
-                    self._extension = []
+                    self._declared = self._wire._extend(
+                        self._header, self._extension, verify=not self._trusted
+                    )
+                    self._extension = None
                     self._plan()
                 except ProtocolError:
                     raise
@@ -545,7 +549,7 @@ class Incoming:
 
     def finish(self) -> Message:
         """All frames are in: verify and return the message."""
-        if self._extension or self._next != len(self._targets):
+        if self._extension is not None or self._next != len(self._targets):
             raise MessageRejected(
                 f"header declares {len(self._targets)} buffer frames, but {self._next} arrived"
             )
@@ -642,18 +646,6 @@ def _parse_header(frame: memoryview) -> dict[str, Any]:
         ):
             raise MessageRejected("header extension entry is malformed")
     return header
-
-
-def trusted_content(frames: Sequence[Any]) -> dict[str, Any]:
-    """The content of a message this process's own executor sent, unverified
-    (``frames`` are zmq frames or buffers, spilled header or not)."""
-    views = [memoryview(getattr(f, "buffer", f)) for f in frames]
-    header = json.loads(bytes(views[3]))
-    if "ext" in header:
-        count = int(header["ext"][2])
-        extension = b"".join(views[_PRELUDE : _PRELUDE + count])
-        return dict(json.loads(extension)["content"])
-    return dict(header["content"])
 
 
 def _count(x: object) -> bool:
