@@ -5,64 +5,22 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from worker_kernel.protocol.curve import CLIENT, ensure_keypair, key_dir
 from worker_kernel.protocol.errors import Lan2GPUError
 from worker_kernel.protocol.keys import default_key_file, generate_key_file
 
-from . import kernelspec
-
-DEFAULT_NOTEBOOK = Path("notebooks") / "01-quickstart.ipynb"
+from . import demo, kernelspec
 
 
-def _print_outputs(cell: dict[str, Any]) -> None:
-    for output in cell.get("outputs", []):
-        kind = output.get("output_type")
-        if kind == "stream":
-            sys.stdout.write(output.get("text", ""))
-        elif kind in ("execute_result", "display_data"):
-            data = output.get("data", {})
-            if "text/plain" in data:
-                print(data["text/plain"])
-            others = sorted(set(data) - {"text/plain"})
-            if others:
-                print(f"[{', '.join(others)}]")
-        elif kind == "error":
-            print(f"{output.get('ename')}: {output.get('evalue')}")
-
-
-def demo(notebook: Path, timeout: float) -> int:
-    """Execute ``notebook`` in a fresh kernel and print every cell's output."""
-    try:
-        import nbformat
-        from nbclient import NotebookClient
-    except ImportError:
-        print("the demo needs nbclient: pip install nbclient nbformat", file=sys.stderr)
-        return 2
-    if not notebook.exists():
-        print(f"no notebook at {notebook}; run this from the repository root", file=sys.stderr)
-        return 2
-    nb = nbformat.read(notebook, as_version=4)
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3")
-    try:
-        client.execute(cwd=str(notebook.parent))
-    except Exception as exc:  # nbclient's CellExecutionError and kernel failures
-        print(f"the notebook failed: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        for index, cell in enumerate(nb.cells):
-            if cell.cell_type == "code":
-                print(f"\n--- In [{index}] ---\n{cell.source}\n--- out ---")
-                _print_outputs(cell)
-    print(f"\n{notebook}: all cells ran.")
-    return 0
-
-
-def ping(address: str, key_file: str | None, server_key: str | None = None) -> int:
+def ping(
+    address: str, key_file: str | None, server_key: str | None = None, timeout: float = 10.0
+) -> int:
     from .client import connect
 
-    with connect(address, key_file=key_file, server_key=server_key) as client:
+    with connect(
+        address, key_file=key_file, server_key=server_key, connect_timeout=timeout
+    ) as client:
         rtt = client.ping()
         print(f"{client.info.describe()}: round trip {rtt * 1000:.2f} ms")
         for warning in client.info.warnings:
@@ -102,12 +60,27 @@ def install_kernel(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m lan2gpu_magic")
     sub = parser.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="run a notebook against a local worker, print its outputs")
-    d.add_argument("notebook", nargs="?", type=Path, default=DEFAULT_NOTEBOOK)
+    d = sub.add_parser(
+        "demo",
+        help="run a notebook against a local worker, print each cell's output as it finishes",
+    )
+    d.add_argument(
+        "notebook",
+        nargs="?",
+        default=demo.DEFAULT_NOTEBOOK,
+        help="a path, or the name of one of lan2gpu's notebooks [default %(default)s]",
+    )
     d.add_argument("--timeout", type=float, default=600, help="per-cell limit in seconds")
+    d.add_argument(
+        "--output",
+        type=Path,
+        metavar="PATH",
+        help="where to write the executed notebook [default: lan2gpu-demo/NAME in the "
+        "temporary folder]",
+    )
     k = sub.add_parser("keygen", help="create a shared key file (mode 0600)")
     k.add_argument("--key-file", default=str(default_key_file()))
     i = sub.add_parser(
@@ -140,10 +113,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("address")
     p.add_argument("--key-file")
     p.add_argument("--server-key", help="the worker's worker.key (--encrypt workers)")
-    args = parser.parse_args(argv)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="wait this long for the handshake [default %(default)s]",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "demo":
-            return demo(args.notebook, args.timeout)
+            return demo.run(args.notebook, args.timeout, args.output)
         if args.command == "keygen":
             print(f"wrote a new key to {generate_key_file(args.key_file)} (mode 0600)")
             return 0
@@ -169,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"scp {public} gpuhost:.config/lan2gpu/authorized_keys/$(hostname).key"
             )
             return 0
-        return ping(args.address, args.key_file, args.server_key)
+        return ping(args.address, args.key_file, args.server_key, args.timeout)
     except Lan2GPUError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

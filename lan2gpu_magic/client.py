@@ -79,6 +79,16 @@ _COMPRESS_MODES = ("auto", "on", "off")
 log = logging.getLogger(__name__)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the cell, and the worker confirmed it; ``session_lost``: its
+    executor had to be killed (the cell did not stop within the worker's grace)."""
+
+    def __init__(self, session_lost: bool) -> None:
+        lost = "its session's variables there are lost" if session_lost else "its session is intact"
+        super().__init__(f"the cell was cancelled on the worker; {lost}")
+        self.session_lost = session_lost
+
+
 class _InterruptFlag:
     """While active (main thread only), SIGINT sets a flag instead of raising."""
 
@@ -292,7 +302,9 @@ class Client:
                 raise WorkerUnreachable(
                     f"worker at {self.address} did not answer within {timeout:g} s; is it "
                     "running (`python -m worker_kernel --help`), and is the address right? "
-                    f"Raise the limit with connect_timeout=/--timeout.{hint}"
+                    "To wait longer: `%lan2gpu connect ADDRESS --timeout S`, `%config "
+                    "Lan2GPU.connect_timeout = S`, `connect(ADDRESS, connect_timeout=S)`, or "
+                    f"`python -m lan2gpu_magic ping ADDRESS --timeout S`.{hint}"
                 )
             reply = self._recv(remaining)
             if reply is None:
@@ -524,7 +536,7 @@ class Client:
         if interrupted.cancelled:
             self._report_cancel(reply, handlers)
             if not interrupted.by_event:
-                raise KeyboardInterrupt
+                raise Interrupted(bool(reply.content.get("session_lost")))
         return reply  # cancelled by the event: the result says "cancelled"
 
     def _wait_loop(
@@ -736,7 +748,7 @@ class Client:
         register_source(filename, code)
         result = self.execute(request, payload, handlers)
         if update_namespace:
-            results.apply(result, ns, warn=lambda line: print(line, file=sys.stderr))
+            results.apply(result, ns, warn=print)  # news (a value kept there), not an error
         return result
 
     def close(self) -> None:

@@ -7,9 +7,11 @@ worker also watches this process and exits if it dies).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -17,8 +19,26 @@ import time
 from pathlib import Path
 from typing import IO
 
+from worker_kernel.pids import alive
 from worker_kernel.protocol.errors import WorkerUnreachable
 from worker_kernel.protocol.keys import generate_key_file
+
+PREFIX = "lan2gpu-embedded-"  # then the owner's pid, then a random part
+
+
+def remove_stale(folder: Path | None = None) -> list[Path]:
+    """Remove the folders of embedded workers whose notebook process is gone (killed
+    before it could clean up); ours and live ones are kept. Returns what was removed."""
+    removed = []
+    for path in Path(folder or tempfile.gettempdir()).glob(f"{PREFIX}*"):
+        owner = path.name.removeprefix(PREFIX).split("-", 1)[0]
+        with contextlib.suppress(OSError):
+            info = path.lstat()  # a symlink named like ours is not ours
+            mine = stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid()
+            if owner.isdigit() and mine and not alive(int(owner)):
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
 
 
 class EmbeddedWorker:
@@ -52,7 +72,8 @@ class EmbeddedWorker:
         """Start the worker and return its address once it listens."""
         if self._process is not None:
             return self.address
-        self._dir = Path(tempfile.mkdtemp(prefix="lan2gpu-embedded-"))
+        remove_stale()
+        self._dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
         self.key_file = generate_key_file(self._dir / "key")
         ready = self._dir / "ready.json"
         log_path = self._dir / "worker.log"
@@ -78,6 +99,8 @@ class EmbeddedWorker:
                 str(ready),
                 "--parent-pid",
                 str(os.getpid()),
+                "--cleanup-dir",  # even if this process is killed before close()
+                str(self._dir),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -86,7 +109,10 @@ class EmbeddedWorker:
         deadline = time.monotonic() + self._start_timeout
         while not ready.exists():
             if self._process.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace")[-2000:]
+                try:
+                    tail = log_path.read_text(errors="replace")[-2000:]
+                except OSError:
+                    tail = "(no log)"
                 self.close()
                 raise WorkerUnreachable(
                     "the local worker did not start "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import re
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -130,6 +131,7 @@ class FanOut:
         # Daemon threads: a kernel shutting down must not wait for chunks.
         finished: queue.Queue[tuple[Chunk, Placement, RunResult | BaseException]] = queue.Queue()
         interrupted = False
+        t0 = time.monotonic()
         try:
             while pending or running:
                 for chunk in list(pending):
@@ -156,8 +158,12 @@ class FanOut:
                 except queue.Empty:
                     continue
                 except KeyboardInterrupt:
-                    if interrupted:
-                        raise  # a second Ctrl-C: stop waiting for the workers
+                    if interrupted:  # a second Ctrl-C: stop waiting for the workers
+                        self.progress(
+                            f"stopped waiting after {time.monotonic() - t0:.1f} s; {running} "
+                            "chunk(s) may still be running on their workers; nothing was assigned"
+                        )
+                        raise
                     interrupted = True
                     self.cancel.set()  # each chunk asks its worker to stop, then reports
                     continue
@@ -183,6 +189,13 @@ class FanOut:
             self.cancel.set()  # whatever stops this loop, no chunk goes on running
             raise
         if interrupted:
+            done = sum(c.result is not None for c in self.chunks)
+            lost = any(getattr(e, "session_lost", False) for c in self.chunks for e in c.errors)
+            sessions = "a worker's session is lost" if lost else "the sessions are intact"
+            self.progress(
+                f"cancelled after {time.monotonic() - t0:.1f} s: {done}/{len(self.chunks)} "
+                f"chunks had finished; nothing was assigned, {sessions}"
+            )
             raise KeyboardInterrupt
         self._show(len(failed), 0)
         if failed:

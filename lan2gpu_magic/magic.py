@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import shlex
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -24,12 +23,22 @@ from worker_kernel.protocol.errors import ProtocolError, TransportError, WorkerL
 from worker_kernel.protocol.serialize import Payload, dump_values
 
 from . import capture, fanout, hints, options, results, split_cell, tables
-from .client import ExecuteRequest, OutputHandlers
+from .client import ExecuteRequest, Interrupted, OutputHandlers
 from .config import Lan2GPU
 from .jobs import CANCELLED, Finished, Job
 from .placement import Placement, Requirements
 from .pool import WorkerPool
-from .status import Progress, StatusLine, publish, write
+from .status import (
+    Progress,
+    StatusLine,
+    cell_ended,
+    cell_started,
+    publish,
+    say,
+    short_interrupt,
+    warn,
+    write,
+)
 from .tracebacks import register_source
 
 
@@ -71,9 +80,8 @@ class Lan2GPUMagics(Magics):
             raise UsageError("lan2gpu magics need a running IPython shell")
         return self.shell
 
-    @staticmethod
-    def _say(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
+    _say = staticmethod(say)
+    _warn = staticmethod(warn)
 
     def _sync_settings(self) -> None:
         # `%config Lan2GPU.x = ...` changes the settings object; apply it each call.
@@ -104,9 +112,8 @@ class Lan2GPUMagics(Magics):
             if cell is None:
                 return self._line(line)
             return self._cell(line, cell)
-        except options.HelpShown:
-            parser = self._cell_args if cell is not None else self._line_args
-            print(parser.format_help())
+        except options.HelpShown as shown:
+            print(shown.text)
             return None
 
     def _cell(self, line: str, cell: str) -> Any:
@@ -144,14 +151,27 @@ class Lan2GPUMagics(Magics):
                 result = client.execute(request, payload, self._handlers(progress))
                 break
             except WorkerLost as exc:
+                progress.failed(exc)
                 if len(lost) >= args.retry:
                     raise
                 lost.add(placement.worker.address)
-                self._say(
+                self._warn(
                     f"lan2gpu: {exc.args[0].split('.')[0]}; running the cell again on another "
                     f"worker (retry {len(lost)} of {args.retry})"
                 )
-        progress.finished(float(result.stats.get("total_seconds", 0.0)))
+            except Interrupted as exc:
+                progress.interrupted(exc.session_lost)
+                raise short_interrupt(f"cancelled on {progress.worker}") from None
+            except KeyboardInterrupt:  # a second Ctrl-C, or no confirmation in time
+                progress.interrupted(None)
+                raise short_interrupt(f"stopped waiting for {progress.worker}") from None
+            except Exception as exc:
+                progress.failed(exc)
+                raise
+        if result.error is not None:
+            progress.failed(result.error)
+        else:
+            progress.finished(float(result.stats.get("total_seconds", 0.0)))
         results.apply(result, shell.user_ns, warn=self._say)
         if result.value_repr:
             publish(result.value_repr, {})
@@ -221,7 +241,8 @@ class Lan2GPUMagics(Magics):
             job = Job(args.async_name, "", body)
             shown = (job.stream, job.display, job.progress)
         else:
-            shown = (write, publish, StatusLine().show)  # shown once the chunks start
+            line = StatusLine()
+            shown = (write, publish, line.show)  # shown once the chunks start
         prepared = split_cell.prepare(
             self.pool,
             spec,
@@ -235,7 +256,13 @@ class Lan2GPUMagics(Magics):
             copy=job is not None,  # a background cell must not see later changes
         )
         if job is None:
-            return self._assign(prepared.run())
+            try:
+                finished = prepared.run()
+            except KeyboardInterrupt:  # the status line says what became of the chunks
+                raise short_interrupt("split cell cancelled") from None
+            finally:
+                line.close()
+            return self._assign(finished)
         slots = [fanout.slot_label(s) for s in prepared.fanout.slots]
         job.where = f"{', '.join(slots)} ({len(prepared.chunks)} chunks)"
         return self._launch(job)
@@ -291,6 +318,7 @@ class Lan2GPUMagics(Magics):
             line.show(text)  # only when the text changed
 
         job.watch(update)
+        line.close()  # later updates come from the job's thread; the cell is over
         self.jobs[job.name] = job
         ns[job.name] = job
         job.start()
@@ -341,14 +369,15 @@ class Lan2GPUMagics(Magics):
                     )
                 line.show(f"job {job.name}: {job.describe()}")
         except KeyboardInterrupt:
-            self._say(
-                f"lan2gpu: stopped waiting; job {job.name} goes on "
+            raise short_interrupt(
+                f"stopped waiting; job {job.name} goes on "
                 f"(%lan2gpu wait {job.name} again, or {job.name}.cancel())"
-            )
-            raise
+            ) from None
         finally:
             job.detach()
+            line.close()
         line.show(f"job {job.name}: {job.state} in {job.elapsed:.1f} s")
+        line.close()
         job.collected = True
         finished, error = job.outcome()
         if finished is None:
@@ -377,15 +406,7 @@ class Lan2GPUMagics(Magics):
         return Requirements.from_args(args, allow_simulator=self.settings.allow_simulator)
 
     def _handlers(self, progress: Progress) -> OutputHandlers:
-        def stream(name: str, text: str) -> None:
-            out = sys.stderr if name == "stderr" else sys.stdout
-            out.write(text)
-            out.flush()
-
-        def display(data: dict[str, Any], metadata: dict[str, Any]) -> None:
-            publish(data, metadata)
-
-        return OutputHandlers(stream=stream, display=display, status=progress.status)
+        return OutputHandlers(stream=write, display=publish, status=progress.status)
 
     # -- %lan2gpu ---------------------------------------------------------------
 
@@ -393,11 +414,15 @@ class Lan2GPUMagics(Magics):
         args = self._line_args.parse_args(shlex.split(line))
         if args.command == "connect":
             connected = self.pool.connect(
-                args.address, args.key_file, args.server_key, plaintext=args.insecure_plaintext
+                args.address,
+                args.key_file,
+                args.server_key,
+                plaintext=args.insecure_plaintext,
+                timeout=args.timeout,
             )
             self._say(f"lan2gpu: connected to {connected.info.describe()}")
             for warning in connected.info.warnings:
-                self._say(f"lan2gpu: warning: {warning}")
+                self._warn(f"lan2gpu: warning: {warning}")
         elif args.command == "disconnect":
             if not self.pool.disconnect(args.address):
                 raise UsageError(f"not connected to {args.address}")
@@ -463,11 +488,17 @@ def register(shell: Any) -> None:
     shell.configurables.append(magics.settings)  # so %config Lan2GPU works
     if hints.after_cell not in shell.events.callbacks["post_run_cell"]:
         shell.events.register("post_run_cell", hints.after_cell)
+    for event, callback in (("pre_run_cell", cell_started), ("post_run_cell", cell_ended)):
+        if callback not in shell.events.callbacks[event]:
+            shell.events.register(event, callback)
 
 
 def unregister(shell: Any) -> None:
     if hints.after_cell in shell.events.callbacks["post_run_cell"]:
         shell.events.unregister("post_run_cell", hints.after_cell)
+    for event, callback in (("pre_run_cell", cell_started), ("post_run_cell", cell_ended)):
+        if callback in shell.events.callbacks[event]:
+            shell.events.unregister(event, callback)
     magics = shell.magics_manager.registry.pop("Lan2GPUMagics", None)
     if magics is not None:
         magics.close()

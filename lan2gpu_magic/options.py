@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
 
@@ -14,7 +14,12 @@ from .placement import parse_cc
 
 
 class HelpShown(Exception):
-    """``--help`` was asked for; the caller prints the help."""
+    """``--help`` was asked for; ``text`` is the help of the (sub)command asked about,
+    which the caller prints once."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
 
 
 class Parser(argparse.ArgumentParser):
@@ -23,8 +28,13 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message}\n{self.format_usage()}Try `{self.prog} --help`.")
 
+    def print_help(self, file: Any = None) -> NoReturn:
+        # argparse's --help prints, then exits: raise instead, with the text of the
+        # parser that was asked (a subcommand's own help, not the top level's too).
+        raise HelpShown(self.format_help())
+
     def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
-        raise HelpShown
+        raise HelpShown(self.format_help())
 
 
 def _size(text: str) -> int:
@@ -157,6 +167,12 @@ def line_parser() -> Parser:
         "--insecure-plaintext",
         action="store_true",
         help="connect without encryption, to a worker run with --insecure-plaintext",
+    )
+    c.add_argument(
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="wait this long for the worker's handshake (default: Lan2GPU.connect_timeout, 10)",
     )
     d = sub.add_parser("disconnect", help="forget a worker")
     d.add_argument("address")

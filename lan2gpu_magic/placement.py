@@ -33,6 +33,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from worker_kernel.units import binary_size
+
 from .errors import ConfigurationError, NoWorkerAvailable
 
 
@@ -69,7 +71,7 @@ class Requirements:
             if self.gpu:
                 parts.append(f"named like {self.gpu!r}")
             if self.min_memory:
-                parts.append(f"with {_gb(self.min_memory)} free")
+                parts.append(f"with {binary_size(self.min_memory)} free")
             if self.min_cc > (0, 0):
                 parts.append(f"compute capability >= {self.min_cc[0]}.{self.min_cc[1]}")
             if self.allow_simulator:
@@ -90,7 +92,7 @@ class GpuView:
     sticky: bool = False  # the cell's session already has an executor here
 
     def describe(self) -> str:
-        return f"GPU{self.index} ({self.name}, {_gb(self.memory_free)} free)"
+        return f"GPU{self.index} ({self.name}, {binary_size(self.memory_free)} free)"
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ class WorkerView:
         else:
             offer = ", ".join(
                 f"{g.name} cc {g.compute_capability[0]}.{g.compute_capability[1]} "
-                f"{_gb(g.memory_free)} free, queue {g.queue}"
+                f"{binary_size(g.memory_free)} free, queue {g.queue}"
                 for g in self.gpus
             )
         return f"{self.name} ({self.address}: {offer or 'no GPU'})"
@@ -141,11 +143,6 @@ class Placement:
             if w.simulator:
                 where += " [simulator]"
         return f"{where}, queue {self.queue}"
-
-
-def _gb(n: int) -> str:
-    gib = n / 2**30  # binary, like --min-memory 40G and nvidia-smi
-    return f"{gib:.0f} GiB" if gib >= 10 else f"{gib:.1f} GiB"
 
 
 def parse_cc(text: str) -> tuple[int, int]:

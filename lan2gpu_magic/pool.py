@@ -191,16 +191,18 @@ class WorkerPool:
         server_key: str | None = None,
         *,
         plaintext: bool = False,
+        timeout: float | None = None,
     ) -> Client:
         """Add a worker and connect now (errors are raised, not recorded).
 
         ``server_key``: the worker's public key file, for a worker run with --encrypt;
-        ``plaintext``: for a worker run with --insecure-plaintext.
+        ``plaintext``: for a worker run with --insecure-plaintext; ``timeout``: seconds
+        to wait for the handshake (default ``connect_timeout``).
         """
         server_key = server_key or self.server_keys.get(address)
         entry = _Entry(address, key_file or self.key_file, CONFIGURED, server_key)
         entry.plaintext = plaintext or self.plaintext
-        client = self._client(entry)  # raises: a failed connect leaves the pool as it was
+        client = self._client(entry, timeout)  # raises: a failed connect changes nothing
         previous = self._entries.get(address)
         if previous is not None and previous.client is not None:
             previous.client.close()

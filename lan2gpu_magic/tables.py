@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import html
+import textwrap
 from collections.abc import Sequence
 from typing import Any
+
+from worker_kernel.units import binary_size
 
 from .pool import WorkerRow
 
@@ -12,9 +15,9 @@ COLUMNS = ("worker", "address", "GPUs", "CPU", "RAM", "simulator", "queue", "run
            "latency", "versions", "state")  # fmt: skip
 
 
-def _gb(n: float) -> str:
-    gib = n / 2**30
-    return f"{gib:.0f} GiB" if gib >= 10 else f"{gib:.1f} GiB"
+def _ram(caps: dict[str, Any]) -> str:
+    free, total = caps.get("memory_available", 0), caps.get("memory_total", 0)
+    return f"{binary_size(free)} free / {binary_size(total)}"
 
 
 def _gpu_lines(status: dict[str, Any]) -> list[str]:
@@ -27,7 +30,8 @@ def _gpu_lines(status: dict[str, Any]) -> list[str]:
         q = queues.get(f"gpu{g['index']}", {})
         lines.append(
             f"{g['index']}: {g['name']} (cc {cc[0]}.{cc[1]}) "
-            f"{_gb(g['memory_free'])} free / {_gb(g['memory_total'])}, util {util}, "
+            f"{binary_size(g['memory_free'])} free / {binary_size(g['memory_total'])}, "
+            f"util {util}, "
             f"{q.get('running', 0)} running, {q.get('waiting', 0)} waiting"
         )
     return lines or ["none"]
@@ -46,7 +50,7 @@ def row_cells(row: WorkerRow) -> tuple[list[str], ...]:
         [view.address],
         _gpu_lines(status),
         [f"{view.cpu_count} cores, load {view.load_average:.1f}"],
-        [f"{_gb(caps.get('memory_available', 0))} free / {_gb(caps.get('memory_total', 0))}"],
+        [_ram(caps)],
         ["yes" if view.simulator else "no"],
         [str(len(status.get("queued", [])))],
         [str(len(status.get("running", [])))],
@@ -59,17 +63,81 @@ def row_cells(row: WorkerRow) -> tuple[list[str], ...]:
     )
 
 
-def as_text(rows: Sequence[WorkerRow]) -> str:
-    table = [tuple([c] for c in COLUMNS)] + [row_cells(r) for r in rows]
-    flat = [["; ".join(cell) for cell in r] for r in table]
-    widths = [max(len(r[i]) for r in flat) for i in range(len(COLUMNS))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in flat
+WIDTH = 100  # a terminal's table fits this many columns, as `pip list` does
+_TEXT_COLUMNS = ("worker", "address", "GPUs", "CPU", "RAM", "queue", "running", "latency",
+                 "state")  # fmt: skip
+_MOVED_FIRST = ("latency", "running", "queue", "CPU", "RAM")  # under the row, when too wide
+_NAME_MAX, _ADDRESS_MAX = 22, 40  # longer ones are cut with "…"
+
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _text_row(row: WorkerRow) -> tuple[dict[str, str], list[str]]:
+    """The row's short cells, and the lines printed under it (GPUs, versions, why not)."""
+    if row.view is None or row.status is None:
+        cells = dict.fromkeys(_TEXT_COLUMNS, "-")
+        cells.update(
+            worker=_cut(row.address.split("//")[-1], _NAME_MAX),
+            address=_cut(row.address, _ADDRESS_MAX),
+        )
+        cells["state"] = f"{row.state} ({row.origin})"
+        return cells, [f"problem: {row.problem}"]
+    status, view = row.status, row.view
+    caps = status.get("capabilities", {})
+    versions = status.get("versions", {})
+    cells = {
+        "worker": _cut(view.name, _NAME_MAX),
+        "address": _cut(view.address, _ADDRESS_MAX),
+        "GPUs": f"{len(caps.get('gpus', []))}" + (" sim" if view.simulator else ""),
+        "CPU": f"{view.cpu_count} cores, load {view.load_average:.1f}",
+        "RAM": _ram(caps),
+        "queue": str(len(status.get("queued", []))),
+        "running": str(len(status.get("running", []))),
+        "latency": f"{view.latency * 1000:.1f} ms",
+        "state": f"ok ({row.origin})",
+    }
+    below = [f"address {view.address}"] if len(view.address) > _ADDRESS_MAX else []
+    below += [f"GPU {line}" for line in _gpu_lines(status) if line != "none"] or ["no GPU"]
+    below.append(
+        f"lan2gpu {versions.get('lan2gpu', '?')}, Python {versions.get('python', '?')}, "
+        f"numba {versions.get('numba', '?')}, numpy {versions.get('numpy', '?')}"
+        + ("; CUDA simulator" if view.simulator else "")
     )
+    return cells, below
+
+
+def as_text(rows: Sequence[WorkerRow], width: int = WIDTH) -> str:
+    """The table for a terminal: one short line per worker, at most ``width`` columns,
+    with its GPUs and versions (or why it cannot be used) wrapped underneath."""
+    built = [_text_row(r) for r in rows]
+    columns = list(_TEXT_COLUMNS)
+
+    def widths() -> dict[str, int]:
+        return {c: max([len(c)] + [len(cells[c]) for cells, _ in built]) for c in columns}
+
+    for dropped in _MOVED_FIRST:
+        if sum(widths().values()) + 2 * (len(columns) - 1) <= width:
+            break
+        columns.remove(dropped)
+    w = widths()
+    moved = [c for c in _TEXT_COLUMNS if c not in columns]  # shown under the row instead
+
+    def line(cells: dict[str, str]) -> str:
+        return "  ".join(cells[c].ljust(w[c]) for c in columns).rstrip()[:width]
+
+    out = [line({c: c for c in columns})]
+    for cells, below in built:
+        out.append(line(cells))
+        rest = "; ".join(f"{c} {cells[c]}" for c in moved if cells[c] != "-")
+        for extra in ([rest] if rest else []) + below:
+            out += textwrap.wrap(extra, width, initial_indent="  ", subsequent_indent="    ")
+    return "\n".join(out)
 
 
 def as_html(rows: Sequence[WorkerRow]) -> str:
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    head = "".join(f"<th style='text-align:left'>{html.escape(c)}</th>" for c in COLUMNS)
     body = "".join(
         "<tr>"
         + "".join(

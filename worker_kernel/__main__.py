@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
+import contextlib
 import logging
+import os
+import stat
 import sys
 from pathlib import Path
 
 import zmq
 
 from .capabilities import detect
-from .config import build_parser, config_from_args
+from .config import config_from_args
+from .options import build_parser, command_parser
 from .protocol.curve import WORKER, authorized, authorized_keys_dir, ensure_keypair, key_dir
 from .protocol.errors import ConfigurationError, Lan2GPUError
-from .protocol.keys import default_key_file, generate_key_file, load_key
+from .protocol.keys import generate_key_file, load_key
 from .service import WorkerService
+
+log = logging.getLogger(__name__)
 
 
 def _keygen(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m worker_kernel keygen",
-        description="Create a new shared key (mode 0600). Copy it to every notebook machine "
-        "and worker that should talk to each other; it never overwrites a file.",
-    )
-    parser.add_argument("--key-file", default=str(default_key_file()), metavar="PATH")
-    args = parser.parse_args(argv)
+    args = command_parser("keygen").parse_args(argv)
     path = generate_key_file(args.key_file)
     print(f"wrote a new key to {path} (mode 0600)")
     return 0
@@ -56,17 +55,36 @@ def _serve(argv: list[str]) -> int:
     capabilities = detect(config.simulate, config.gpus, config.simulated_gpus)
     service = WorkerService(config, key, capabilities)
     asyncio.run(service.run())
+    if config.cleanup_dir is not None and not service.failed:
+        remove_own_folder(config.cleanup_dir)  # kept after a failure: its log says why
     return 1 if service.failed else 0
 
 
+CLEANUP_FILES = ("key", "worker.log", "ready.json")  # what an embedded worker's folder holds
+
+
+def remove_own_folder(folder: Path) -> None:
+    """``--cleanup-dir``: remove the embedded worker's folder, and nothing else: only a
+    real directory of this user, and only the files the embedded worker puts there (a
+    folder holding anything more is left as it is)."""
+    try:
+        info = folder.lstat()
+    except OSError:
+        return
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        log.warning("--cleanup-dir %s is not a directory of this user; left alone", folder)
+        return
+    for name in CLEANUP_FILES:
+        with contextlib.suppress(FileNotFoundError):
+            (folder / name).unlink()
+    try:
+        folder.rmdir()
+    except OSError as exc:
+        log.warning("--cleanup-dir %s: not removed (%s)", folder, exc)
+
+
 def _curve_keygen(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m worker_kernel curve-keygen",
-        description="Create this worker's CurveZMQ key pair for --encrypt (kept if it exists) "
-        "next to the shared key, and the authorized_keys directory for client keys.",
-    )
-    parser.add_argument("--key-file", default=str(default_key_file()), metavar="PATH")
-    args = parser.parse_args(argv)
+    args = command_parser("curve-keygen").parse_args(argv)
     public, _ = ensure_keypair(key_dir(args.key_file), WORKER)
     allowed = authorized_keys_dir(args.key_file)
     allowed.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -76,13 +94,7 @@ def _curve_keygen(argv: list[str]) -> int:
 
 
 def _authorized_keys(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m worker_kernel authorized-keys",
-        description="List the client public keys an --encrypt worker accepts.",
-    )
-    parser.add_argument("--key-file", default=str(default_key_file()), metavar="PATH")
-    parser.add_argument("--authorized-keys", type=Path, metavar="DIR")
-    args = parser.parse_args(argv)
+    args = command_parser("authorized-keys").parse_args(argv)
     folder = args.authorized_keys or authorized_keys_dir(args.key_file)
     keys = authorized(folder)
     for name, public in keys:

@@ -1,7 +1,6 @@
-"""Worker settings: a frozen dataclass built from argparse and ``LAN2GPU_*``.
+"""Worker settings: a frozen dataclass built from the command line (:mod:`.options`).
 
-Precedence: command line > environment > defaults. ``--help`` lists every
-option with its environment variable.
+Precedence: command line > ``LAN2GPU_*`` environment > defaults.
 """
 
 from __future__ import annotations
@@ -9,12 +8,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from .protocol.errors import ConfigurationError
-from .protocol.keys import default_key_file
 
 FAULTS = {
     "drop-first-result": "the first result is not sent (the client must fetch it again)",
@@ -51,6 +48,7 @@ class WorkerConfig:
     session_idle: float = 3600.0
     ready_file: Path | None = None
     parent_pid: int | None = None
+    cleanup_dir: Path | None = None  # removed when the worker stops (embedded worker)
     log_level: str = "INFO"
     faults: tuple[str, ...] = ()  # test hooks, see --fault
     memory_limit: int = 0  # per executor, bytes; 0: none
@@ -64,237 +62,7 @@ class WorkerConfig:
     handshake_timeout: float = 5.0  # a connection that has not finished it is dropped
 
 
-# (flag, env var, help) for every option; the parser and --help come from this.
-_ENV_HELP = """
-environment variables (the command line wins over them):
-  LAN2GPU_BIND, LAN2GPU_KEY_FILE, LAN2GPU_NAME, LAN2GPU_SIMULATE (on|off|auto),
-  LAN2GPU_GPUS, LAN2GPU_SIMULATED_GPUS, LAN2GPU_ADVERTISE (1|0),
-  LAN2GPU_HEARTBEAT, LAN2GPU_REPLAY_WINDOW, LAN2GPU_MAX_MESSAGE_BYTES,
-  LAN2GPU_EXECUTOR_START_TIMEOUT, LAN2GPU_CANCEL_GRACE, LAN2GPU_SESSION_IDLE,
-  LAN2GPU_MEMORY_LIMIT, LAN2GPU_CACHE_MEMORY, LAN2GPU_ENCRYPT, LAN2GPU_AUTHORIZED_KEYS,
-  LAN2GPU_INSECURE_PLAINTEXT, LAN2GPU_HANDSHAKE_TIMEOUT,
-  LAN2GPU_MAX_KERNELS, LAN2GPU_KERNEL_GRACE,
-  LAN2GPU_LOG_LEVEL
-
-create a key first (mode 0600; copy it to every notebook machine):
-  python -m worker_kernel keygen --key-file ~/.config/lan2gpu/key
-"""
-
-
-def build_parser() -> argparse.ArgumentParser:
-    env = os.environ.get
-    parser = argparse.ArgumentParser(
-        prog="python -m worker_kernel",
-        description=(
-            "Serve this machine's GPUs to lan2gpu notebooks on the LAN. Every message is "
-            "signed with the shared key; whoever holds it can run code here."
-        ),
-        epilog=_ENV_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument(
-        "--bind",
-        default=env("LAN2GPU_BIND"),
-        metavar="ADDR",
-        help="ZeroMQ address to listen on, e.g. tcp://10.0.0.7:7340 or tcp://127.0.0.1:* "
-        "(random port) [LAN2GPU_BIND; required]",
-    )
-    parser.add_argument(
-        "--key-file",
-        default=env("LAN2GPU_KEY_FILE") or str(default_key_file()),
-        metavar="PATH",
-        help="shared key written by `keygen` [LAN2GPU_KEY_FILE; default %(default)s]",
-    )
-    parser.add_argument(
-        "--name",
-        default=env("LAN2GPU_NAME") or socket.gethostname(),
-        help="worker name shown to clients and used by --worker [LAN2GPU_NAME; default: host name]",
-    )
-    parser.add_argument(
-        "--simulate",
-        nargs="?",
-        const="on",
-        default=env("LAN2GPU_SIMULATE", "off"),
-        choices=["on", "off", "auto"],
-        help="run CUDA kernels in Numba's CUDA simulator (for tests and demos; `auto`: "
-        "only when no GPU is found) [LAN2GPU_SIMULATE; default off]",
-    )
-    parser.add_argument(
-        "--gpus",
-        type=_gpu_list,
-        default=_gpu_list(env("LAN2GPU_GPUS", "")),
-        metavar="LIST",
-        help="serve only these GPUs, e.g. 0,2 (nvidia-smi numbering) [LAN2GPU_GPUS; default: all]",
-    )
-    parser.add_argument(
-        "--simulated-gpus",
-        type=int,
-        default=int(env("LAN2GPU_SIMULATED_GPUS", "1")),
-        metavar="N",
-        help="with --simulate, how many GPUs to pretend to have (each runs the "
-        "simulator; for trying multi-GPU placement) [default %(default)s]",
-    )
-    parser.add_argument(
-        "--advertise",
-        action=argparse.BooleanOptionalAction,
-        default=env("LAN2GPU_ADVERTISE", "1") not in ("0", "false", "no"),
-        help="announce this worker on the LAN with mDNS/DNS-SD (_lan2gpu._tcp) so "
-        "notebooks find it without an address; never for loopback addresses "
-        "[LAN2GPU_ADVERTISE; default on]",
-    )
-    parser.add_argument(
-        "--heartbeat",
-        type=float,
-        default=float(env("LAN2GPU_HEARTBEAT", "1.0")),
-        metavar="SECONDS",
-        help="heartbeat interval; a peer silent for 3 intervals is lost "
-        "[LAN2GPU_HEARTBEAT; default %(default)s]",
-    )
-    parser.add_argument(
-        "--replay-window",
-        type=float,
-        default=float(env("LAN2GPU_REPLAY_WINDOW", "120")),
-        metavar="SECONDS",
-        help="accept messages sent at most this far from now (clocks must agree this "
-        "well) [LAN2GPU_REPLAY_WINDOW; default %(default)s]",
-    )
-    parser.add_argument(
-        "--max-message-bytes",
-        type=parse_size,
-        default=parse_size(env("LAN2GPU_MAX_MESSAGE_BYTES", "16G")),
-        metavar="SIZE",
-        help="largest message accepted [LAN2GPU_MAX_MESSAGE_BYTES; default 16G]",
-    )
-    parser.add_argument(
-        "--executor-start-timeout",
-        type=float,
-        default=float(env("LAN2GPU_EXECUTOR_START_TIMEOUT", "120")),
-        metavar="SECONDS",
-        help="how long an executor may take to start [default %(default)s]",
-    )
-    parser.add_argument(
-        "--cancel-grace",
-        type=float,
-        default=float(env("LAN2GPU_CANCEL_GRACE", "1.0")),
-        metavar="SECONDS",
-        help="after an interrupt or timeout, how long a cell gets to stop before its "
-        "executor is killed and replaced [LAN2GPU_CANCEL_GRACE; default %(default)s]",
-    )
-    parser.add_argument(
-        "--session-idle",
-        type=float,
-        default=float(env("LAN2GPU_SESSION_IDLE", "3600")),
-        metavar="SECONDS",
-        help="stop a session's executor (and free its GPU memory) after this long "
-        "without a cell [LAN2GPU_SESSION_IDLE; default %(default)s]",
-    )
-    parser.add_argument(
-        "--ready-file",
-        type=Path,
-        metavar="PATH",
-        help="write {address, pid, name} as JSON here once listening (for launchers)",
-    )
-    parser.add_argument(
-        "--parent-pid",
-        type=int,
-        metavar="PID",
-        help="exit when this process exits (used by the notebook's embedded worker)",
-    )
-    parser.add_argument(
-        "--encrypt",
-        action=argparse.BooleanOptionalAction,
-        default=env("LAN2GPU_ENCRYPT", "0") in ("1", "true", "yes"),
-        help="encrypt every connection with CurveZMQ: clients pin this worker's public key "
-        "(worker.key next to the key file, made on first use) and only clients whose public "
-        "key is in --authorized-keys may connect [LAN2GPU_ENCRYPT; default off]",
-    )
-    parser.add_argument(
-        "--insecure-plaintext",
-        action="store_true",
-        default=env("LAN2GPU_INSECURE_PLAINTEXT", "0") in ("1", "true", "yes"),
-        help="turn encryption off: cells, arrays and remote kernels then cross the network "
-        "readable by anyone on the path, and a peer without the key can make this worker "
-        "hold its bytes until their signature is checked. By default every connection is "
-        "encrypted with CurveZMQ keys derived from the shared key; notebooks must then "
-        "connect with --insecure-plaintext too [LAN2GPU_INSECURE_PLAINTEXT; default off]",
-    )
-    parser.add_argument(
-        "--handshake-timeout",
-        type=float,
-        default=float(env("LAN2GPU_HANDSHAKE_TIMEOUT", "5")),
-        metavar="S",
-        help="drop a connection that has not finished its ZeroMQ/CurveZMQ handshake within "
-        "S seconds, so idle or slow peers cannot use up file descriptors "
-        "[LAN2GPU_HANDSHAKE_TIMEOUT; default 5]",
-    )
-    parser.add_argument(
-        "--authorized-keys",
-        type=Path,
-        default=env("LAN2GPU_AUTHORIZED_KEYS"),
-        metavar="DIR",
-        help="with --encrypt: client public keys (*.key) allowed to connect; re-read when it "
-        "changes [LAN2GPU_AUTHORIZED_KEYS; default: authorized_keys/ next to the key file]",
-    )
-    parser.add_argument(
-        "--memory-limit",
-        type=_memory_limit,
-        default=_memory_limit(env("LAN2GPU_MEMORY_LIMIT", "75%")),
-        metavar="SIZE",
-        help="memory each executor may allocate (RLIMIT_DATA), e.g. 16G, 50%% of RAM, or "
-        "none; a cell going past it gets a MemoryError [LAN2GPU_MEMORY_LIMIT; default 75%%]",
-    )
-    parser.add_argument(
-        "--cache-memory",
-        type=_memory_limit,
-        default=_memory_limit(env("LAN2GPU_CACHE_MEMORY", "25%")),
-        metavar="SIZE",
-        help="memory each session may use to keep arrays by content, so an unchanged "
-        "array is not sent again (e.g. 4G, 25%%, or none) [LAN2GPU_CACHE_MEMORY; "
-        "default 25%%]",
-    )
-    parser.add_argument(
-        "--max-executors",
-        type=int,
-        default=int(env("LAN2GPU_MAX_EXECUTORS", "16")),
-        metavar="N",
-        help="most session executors kept at once (each holds its namespace, arrays and "
-        "GPU memory); to start another, the one idle longest is stopped "
-        "[LAN2GPU_MAX_EXECUTORS; default %(default)s]",
-    )
-    parser.add_argument(
-        "--max-kernels",
-        type=int,
-        default=int(env("LAN2GPU_MAX_KERNELS", "8")),
-        metavar="N",
-        help="most Jupyter kernels this worker hosts for IDEs at once [LAN2GPU_MAX_KERNELS; "
-        "default %(default)s]",
-    )
-    parser.add_argument(
-        "--kernel-grace",
-        type=float,
-        default=float(env("LAN2GPU_KERNEL_GRACE", "30")),
-        metavar="SECONDS",
-        help="shut a hosted kernel down when its notebook machine has been silent this long "
-        "[LAN2GPU_KERNEL_GRACE; default %(default)s]",
-    )
-    parser.add_argument(
-        "--fault",
-        action="append",
-        default=[],
-        choices=list(FAULTS),
-        help="inject a fault, to test recovery: "
-        + "; ".join(f"{k}: {v}" for k, v in FAULTS.items()),
-    )
-    parser.add_argument(
-        "--log-level",
-        default=env("LAN2GPU_LOG_LEVEL", "INFO"),
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="[LAN2GPU_LOG_LEVEL; default %(default)s]",
-    )
-    return parser
-
-
-def _memory_limit(text: str) -> int:
+def memory_limit(text: str) -> int:
     text = text.strip().lower()
     if text in ("none", "0", "off"):
         return 0
@@ -310,7 +78,7 @@ def _memory_limit(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _gpu_list(text: str) -> list[int] | None:
+def gpu_list(text: str) -> list[int] | None:
     if not text.strip():
         return None
     try:
@@ -354,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         session_idle=args.session_idle,
         ready_file=args.ready_file,
         parent_pid=args.parent_pid,
+        cleanup_dir=args.cleanup_dir,
         log_level=args.log_level,
         faults=tuple(args.fault),
         memory_limit=args.memory_limit,

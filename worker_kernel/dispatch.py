@@ -23,19 +23,12 @@ from .history import JobLog
 from .protocol import messages as m
 from .protocol.messages import Message
 from .scheduler import Cell, FairQueue
+from .units import binary_size
 
 log = logging.getLogger(__name__)
 
 Send = Callable[[bytes, Message], Awaitable[None]]
 _BIG = 64 << 20  # a cell this large gets its freed memory returned to the system
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            return f"{n:.0f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 class Dispatcher:
@@ -216,8 +209,8 @@ class Dispatcher:
             cell.client[:8],
             "+".join(cell.resources),
             status,
-            _fmt_bytes(cell.nbytes),
-            _fmt_bytes(float(stats.get("bytes_out", 0))),
+            binary_size(cell.nbytes),
+            binary_size(float(stats.get("bytes_out", 0))),
             time.monotonic() - (cell.started or cell.received),
         )
         if self.running.pop(cell.id, None) is not None:

@@ -38,9 +38,9 @@ Send = Callable[[str, bytes, list[Any]], Awaitable[None]]
 class KernelRelay:
     """Sockets to one local kernel, and the tasks that pump its output back."""
 
-    def __init__(self, ctx: zmq.asyncio.Context, ports: dict[str, int], send: Send) -> None:
+    def __init__(self, ctx: zmq.asyncio.Context, endpoints: dict[str, str], send: Send) -> None:
         self.ctx = ctx
-        self.ports = ports
+        self.endpoints = endpoints  # channel -> the kernel's ZeroMQ address
         self._send = send
         self.iopub = self._socket(zmq.SUB, "iopub")
         self.iopub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -54,7 +54,7 @@ class KernelRelay:
         sock.setsockopt(zmq.LINGER, 0)
         if identity:
             sock.setsockopt(zmq.IDENTITY, identity)
-        sock.connect(f"tcp://127.0.0.1:{self.ports[f'{channel}_port']}")
+        sock.connect(self.endpoints[channel])
         return sock
 
     async def start(self, timeout: float = 15.0) -> None:

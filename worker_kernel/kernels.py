@@ -1,10 +1,11 @@
 """Whole Jupyter kernels on this worker, for IDEs (``python -m lan2gpu_magic.kernel``).
 
 A forwarder on the notebook machine asks, over the signed and encrypted
-channel, for a kernel with some GPUs; this starts a real ipykernel bound to
-127.0.0.1 only, with the Jupyter key the forwarder chose (so the frames it
-relays verify unchanged), pinned to those GPUs (or the simulator). Its traffic
-travels inside the forwarder's lan2gpu connection (:mod:`kernel_relay`).
+channel, for a kernel with some GPUs; this starts a real ipykernel that listens
+on Unix sockets in a 0700 folder only (never on the network), with the Jupyter
+key the forwarder chose (so the frames it relays verify unchanged), pinned to
+those GPUs (or the simulator). Its traffic travels inside the forwarder's
+lan2gpu connection (:mod:`kernel_relay`).
 A kernel is shut down when its forwarder says so, when the forwarder's
 heartbeats stop for longer than ``grace``, or when the worker stops; if a kernel
 dies on its own, its forwarder is told, and exits so the IDE offers a restart.
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 PORTS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 _START_TIMEOUT = 60.0
+_MAX_SOCKET_DIR = 90  # + "/" + 8 + "-N" stays under the 107 bytes of a Unix socket path
 
 
 class KernelError(Exception):
@@ -88,13 +90,15 @@ class KernelHost:
         on_frames: Forward,
     ) -> None:
         self.ctx = ctx
-        self.ip = "127.0.0.1"  # never the LAN: traffic comes through the relay
         self._on_frames = on_frames
         self.simulate = simulate
         self.max_kernels = max_kernels
         self.grace = grace
         self._on_death = on_death
         self._dir = Path(tempfile.mkdtemp(prefix="lan2gpu-kernels-"))  # 0700
+        if len(str(self._dir)) > _MAX_SOCKET_DIR:  # a long $TMPDIR: Unix socket paths are short
+            self._dir.rmdir()
+            self._dir = Path(tempfile.mkdtemp(prefix="lan2gpu-kernels-", dir="/tmp"))
         self.kernels: dict[str, RemoteKernel] = {}
         self._starting = 0  # kernels being started (they count against the limit)
         self._watchers: set[asyncio.Task[None]] = set()
@@ -118,9 +122,13 @@ class KernelHost:
     ) -> RemoteKernel:
         kernel_id = secrets.token_hex(8)
         conn_file = self._dir / f"kernel-{kernel_id}.json"
+        # IPC, not TCP on 127.0.0.1: only this user can reach the sockets (the
+        # folder is 0700), and no port is opened; the LAN reaches it only through
+        # the relay, inside the forwarder's encrypted connection.
+        base = str(self._dir / kernel_id[:8])
         info: dict[str, Any] = {
-            "ip": self.ip,
-            "transport": "tcp",
+            "ip": base,
+            "transport": "ipc",
             "key": key,
             "signature_scheme": scheme,
             **dict.fromkeys(PORTS, 0),  # the kernel picks free ports and writes them back
@@ -134,6 +142,9 @@ class KernelHost:
             env = gpu_env(os.environ, gpus)
             env.pop("NUMBA_ENABLE_CUDASIM", None)
         env["LAN2GPU_CELL_GPUS"] = ",".join(map(str, gpus))
+        # As jupyter_client does: a kernel with a parent prints no "--existing ..."
+        # banner into our log, and exits if this worker dies.
+        env["JPY_PARENT_PID"] = str(os.getpid())
         try:
             process, output = await child_output.spawn(
                 f"kernel {kernel_id[:8]}",
@@ -158,13 +169,14 @@ class KernelHost:
             await output.close()
             conn_file.unlink(missing_ok=True)
             raise
+        endpoints = {p.removesuffix("_port"): f"ipc://{base}-{n}" for p, n in connection.items()}
         kernel = RemoteKernel(kernel_id, owner, owner_rid, gpus, process, connection)
         kernel.output = output
 
         async def forward(channel: str, identity: bytes, frames: list[Any]) -> None:
             await self._on_frames(kernel, channel, identity, frames)
 
-        kernel.relay = KernelRelay(self.ctx, connection, forward)
+        kernel.relay = KernelRelay(self.ctx, endpoints, forward)
         await kernel.relay.start()
         self.kernels[kernel_id] = kernel
         watcher = asyncio.create_task(self._watch(kernel, conn_file))
@@ -197,12 +209,17 @@ class KernelHost:
             await kernel.output.close()
         self.kernels.pop(kernel.id, None)
         conn_file.unlink(missing_ok=True)
+        for socket_file in self._dir.glob(f"{kernel.id[:8]}-*"):  # left by a killed kernel
+            socket_file.unlink(missing_ok=True)
         if kernel.relay is not None:
             await kernel.relay.close()
         if kernel.stopping:
             log.info("kernel %s shut down", kernel.id)
             return
-        log.warning("kernel %s died (code %d)", kernel.id, returncode)
+        if returncode == 0:  # its frontend asked it to shut down (shutdown_request)
+            log.info("kernel %s exited (shut down by its frontend)", kernel.id)
+        else:
+            log.warning("kernel %s died (code %d)", kernel.id, returncode)
         await self._on_death(kernel, returncode)
 
     async def stop(self, kernel: RemoteKernel, grace: float = 5.0) -> None:

@@ -47,6 +47,7 @@ from .gate import (
 from .history import GpuHistory
 from .kernels import KernelError, KernelHost, RemoteKernel
 from .outbox import Outbox
+from .pids import alive
 from .protocol import messages as m
 from .protocol.curve import PER_USER, PLAINTEXT, SHARED_KEY
 from .protocol.errors import ProtocolError, VersionMismatch
@@ -654,7 +655,7 @@ class WorkerService:
                 log.info("session %s idle for %.0f s; stopping its executor", handle.session, idle)
                 self._spawn(self.pool.stop(handle))
         parent = self.config.parent_pid
-        if parent is not None and not _alive(parent):
+        if parent is not None and not alive(parent):
             log.info("parent process %d is gone; stopping", parent)
             self.stop()
 
@@ -689,13 +690,3 @@ def _verify(wire: Wire, body: list[Any]) -> Message | ProtocolError:
 def _loopback(address: str) -> bool:
     host = urlsplit(address).hostname or ""
     return host == "localhost" or host.startswith("127.") or host == "::1"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

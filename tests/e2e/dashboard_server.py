@@ -1,4 +1,5 @@
-"""A real ``jupyter server`` subprocess for the dashboard tests, and HTTP helpers.
+"""A real ``jupyter server`` (or ``jupyter lab``) subprocess for the browser tests,
+HTTP helpers, and headless Chromium.
 
 The server gets its own config, data and runtime directories (nothing of the
 user's), finds workers through ``$LAN2GPU_WORKERS`` and nothing else (no mDNS),
@@ -39,7 +40,14 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 class JupyterServer:
     """Owns the server process; :meth:`stop` terminates it (idempotent)."""
 
-    def __init__(self, tmp: Path, workers: list[str], key_file: Path) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        workers: list[str],
+        key_file: Path,
+        app: str = "jupyter_server",  # or "jupyterlab"
+        extra: tuple[str, ...] = (),
+    ) -> None:
         for sub in ("config", "data", "runtime"):
             (tmp / sub).mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -59,7 +67,7 @@ class JupyterServer:
                 [
                     sys.executable,
                     "-m",
-                    "jupyter_server",
+                    app,
                     "--allow-root",
                     "--no-browser",
                     "--ip=127.0.0.1",
@@ -67,6 +75,7 @@ class JupyterServer:
                     "--port-retries=0",
                     f"--IdentityProvider.token={TOKEN}",
                     f"--ServerApp.root_dir={tmp}",
+                    *extra,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -124,7 +124,7 @@ def test_session_keeps_state_that_cannot_travel(client: Client, capsys):
     ns: dict = {}
     client.run("import threading\nlock = threading.Lock()\nn = 1", ns)
     assert "lock" not in ns and ns["n"] == 1
-    assert "`lock` stays on the worker" in capsys.readouterr().err
+    assert "`lock` stays on the worker" in capsys.readouterr().out  # news, not an error
     client.run("got = lock.acquire(blocking=False)", ns)
     assert ns["got"] is True
 
@@ -225,7 +225,7 @@ def test_open_files_stay_on_the_worker_and_are_never_read(client: Client, capsys
     ns: dict = {}
     client.run("fh = open('/dev/zero', 'rb')\nn = 1", ns)  # reading it would never end
     assert ns == {"n": 1}
-    assert "`fh` stays on the worker" in capsys.readouterr().err
+    assert "`fh` stays on the worker" in capsys.readouterr().out
 
 
 def test_heartbeats_carry_live_load(client: Client):

@@ -8,8 +8,8 @@ headless Chromium through Playwright (never a downloaded browser).
 from __future__ import annotations
 
 import os
+import re
 import secrets
-import shutil
 import signal
 import threading
 import time
@@ -26,17 +26,6 @@ from worker_kernel.protocol.messages import PROTOCOL_VERSION
 
 from ..conftest import WorkerFactory
 from .dashboard_server import TOKEN, JupyterServer, free_port
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-BROWSER_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture
@@ -183,21 +172,6 @@ def test_hosted_kernels_are_listed(
         server.wait_for("jobs", lambda d: not d["kernels"])
 
 
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    if CHROMIUM is None:
-        if os.environ.get("LAN2GPU_REQUIRE_BROWSER") == "1":
-            pytest.fail("chromium is not installed (apt-get install chromium)")
-        pytest.skip("needs Debian's chromium (apt-get install chromium)")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=BROWSER_FLAGS)
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-
-
 def test_the_page_shows_workers_gpus_and_a_cell_going_by(
     server: JupyterServer,
     worker_factory: WorkerFactory,
@@ -215,6 +189,9 @@ def test_the_page_shows_workers_gpus_and_a_cell_going_by(
     page.wait_for_selector(f'{row}[data-state="up"]', timeout=30_000)
     card = page.wait_for_selector('[data-kind="gpu"][data-worker="page"]', timeout=30_000)
     assert "CUDA simulator" in card.inner_text()
+    # Binary units, as the magic shows the same memory (GiB, never GB).
+    assert re.search(r"\d (KiB|MiB|GiB)\b", card.inner_text()), card.inner_text()
+    assert not re.search(r"\d (KB|MB|GB)\b", page.inner_text("body"))
 
     outputs: list[str] = []
 

@@ -44,13 +44,18 @@ def _open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _listening(pid: int) -> set[str]:
-    """``ip:port`` of every TCP socket process ``pid`` listens on."""
+def _socket_inodes(pid: int) -> set[str]:
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         target = os.readlink(f"/proc/{pid}/fd/{fd}")
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
+    return inodes
+
+
+def _listening(pid: int) -> set[str]:
+    """``ip:port`` of every TCP socket process ``pid`` listens on."""
+    inodes = _socket_inodes(pid)
     found = set()
     for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
         fields = line.split()
@@ -151,18 +156,39 @@ def test_idle_connections_are_dropped_and_do_not_lock_clients_out(guarded):
     assert lan_worker.alive()
 
 
-def test_hosted_kernels_listen_on_loopback_only(lan_worker):
+def _unix_listening(pid: int) -> set[str]:
+    """Paths of the Unix sockets process ``pid`` listens on."""
+    inodes = _socket_inodes(pid)
+    found = set()
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        # Num RefCount Protocol Flags Type St Inode Path; flag 0x10000: listening
+        if len(fields) >= 8 and fields[6] in inodes and int(fields[3], 16) & 0x10000:
+            found.add(fields[7])
+    return found
+
+
+def test_hosted_kernels_listen_on_no_network_port(lan_worker):
+    """A hosted kernel's five channels are Unix sockets in a folder only the worker's
+    user can enter (no port at all); the LAN reaches it only through the relay."""
     with connect(lan_worker.address, key_file=lan_worker.key_file) as c:
         kernel = c.start_kernel(secrets.token_hex(16))
         try:
             pid = next(k["pid"] for k in c.status(detail=True)["kernels"] if k["id"] == kernel)
             deadline = time.monotonic() + 30
-            ports: set[str] = set()
-            while len(ports) < 5 and time.monotonic() < deadline:
-                ports = _listening(pid)
+            sockets: set[str] = set()
+            while len(sockets) < 5 and time.monotonic() < deadline:
+                sockets = _unix_listening(pid)
                 time.sleep(0.2)
-            assert len(ports) >= 5, ports
-            assert {p.split(":")[0] for p in ports} == {"127.0.0.1"}, ports
+            assert len(sockets) >= 5, sockets
+            # No channel on TCP; ipykernel's own pipe for its subprocesses' output (one
+            # port) is on loopback, as before.
+            assert len(_listening(pid)) <= 1
+            assert {p.split(":")[0] for p in _listening(pid)} <= {"127.0.0.1"}
+            for path in sockets:
+                folder = Path(path).parent
+                assert folder.stat().st_mode & 0o077 == 0, folder  # nobody else gets in
+                assert folder.stat().st_uid == os.getuid()
         finally:
             c.stop_kernel(kernel)
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
+import signal
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,7 +50,9 @@ def kernel(shared_worker) -> Iterator[Kernel]:
         connected = k.run(
             f"%lan2gpu connect {shared_worker.address} --key-file {shared_worker.key_file}"
         )
-        assert "connected to shared" in connected.stream("stderr")
+        # News, not warnings: stdout (a frontend shows stderr on red, like an error).
+        assert "connected to shared" in connected.stream()
+        assert connected.stream("stderr") == ""
         assert k.run(DEFINE).reply["status"] == "ok"
         yield k
     finally:
@@ -95,7 +100,17 @@ def test_remote_error_shows_the_cells_own_lines(kernel):
     assert ", line 3" in text  # line 1 is the %%lan2gpu line
     assert "y = {}['nope']" in text and "KeyError" in text
     assert "lan2gpu_magic" not in text  # no frames from our internals
+    # The status line says it raised, not that it "ran".
+    (last,) = run.progress()[-1:]
+    assert last.startswith("lan2gpu: raised KeyError on shared GPU0 ") and " after " in last
     assert kernel.run("%%lan2gpu\nz = 3").reply["status"] == "ok"
+
+
+def test_a_value_that_stays_on_the_worker_is_news_not_an_error(kernel):
+    run = kernel.run("%%lan2gpu\nimport threading\nlock = threading.Lock()\nn = 1")
+    assert run.reply["status"] == "ok", run.error()
+    assert "`lock` stays on the worker" in run.stream()
+    assert run.stream("stderr") == ""
 
 
 def test_interrupt_cancels_the_remote_cell_within_a_second_or_two(kernel):
@@ -105,8 +120,36 @@ def test_interrupt_cancels_the_remote_cell_within_a_second_or_two(kernel):
     assert time.monotonic() - t0 < 6
     error = run.error()
     assert error is not None and error["ename"] == "KeyboardInterrupt"
+    # As short as a local cell's: no traceback through lan2gpu's own code...
+    text = "\n".join(error["traceback"])
+    assert len(error["traceback"]) <= 3 and "magic.py" not in text and "client.py" not in text
+    # ...and one line that says what became of the cell.
+    last = run.progress()[-1]
+    assert re.fullmatch(
+        r"lan2gpu: cancelled on shared GPU0 .* after \d+\.\d s; the session is intact", last
+    ), last
     after = kernel.run("%%lan2gpu\nprint(kept)")
     assert after.stream() == "yes\n"
+
+
+def test_a_timeout_says_so_in_the_status_line(kernel):
+    run = kernel.run("%%lan2gpu --timeout 1\nimport time\ntime.sleep(30)")
+    error = run.error()
+    assert error is not None and error["ename"] == "ExecutionTimeout"
+    assert len(error["traceback"]) == 1
+    last = run.progress()[-1]
+    assert last.startswith("lan2gpu: stopped on shared GPU0 ") and "past its --timeout" in last
+    assert "ran on" not in "".join(run.progress())
+
+
+def test_help_is_shown_once_and_for_the_command_asked(kernel):
+    top = kernel.run("%lan2gpu --help").stream()
+    assert top.count("usage: %lan2gpu") == 1, top
+    cell = kernel.run("%%lan2gpu --help\nx = 1").stream()
+    assert cell.count("usage: %%lan2gpu") == 1, cell
+    connect = kernel.run("%lan2gpu connect --help").stream()
+    assert connect.count("usage:") == 1 and "usage: %lan2gpu connect" in connect
+    assert "--timeout SECONDS" in connect and "Manage lan2gpu workers" not in connect
 
 
 def test_syntax_error_points_at_the_line_the_user_sees(kernel):
@@ -198,7 +241,8 @@ def test_embedded_worker_starts_on_demand_and_stops_with_the_kernel():
         assert k.run("%load_ext lan2gpu_magic").reply["status"] == "ok"
         run = k.run("%%lan2gpu\nimport os\nwhere = os.getpid()", timeout=180)
         assert run.reply["status"] == "ok", run.error()
-        assert "started a local worker on tcp://127.0.0.1:" in run.stream("stderr")
+        assert "started a local worker on tcp://127.0.0.1:" in run.stream()
+        assert run.stream("stderr") == ""  # news, not a warning: stdout
         assert _workers_of(k.pid), "no embedded worker process found"
         kernel_pid = k.pid
     finally:
@@ -208,3 +252,27 @@ def test_embedded_worker_starts_on_demand_and_stops_with_the_kernel():
         time.sleep(0.2)
     assert not _workers_of(kernel_pid)
     assert not os.path.exists(f"/proc/{kernel_pid}")
+    # Its folder (a throwaway key, the worker's log) went with it.
+    assert not list(Path(tempfile.gettempdir()).glob(f"lan2gpu-embedded-{kernel_pid}-*"))
+
+
+def test_embedded_workers_folder_goes_even_when_the_kernel_is_killed():
+    k = Kernel()
+    try:
+        assert k.run("%load_ext lan2gpu_magic").reply["status"] == "ok"
+        assert k.run("%%lan2gpu\nx = 1", timeout=180).reply["status"] == "ok"
+        kernel_pid = k.pid
+        folders = list(Path(tempfile.gettempdir()).glob(f"lan2gpu-embedded-{kernel_pid}-*"))
+        assert len(folders) == 1 and (folders[0] / "worker.log").exists()
+        os.kill(kernel_pid, signal.SIGKILL)  # no exit handler runs in the kernel
+        deadline = time.monotonic() + 30
+        while folders[0].exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not folders[0].exists()  # the worker saw its parent go, and cleaned up
+        while _workers_of(kernel_pid) and time.monotonic() < deadline:
+            time.sleep(0.2)  # it removes its folder last, on its way out
+        assert not _workers_of(kernel_pid)
+    finally:
+        k.kc.stop_channels()
+        k.km.shutdown_kernel(now=True)  # reaps the killed process
+        k.km.cleanup_resources()

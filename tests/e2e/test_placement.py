@@ -72,7 +72,7 @@ def test_worker_gpu_and_count_choose_right_or_fail_with_a_listing(kernel):
     assert "named like 'A100'" in error["evalue"]
     assert "box-a (tcp://127.0.0.1:" in error["evalue"] and "CUDA simulator x2" in error["evalue"]
     run = kernel.run("%%lan2gpu --min-memory 100T\nx = 1")
-    assert run.error() is not None and "with 102400 GiB free" in run.error()["evalue"]
+    assert run.error() is not None and "with 100 TiB free" in run.error()["evalue"]
     assert kernel.run("%%lan2gpu --gpus 3\nx = 1").error()["ename"] == "NoWorkerAvailable"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -142,6 +143,12 @@ def test_a_frontend_runs_a_whole_kernel_on_the_worker(lan_kernel):
     while _hosted(worker) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert _hosted(worker) == []  # shut down with its frontend: no kernel left on the worker
+    log = worker.log()
+    # A normal shutdown is no death, and ipykernel's banners stay out of the worker's log
+    # (its channels are Unix sockets in a private folder, not TCP).
+    assert "died (code 0)" not in log
+    assert re.search(r"kernel \w+ (exited \(shut down by its frontend\)|shut down)", log), log
+    assert "--existing" not in log and "without encryption" not in log
 
 
 def test_interrupt_restart_and_comms(lan_kernel):

@@ -213,5 +213,5 @@ def test_what_only_the_worker_can_hold_stays_there_for_later_cells(nb):
         "import worker_only\n"
     )
     assert run.reply["status"] == "ok", run.error()
-    assert "`worker_only` stays on the worker" in run.stream("stderr")
+    assert "`worker_only` stays on the worker" in run.stream()  # news, on stdout
     assert ok(nb, "%%lan2gpu\nprint(worker_only.triple(4))").strip() == "12"

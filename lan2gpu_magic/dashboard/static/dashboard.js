@@ -20,12 +20,13 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
+// Binary units, as the magic and nvidia-smi show them (worker_kernel/units.py).
 function bytes(n) {
   if (n === undefined || n === null) return "–";
-  const units = ["B", "KB", "MB", "GB", "TB"];
+  const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
   let i = 0;
-  while (n >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
-  return `${n.toFixed(n < 10 && i > 0 ? 1 : 0)} ${units[i]}`;
+  while (Math.abs(n) >= 1024 && i < units.length - 1) { n /= 1024; i += 1; }
+  return `${n.toFixed(Math.abs(n) < 10 && i > 0 ? 1 : 0)} ${units[i]}`;
 }
 
 function seconds(s) {
