@@ -115,6 +115,19 @@ class _Relay:
         self._summary_at = now
 
 
+class Spawned:
+    """The processes :func:`spawn` started that have not ended, and how many spawns
+    are half-way (forked, pid not known yet): :mod:`.reaper` must not take those
+    for orphans."""
+
+    def __init__(self) -> None:
+        self.pids: set[int] = set()
+        self.starting = 0
+
+
+SPAWNED = Spawned()
+
+
 async def spawn(
     label: str, *argv: str, **kwargs: Any
 ) -> tuple[asyncio.subprocess.Process, ChildOutput]:
@@ -122,14 +135,19 @@ async def spawn(
     stderr going into the log as ``label PID: ...``; close the output (after the
     process ended) with :meth:`ChildOutput.close`."""
     output = ChildOutput(label)
+    SPAWNED.starting += 1
     try:
         process = await asyncio.create_subprocess_exec(
             *argv, stdout=output.fd, stderr=output.fd, **kwargs
         )
+        SPAWNED.pids.add(process.pid)
     except BaseException:
         await output.close()
         raise
+    finally:
+        SPAWNED.starting -= 1
     output.started(process.pid)
+    output.pid = process.pid
     return process, output
 
 
@@ -144,6 +162,7 @@ class ChildOutput:
 
     def __init__(self, label: str) -> None:
         self.label = label
+        self.pid: int | None = None  # the child's, once spawned
         self._read, self.fd = os.pipe()
         os.set_blocking(self._read, False)
         self._task: asyncio.Task[None] | None = None
@@ -177,6 +196,8 @@ class ChildOutput:
     async def close(self, grace: float = 1.0) -> None:
         """Log what the child wrote last, then stop: a process the child started
         may hold the pipe open long after the child ended. Idempotent."""
+        if self.pid is not None:
+            SPAWNED.pids.discard(self.pid)  # it ended: no longer a child of ours
         if self.fd >= 0:  # never started: the spawn failed
             os.close(self.fd)
             self.fd = -1

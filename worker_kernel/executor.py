@@ -27,7 +27,7 @@ from typing import Any
 
 import zmq
 
-from . import health
+from . import health, reaper
 from .execute import CellRunner, TimeoutInterrupt
 from .protocol.messages import Message
 from .protocol.wire import Wire
@@ -166,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     key = bytes.fromhex(sys.stdin.readline().strip())
     sys.stdin.close()
     threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
+    reaper.become_subreaper()  # what its cells start and orphan stays its own
     _warm_imports()
     if args.memory_limit:
         health.apply_memory_limit(args.memory_limit)

@@ -25,7 +25,7 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from . import child_output
+from . import child_output, reaper
 from .capabilities import gpu_env
 from .protocol.messages import new_id
 from .scheduler import Cell
@@ -201,6 +201,7 @@ class ExecutorPool:
             os.killpg(handle.pid, signal.SIGKILL)
         if handle.output is not None:
             await handle.output.close()
+        reaper.reap_after_exit()  # what its cells started outside the group (setsid)
         self._by_id.pop(handle.id, None)
         if self._by_slot.get((handle.session, handle.resources)) is handle:
             del self._by_slot[(handle.session, handle.resources)]

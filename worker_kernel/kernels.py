@@ -30,7 +30,7 @@ from typing import Any
 
 import zmq.asyncio
 
-from . import child_output
+from . import child_output, reaper
 from .capabilities import gpu_env
 from .kernel_relay import KernelRelay
 
@@ -150,6 +150,9 @@ class KernelHost:
                 f"kernel {kernel_id[:8]}",
                 sys.executable,
                 "-m",
+                "worker_kernel.reaper",  # the reaper of its cells' orphans, then exec:
+                sys.executable,
+                "-m",
                 "ipykernel_launcher",
                 "-f",
                 str(conn_file),
@@ -207,6 +210,7 @@ class KernelHost:
         returncode = await kernel.process.wait()
         if kernel.output is not None:
             await kernel.output.close()
+        reaper.reap_after_exit()
         self.kernels.pop(kernel.id, None)
         conn_file.unlink(missing_ok=True)
         for socket_file in self._dir.glob(f"{kernel.id[:8]}-*"):  # left by a killed kernel

@@ -25,7 +25,7 @@ import zmq
 import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
-from . import views
+from . import reaper, views
 from .advertise import Advertiser
 from .capabilities import Capabilities, GpuMonitor
 from .config import WorkerConfig
@@ -149,6 +149,7 @@ class WorkerService:
 
     async def run(self) -> None:
         raise_open_files_limit()
+        reaper.become_subreaper()  # orphans of ended executors and kernels come here
         if self.config.encrypt:
             self.auth, self.users = encrypt(
                 self.ctx, self.sock, self.config.key_file, self.config.authorized_keys
@@ -202,6 +203,7 @@ class WorkerService:
                 self.auth.stop()
             await self.kernels.close()
             await self.pool.close()
+            reaper.reap()  # the last orphans of the executors and kernels just stopped
             self.monitor.close()
             self.sock.close()
             self.ctx.term()

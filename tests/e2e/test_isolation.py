@@ -77,6 +77,51 @@ def test_processes_a_cell_started_go_when_its_executor_is_killed(client, tmp_pat
     assert process_gone(pid), f"the cell's `sleep` (pid {pid}) outlived its executor"
 
 
+DETACH = """\
+import subprocess
+# In a session of its own (no longer in the executor's process group)...
+apart = subprocess.Popen(["setsid", "sleep", "300"])
+# ...and a daemon: its parent exits at once, it calls setsid.
+subprocess.run(["sh", "-c", "setsid sleep 301 & echo $! > {pids}/daemon"], check=True)
+open("{pids}/apart", "w").write(str(apart.pid))
+"""
+
+
+def _detached(code_dir) -> list[int]:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            return [int((code_dir / n).read_text()) for n in ("apart", "daemon")]
+        except (FileNotFoundError, ValueError):
+            time.sleep(0.05)
+    raise AssertionError("the cell did not write its pids")
+
+
+def _all_gone(pids: list[int], within: float = 15) -> bool:
+    deadline = time.monotonic() + within
+    while not all(map(process_gone, pids)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return all(map(process_gone, pids))
+
+
+def test_processes_a_cell_detached_live_with_its_session_and_end_with_it(client, tmp_path):
+    client.run(DETACH.format(pids=tmp_path), {}, session="detached")
+    pids = _detached(tmp_path)
+    time.sleep(1)
+    assert not any(map(process_gone, pids))  # a server the session started keeps running
+    assert client.close_session("detached") == 1
+    assert _all_gone(pids), f"processes {pids} outlived their session's executor"
+    client.run("x = 1", {})  # the worker serves on
+
+
+def test_detached_processes_end_when_the_executor_is_killed(client, tmp_path):
+    stubborn = "import time\nwhile True:\n    try:\n        time.sleep(10)\n    except BaseException:\n        pass\n"
+    with pytest.raises(ExecutionTimeout) as info:
+        client.run(DETACH.format(pids=tmp_path) + stubborn, {}, timeout=2)
+    assert info.value.session_lost  # it would not stop: its executor was killed
+    assert _all_gone(_detached(tmp_path))
+
+
 def test_a_result_the_executor_cannot_send_is_an_error_and_the_session_goes_on(client):
     client.run("kept = 41", {}, session="named")
     # The last value pickles not (a lock), and its display is not JSON (a set).

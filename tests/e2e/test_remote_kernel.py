@@ -272,3 +272,17 @@ def test_remove_kernel(lan_kernel, tmp_path):
     assert "removed" in out
     assert name not in _cli("list-kernels", env=env)
     assert not Path(out.split()[-1]).exists()
+
+
+def test_processes_a_kernel_cell_detached_end_with_the_kernel(lan_kernel, tmp_path):
+    from .test_isolation import DETACH, _all_gone, _detached
+
+    _, name = lan_kernel
+    s = Session(name)
+    try:
+        s.run(DETACH.format(pids=tmp_path))
+        pids = _detached(tmp_path)
+        assert not any(map(process_gone, pids))
+    finally:
+        s.close()
+    assert _all_gone(pids, within=30), f"processes {pids} outlived their kernel"

@@ -72,3 +72,20 @@ def test_a_failed_spawn_leaves_no_descriptor_open():
 
     asyncio.run(main())
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_process_that_is_no_subreaper_never_reaps_its_children():
+    """Only the worker's service (a subreaper) takes unknown children for orphans: in any
+    other process, its own children are left alone."""
+    import subprocess
+    import sys
+
+    from worker_kernel import reaper
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert reaper.reap() == []
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait()
