@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from .executors import ExecutorHandle, ExecutorPool, ExecutorStartError
+from .executors import STARVED, ExecutorHandle, ExecutorPool, ExecutorStartError
 from .history import JobLog
 from .protocol import messages as m
 from .protocol.messages import Message
@@ -52,6 +52,7 @@ class Dispatcher:
         self.busy: set[str] = set()
         self.journal = JobLog()  # finished cells, for dashboards
         self.relayed_big = False  # a large cell was handed over since the last trim
+        self._pump_timer: asyncio.TimerHandle | None = None  # a cell waits for an executor
 
     # -- queueing ----------------------------------------------------------
 
@@ -68,7 +69,7 @@ class Dispatcher:
 
     def pump(self) -> None:
         """Start every cell that can start now."""
-        for cell in self.queue.take(self.busy):
+        for cell in self.queue.take(self.busy, self._room_planner()):
             if cell.queue_timer is not None:
                 cell.queue_timer.cancel()
             cell.dequeued = time.monotonic()
@@ -76,6 +77,46 @@ class Dispatcher:
             self.running[cell.id] = cell
             self._spawn(self._start(cell))
         self._spawn(self.report_positions())
+
+    def _sessions_in_use(self) -> set[str]:
+        return {c.session for c in self.queue.cells()} | {c.session for c in self.running.values()}
+
+    def _room_planner(self) -> Callable[[Cell], bool]:
+        """For one pass of the queue: whether a cell has an executor to run on, counting
+        the executors this pass already promised (free slots, then stoppable ones)."""
+        now = time.monotonic()
+        keep = self._sessions_in_use()
+        free = self.pool.free_slots()
+        promised: set[str] = set()  # executor ids this pass will stop
+        passed_over = False
+
+        def room(cell: Cell) -> bool:
+            nonlocal free, passed_over
+            if self.pool.has(cell.session, cell.resources):
+                return True
+            if free > 0:
+                free -= 1
+                return True
+            starved = now - cell.received >= STARVED
+            for handle in self.pool.evictable(keep, now, starved):
+                if handle.id not in promised:
+                    promised.add(handle.id)
+                    return True
+            if not passed_over:  # look again when time may have made room
+                passed_over = True
+                self._pump_later()
+            return False
+
+        return room
+
+    def _pump_later(self, delay: float = 1.0) -> None:
+        if self._pump_timer is None:
+            loop = asyncio.get_running_loop()
+            self._pump_timer = loop.call_later(delay, self._pump_again)
+
+    def _pump_again(self) -> None:
+        self._pump_timer = None
+        self.pump()
 
     async def report_positions(self) -> None:
         for cell_id, position in self.queue.positions(self.running.values()).items():
@@ -100,8 +141,10 @@ class Dispatcher:
             await self.finish(cell, "died", "internal worker error (see the worker log)")
 
     async def _start_on_executor(self, cell: Cell) -> None:
+        starved = time.monotonic() - cell.received >= STARVED
+        keep = self._sessions_in_use() | {cell.session}
         try:
-            handle = await self.pool.acquire(cell.session, cell.resources)
+            handle = await self.pool.acquire(cell.session, cell.resources, keep, starved)
         except ExecutorStartError as exc:
             await self.finish(cell, "died", f"could not start an executor: {exc}")
             return

@@ -18,7 +18,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,9 @@ from .protocol.messages import new_id
 from .scheduler import Cell
 
 log = logging.getLogger(__name__)
+
+RECENT = 5.0  # an executor used this recently is not stopped for another session's cell
+STARVED = 30.0  # ...unless that cell has waited this long for one (bounded waiting)
 
 
 @dataclass(eq=False)
@@ -102,12 +105,19 @@ class ExecutorPool:
     def for_session(self, session: str) -> list[ExecutorHandle]:
         return [h for h in self._by_id.values() if h.session == session]
 
-    async def acquire(self, session: str, resources: tuple[str, ...]) -> ExecutorHandle:
-        """The session's executor for ``resources``, started (and waited for) if needed."""
+    async def acquire(
+        self,
+        session: str,
+        resources: tuple[str, ...],
+        keep: Iterable[str] = (),
+        starved: bool = False,
+    ) -> ExecutorHandle:
+        """The session's executor for ``resources``, started (and waited for) if needed;
+        ``keep`` and ``starved`` say which one may be stopped to make room (:meth:`evictable`)."""
         while True:
             handle = self._by_slot.get((session, resources))
             if handle is None or handle.stopping:
-                handle = await self._spawn(session, resources)
+                handle = await self._spawn(session, resources, keep, starved)
             try:
                 await asyncio.wait_for(asyncio.shield(handle.ready), self._start_timeout)
             except TimeoutError:
@@ -122,22 +132,49 @@ class ExecutorPool:
             # It was told to stop while we waited (its session closed, or it sat
             # idle too long): a cell handed to it now would die with it.
 
-    def _make_room(self) -> None:
-        """Stop the executor idle longest if starting one more would pass the limit.
+    def has(self, session: str, resources: tuple[str, ...]) -> bool:
+        handle = self._by_slot.get((session, resources))
+        return handle is not None and not handle.stopping
+
+    def evictable(
+        self, keep: Iterable[str], now: float, starved: bool = False
+    ) -> list[ExecutorHandle]:
+        """Executors that may be stopped to start another, the one to go first first.
+
+        Never a busy one. Not one used in the last :data:`RECENT` seconds, nor one
+        whose session has cells waiting or running (``keep``: it would be started
+        again at once: that is the thrash). A cell ``starved`` of an executor (it
+        waited :data:`STARVED` seconds) may take any idle one, so waiting is bounded.
+        """
+        kept = set(keep)
+        idle = [h for h in self._by_id.values() if h.cell is None and not h.stopping]
+        if not starved:
+            idle = [h for h in idle if h.session not in kept and now - h.last_used >= RECENT]
+        return sorted(idle, key=lambda h: h.last_used)
+
+    def free_slots(self) -> int:
+        """How many executors can start without stopping one (a large number: no cap)."""
+        if not self.max_executors:
+            return 1 << 30
+        live = sum(not h.stopping for h in self._by_id.values())
+        return max(0, self.max_executors - live)
+
+    def _make_room(self, keep: Iterable[str], starved: bool) -> None:
+        """Stop an executor if starting one more would pass ``--max-executors``.
 
         Each executor holds a session's namespace, arrays and GPU memory, and has
         its own memory limit: without a cap, many sessions add up past the host's
-        RAM. A busy executor is never stopped (so the limit may be passed while
-        every one of them runs a cell; they are few: one per GPU and the CPU slot).
+        RAM. Which one may go: :meth:`evictable`. The dispatcher starts a cell only
+        when there is room, so finding none here is rare (the fleet changed in
+        between); one more is started then, as when every executor is busy.
         """
-        live = [h for h in self._by_id.values() if not h.stopping]
-        if not self.max_executors or len(live) < self.max_executors:
+        if self.free_slots() > 0:
             return
-        idle = [h for h in live if h.cell is None]
-        if not idle:
-            log.warning("all %d executors are busy; starting one more", len(live))
+        candidates = self.evictable(keep, time.monotonic(), starved)
+        if not candidates:
+            log.warning("no executor can be stopped for another; starting one more")
             return
-        oldest = min(idle, key=lambda h: h.last_used)
+        oldest = candidates[0]
         log.info(
             "at --max-executors %d: stopping session %s's executor (idle longest)",
             self.max_executors,
@@ -147,8 +184,10 @@ class ExecutorPool:
         self._watchers.add(task)  # kept until done, like the exit watchers
         task.add_done_callback(self._watchers.discard)
 
-    async def _spawn(self, session: str, resources: tuple[str, ...]) -> ExecutorHandle:
-        self._make_room()
+    async def _spawn(
+        self, session: str, resources: tuple[str, ...], keep: Iterable[str], starved: bool
+    ) -> ExecutorHandle:
+        self._make_room(keep, starved)
         gpus = [int(r[3:]) for r in resources if r.startswith("gpu")]
         if self._simulate:
             # Simulated GPUs are labels; the simulator itself has one device.

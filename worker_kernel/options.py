@@ -129,8 +129,10 @@ OPTIONS: tuple[Option, ...] = (
            "unchanged array is not sent again (e.g. 4G, 25%, or none)",
            "LAN2GPU_CACHE_MEMORY", "25%", parse=memory_limit, metavar="SIZE"),
     Option("--max-executors", "most session executors kept at once (each holds its "
-           "namespace, arrays and GPU memory); to start another, the one idle longest is "
-           "stopped", "LAN2GPU_MAX_EXECUTORS", "16", parse=int, metavar="N"),
+           "namespace, arrays and GPU memory). To start another, the one idle longest is "
+           "stopped, but never one that is busy, was used in the last 5 s, or whose session "
+           "has cells waiting: a cell then waits in the queue (after 30 s it may take any "
+           "idle one)", "LAN2GPU_MAX_EXECUTORS", "16", parse=int, metavar="N"),
     Option("--max-kernels", "most Jupyter kernels this worker hosts for IDEs at once",
            "LAN2GPU_MAX_KERNELS", "8", parse=int, metavar="N"),
     Option("--kernel-grace", "shut a hosted kernel down when its notebook machine has been "

@@ -15,6 +15,10 @@ slot (``--cpu``). Policy:
   are idle and no earlier waiting cell has reserved any of them. A cell that
   cannot start reserves its resources, so later single-GPU cells cannot starve
   a two-GPU cell, and two multi-GPU cells can never deadlock.
+- A cell whose resources are free but that has no executor and no room for one
+  (``--max-executors``, and every executor busy or in use: see
+  :meth:`ExecutorPool.room`) is passed over without reserving anything: the
+  cells behind it run meanwhile, and it goes first once there is room.
 
 For a single-GPU cell this is exactly "one queue per GPU".
 """
@@ -22,7 +26,7 @@ For a single-GPU cell this is exactly "one queue per GPU".
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,13 +112,18 @@ class FairQueue:
             served[owner] = tick
         return out
 
-    def take(self, busy: Iterable[str]) -> list[Cell]:
-        """Remove and return the cells that can start now (policy above)."""
+    def take(
+        self, busy: Iterable[str], room: Callable[[Cell], bool] = lambda _: True
+    ) -> list[Cell]:
+        """Remove and return the cells that can start now (policy above); ``room``
+        says whether a cell whose resources are free has an executor to run on."""
         taken = set(busy)  # busy, reserved, or given to a cell started in this pass
         started: list[Cell] = []
         for cell in self.order():
             need = set(cell.resources)
             if not need & taken:
+                if not room(cell):
+                    continue  # no executor for it yet: reserve nothing, others go on
                 started.append(cell)
                 self.remove(cell.id)
                 self._tick += 1

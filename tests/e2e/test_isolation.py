@@ -176,3 +176,34 @@ def test_past_max_executors_the_session_idle_longest_makes_room(worker_factory):
         with pytest.raises(RemoteExecutionError, match="NameError"):
             client.run("y = x", {}, session="A")  # a fresh executor, C's making room
     assert "at --max-executors 2: stopping session A's executor" in worker.log()
+
+
+def test_more_sessions_than_executors_wait_their_turn_instead_of_thrashing(worker_factory):
+    """Three notebooks busy at once on a worker that keeps two executors: the third
+    waits until one of the others is done, instead of evicting a session that is still
+    working (which would start its executor again at once, and so on, for every cell)."""
+    worker = worker_factory("crowded", "--max-executors", "2")
+    results: dict[str, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def notebook(name: str) -> None:
+        try:
+            with connect(worker.address, key_file=worker.key_file) as c:
+                got = []
+                for k in range(5):
+                    ns = {"k": k}
+                    c.run("import time\ntime.sleep(0.2)\nseen = k * 10", ns, timeout=120)
+                    got.append(ns["seen"])
+                results[name] = got
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=notebook, args=(f"nb{i}",)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert errors == []
+    assert results == {f"nb{i}": [0, 10, 20, 30, 40] for i in range(3)}  # none lost or run twice
+    evictions = worker.log().count("at --max-executors 2: stopping session")
+    assert evictions <= 1, worker.log()  # the waiting notebook's one, once another was done

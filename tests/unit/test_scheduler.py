@@ -92,3 +92,12 @@ def test_with_users_known_a_new_session_per_cell_does_not_jump_the_queue():
     for c in [cell("a0", "s0"), cell("a1", "s1"), cell("b0", "s2")]:
         q.push(c)
     assert ids(q.order()) == ["a0", "a1", "b0"]
+
+
+def test_a_cell_without_an_executor_is_passed_over_and_reserves_nothing():
+    q = FairQueue()
+    q.push(cell("c0", "C"))  # its turn first, but no executor can be had for it yet
+    q.push(cell("a0", "A"))
+    assert ids(q.take(busy=set(), room=lambda c: c.session != "C")) == ["a0"]
+    assert ids(q.order()) == ["c0"]  # still waiting, and first once there is room
+    assert ids(q.take(busy=set())) == ["c0"]
