@@ -20,6 +20,7 @@
         ├── ExecutionTimeout      --timeout passed
         ├── ExecutionCancelled    interrupted or cancelled
         ├── ExecutorDied          the executor process died; session state is lost
+        ├── MemoryBudgetExceeded  the cell's inputs do not fit the worker's memory budget
         └── SplitError            a chunk of a --split cell failed twice (all errors inside)
 """
 
@@ -34,6 +35,7 @@ from worker_kernel.protocol.errors import (
     ExecutionTimeout,
     ExecutorDied,
     Lan2GPUError,
+    MemoryBudgetExceeded,
     MessageRejected,
     NoWorkerAvailable,
     ProtocolError,
@@ -58,6 +60,7 @@ __all__ = [
     "ExecutionTimeout",
     "ExecutorDied",
     "Lan2GPUError",
+    "MemoryBudgetExceeded",
     "MessageRejected",
     "NoWorkerAvailable",
     "ProtocolError",

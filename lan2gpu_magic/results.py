@@ -18,6 +18,7 @@ from worker_kernel.protocol.errors import (
     ExecutionTimeout,
     ExecutorDied,
     Lan2GPUError,
+    MemoryBudgetExceeded,
     RemoteExecutionError,
     RemoteTraceback,
     SerializationError,
@@ -90,6 +91,8 @@ def _error(msg: Message, worker: str, timeout: float | None) -> Lan2GPUError:
             worker,
             lost,
         )
+    if status == "memory":
+        return MemoryBudgetExceeded(f"worker {worker}: {reason}. {state}", worker, lost)
     if status == "cancelled":
         return ExecutionCancelled(
             f"the cell was cancelled on worker {worker}{'; ' + reason if reason else ''}. {state}",

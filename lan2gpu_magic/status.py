@@ -176,7 +176,13 @@ class Progress:
         self.line = StatusLine(waiting if ahead else f"running on {self.where}")
 
     def status(self, kind: str, content: dict[str, Any]) -> None:
-        if kind == "queued":
+        text: str | None
+        if kind == "queued" and content.get("waiting_for") == "executor":
+            text = (
+                f"waiting for {self.where}: every session executor there is in use "
+                "(the worker's --max-executors); this cell starts when one is free"
+            )
+        elif kind == "queued":
             ahead = int(content.get("position", 0))
             text = f"waiting for {self.where}: {ahead} cell(s) ahead" if ahead else None
         elif kind == "started":

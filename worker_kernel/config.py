@@ -51,7 +51,8 @@ class WorkerConfig:
     cleanup_dir: Path | None = None  # removed when the worker stops (embedded worker)
     log_level: str = "INFO"
     faults: tuple[str, ...] = ()  # test hooks, see --fault
-    memory_limit: int = 0  # per executor, bytes; 0: none
+    memory_limit: int = 0  # all executors together, bytes; 0: none
+    session_memory: int = 0  # at most this per session's executor; 0: up to memory_limit
     cache_memory: int = 0  # per executor: arrays kept by digest; 0: no cache
     max_kernels: int = 8  # whole Jupyter kernels hosted for IDEs
     max_executors: int = 16  # session executors kept; the longest idle goes first
@@ -126,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         log_level=args.log_level,
         faults=tuple(args.fault),
         memory_limit=args.memory_limit,
+        session_memory=args.session_memory,
         cache_memory=args.cache_memory,
         max_kernels=args.max_kernels,
         max_executors=args.max_executors,

@@ -18,7 +18,8 @@ from typing import Any
 
 import zmq
 
-from .executors import STARVED, ExecutorHandle, ExecutorPool, ExecutorStartError
+from .budget import SLACK
+from .executors import STARVED, ExecutorHandle, ExecutorPool, ExecutorStartError, Slot
 from .history import JobLog
 from .protocol import messages as m
 from .protocol.messages import Message
@@ -53,6 +54,7 @@ class Dispatcher:
         self.journal = JobLog()  # finished cells, for dashboards
         self.relayed_big = False  # a large cell was handed over since the last trim
         self._pump_timer: asyncio.TimerHandle | None = None  # a cell waits for an executor
+        self.waiting_for_executor: set[str] = set()  # passed over: no executor for them yet
 
     # -- queueing ----------------------------------------------------------
 
@@ -78,15 +80,18 @@ class Dispatcher:
             self._spawn(self._start(cell))
         self._spawn(self.report_positions())
 
-    def _sessions_in_use(self) -> set[str]:
-        return {c.session for c in self.queue.cells()} | {c.session for c in self.running.values()}
+    def _slots_in_use(self) -> set[Slot]:
+        """(session, resources) of every waiting and running cell: their executors stay."""
+        cells = [*self.queue.cells(), *self.running.values()]
+        return {(c.session, c.resources) for c in cells}
 
     def _room_planner(self) -> Callable[[Cell], bool]:
         """For one pass of the queue: whether a cell has an executor to run on, counting
         the executors this pass already promised (free slots, then stoppable ones)."""
         now = time.monotonic()
-        keep = self._sessions_in_use()
+        keep = self._slots_in_use()
         free = self.pool.free_slots()
+        self.waiting_for_executor = set()
         promised: set[str] = set()  # executor ids this pass will stop
         passed_over = False
 
@@ -102,6 +107,7 @@ class Dispatcher:
                 if handle.id not in promised:
                     promised.add(handle.id)
                     return True
+            self.waiting_for_executor.add(cell.id)
             if not passed_over:  # look again when time may have made room
                 passed_over = True
                 self._pump_later()
@@ -119,11 +125,16 @@ class Dispatcher:
         self.pump()
 
     async def report_positions(self) -> None:
-        for cell_id, position in self.queue.positions(self.running.values()).items():
+        for cell_id, ahead in self.queue.positions(self.running.values()).items():
             cell = self.cells.get(cell_id)
+            # Passed over for want of an executor: it is not next in line, whatever is ahead.
+            position = max(ahead, 1) if cell_id in self.waiting_for_executor else ahead
             if cell is not None and cell.position != position:
                 cell.position = position
-                await self._tell(cell, m.QUEUED, {"position": position, "gpus": cell.gpus})
+                content: dict[str, Any] = {"position": position, "gpus": cell.gpus}
+                if cell_id in self.waiting_for_executor:
+                    content["waiting_for"] = "executor"
+                await self._tell(cell, m.QUEUED, content)
 
     async def _tell(self, cell: Cell, kind: str, content: dict[str, Any]) -> None:
         msg = Message(
@@ -142,7 +153,7 @@ class Dispatcher:
 
     async def _start_on_executor(self, cell: Cell) -> None:
         starved = time.monotonic() - cell.received >= STARVED
-        keep = self._sessions_in_use() | {cell.session}
+        keep = self._slots_in_use() | {(cell.session, cell.resources)}
         try:
             handle = await self.pool.acquire(cell.session, cell.resources, keep, starved)
         except ExecutorStartError as exc:
@@ -150,6 +161,19 @@ class Dispatcher:
             return
         if cell.stop_reason is not None:  # cancelled while the executor started
             await self.finish(cell, cell.stop_reason, "")
+            return
+        room = self.pool.rebudget().get(handle.pid)
+        # Its cap is what it holds + max(room, SLACK): the inputs must fit in that with
+        # a margin (an executor that hits its cap while receiving cannot answer).
+        if room is not None and cell.nbytes + SLACK // 2 > max(room, SLACK):
+            need, left = binary_size(cell.nbytes), binary_size(room)
+            await self.finish(
+                cell,
+                "memory",
+                f"the cell's inputs ({need}) do not fit {self.pool.budget.describe()}: "
+                f"{left} is left for this session. Send less, free memory in the session "
+                "(del, %lan2gpu close-session), or use another worker",
+            )
             return
         handle.cell = cell
         cell.started = time.monotonic()

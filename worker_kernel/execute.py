@@ -219,10 +219,12 @@ class CellRunner:
         send: Send,
         *,
         memory_limit: int = 0,
+        session_memory: int = 0,
         cache_budget: int = 1 << 30,
     ) -> None:
         self.worker = worker
-        self.memory_limit = memory_limit
+        self.memory_limit = memory_limit  # the worker's budget, shared by its sessions
+        self.session_memory = session_memory
         self.cache = ArrayCache(cache_budget)
         self.channel = channel
         self.send = send
@@ -374,8 +376,8 @@ class CellRunner:
             outcome.status = "error"
             outcome.poisoned = health.poisons_context(exc)
             notes: tuple[str, ...] = (health.POISONED_NOTE,) if outcome.poisoned else ()
-            if isinstance(exc, MemoryError) and self.memory_limit:
-                notes += (health.memory_note(self.memory_limit),)
+            if isinstance(exc, MemoryError) and (self.memory_limit or self.session_memory):
+                notes += (health.memory_note(self.memory_limit, self.session_memory),)
             outcome.error = _remote_traceback(exc, req.filename, notes)
         finally:
             self.armed = False

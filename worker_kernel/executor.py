@@ -84,6 +84,7 @@ class Executor:
         key: bytes,
         *,
         memory_limit: int = 0,
+        session_memory: int = 0,
         cache_memory: int = 0,
     ) -> None:
         self.ctx = zmq.Context()
@@ -95,7 +96,12 @@ class Executor:
         self.lock = threading.Lock()
         self.channel = OutputChannel()
         self.runner = CellRunner(
-            worker, self.channel, self.send, memory_limit=memory_limit, cache_budget=cache_memory
+            worker,
+            self.channel,
+            self.send,
+            memory_limit=memory_limit,
+            session_memory=session_memory,
+            cache_budget=cache_memory,
         )
         _route_display(self.runner.display)
         self._main_sending = False  # the main thread is inside send_multipart
@@ -159,14 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--identity", required=True)
     parser.add_argument("--worker", required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
-    parser.add_argument("--memory-limit", type=int, default=0)
+    parser.add_argument("--memory-limit", type=int, default=0)  # the first cap
+    parser.add_argument("--memory-budget", type=int, default=0)  # the worker's, shared
+    parser.add_argument("--session-memory", type=int, default=0)
     parser.add_argument("--cache-memory", type=int, default=0)
     parser.add_argument("--fault", action="append", default=[])
     args = parser.parse_args(argv)
     key = bytes.fromhex(sys.stdin.readline().strip())
     sys.stdin.close()
     threading.Thread(target=_watch_parent, args=(args.parent_pid,), daemon=True).start()
-    reaper.become_subreaper()  # what its cells start and orphan stays its own
+    if reaper.become_subreaper():  # what its cells start and orphan stays its own
+        reaper.reap_adopted_zombies()
     _warm_imports()
     if args.memory_limit:
         health.apply_memory_limit(args.memory_limit)
@@ -177,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         args.identity,
         args.worker,
         key,
-        memory_limit=args.memory_limit,
+        memory_limit=args.memory_budget,
+        session_memory=args.session_memory,
         cache_memory=args.cache_memory,
     )
     try:

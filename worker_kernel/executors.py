@@ -26,11 +26,14 @@ import zmq
 import zmq.asyncio
 
 from . import child_output, reaper
+from .budget import MemoryBudget
 from .capabilities import gpu_env
 from .protocol.messages import new_id
 from .scheduler import Cell
 
 log = logging.getLogger(__name__)
+
+Slot = tuple[str, tuple[str, ...]]  # (session, resources): one executor's place
 
 RECENT = 5.0  # an executor used this recently is not stopped for another session's cell
 STARVED = 30.0  # ...unless that cell has waited this long for one (bounded waiting)
@@ -71,6 +74,7 @@ class ExecutorPool:
         start_timeout: float,
         on_exit: ExitCallback,
         memory_limit: int = 0,
+        session_memory: int = 0,
         faults: tuple[str, ...] = (),
         cache_memory: int = 0,
         max_executors: int = 0,
@@ -87,12 +91,17 @@ class ExecutorPool:
         self._simulate = simulate
         self._start_timeout = start_timeout
         self._on_exit = on_exit
+        self.budget = MemoryBudget(memory_limit, session_memory)
         self._extra = [
-            f"--memory-limit={memory_limit}",
+            # Its first cap, until the service moves it (budget.py).
+            f"--memory-limit={session_memory or memory_limit}",
+            f"--memory-budget={memory_limit}",
+            f"--session-memory={session_memory}",
             f"--cache-memory={cache_memory}",
             *(f"--fault={f}" for f in faults),
         ]
         self._by_id: dict[str, ExecutorHandle] = {}
+        self._spawning = 0  # executors being started, not registered yet
         self._by_slot: dict[tuple[str, tuple[str, ...]], ExecutorHandle] = {}
         self._watchers: set[asyncio.Task[None]] = set()
 
@@ -109,7 +118,7 @@ class ExecutorPool:
         self,
         session: str,
         resources: tuple[str, ...],
-        keep: Iterable[str] = (),
+        keep: Iterable[Slot] = (),
         starved: bool = False,
     ) -> ExecutorHandle:
         """The session's executor for ``resources``, started (and waited for) if needed;
@@ -132,34 +141,50 @@ class ExecutorPool:
             # It was told to stop while we waited (its session closed, or it sat
             # idle too long): a cell handed to it now would die with it.
 
+    def rebudget(self) -> dict[int, int]:
+        """Move every executor's memory cap (:mod:`.budget`); pid -> what it may add."""
+        alive = [h for h in self._by_id.values() if h.process.returncode is None]
+        # One starting keeps its first cap (its imports need room), one stopping its
+        # last: both still hold memory, so both count.
+        moved = [h.pid for h in alive if h.ready.done() and not h.stopping]
+        held = [h.pid for h in alive if h.pid not in moved]
+        return self.budget.apply(moved, also=held)
+
     def has(self, session: str, resources: tuple[str, ...]) -> bool:
         handle = self._by_slot.get((session, resources))
         return handle is not None and not handle.stopping
 
     def evictable(
-        self, keep: Iterable[str], now: float, starved: bool = False
+        self, keep: Iterable[Slot], now: float, starved: bool = False
     ) -> list[ExecutorHandle]:
         """Executors that may be stopped to start another, the one to go first first.
 
         Never a busy one. Not one used in the last :data:`RECENT` seconds, nor one
-        whose session has cells waiting or running (``keep``: it would be started
-        again at once: that is the thrash). A cell ``starved`` of an executor (it
-        waited :data:`STARVED` seconds) may take any idle one, so waiting is bounded.
+        that cells are waiting for or running on (``keep``: (session, resources) slots;
+        it would be started again at once: that is the thrash), nor one still
+        starting. A cell ``starved`` of an executor (it waited :data:`STARVED`
+        seconds) may take any other idle one, so waiting is bounded.
         """
         kept = set(keep)
-        idle = [h for h in self._by_id.values() if h.cell is None and not h.stopping]
+        idle = [
+            h for h in self._by_id.values() if h.cell is None and not h.stopping and h.ready.done()
+        ]
         if not starved:
-            idle = [h for h in idle if h.session not in kept and now - h.last_used >= RECENT]
+            idle = [
+                h
+                for h in idle
+                if (h.session, h.resources) not in kept and now - h.last_used >= RECENT
+            ]
         return sorted(idle, key=lambda h: h.last_used)
 
     def free_slots(self) -> int:
         """How many executors can start without stopping one (a large number: no cap)."""
         if not self.max_executors:
             return 1 << 30
-        live = sum(not h.stopping for h in self._by_id.values())
+        live = sum(not h.stopping for h in self._by_id.values()) + self._spawning
         return max(0, self.max_executors - live)
 
-    def _make_room(self, keep: Iterable[str], starved: bool) -> None:
+    def _make_room(self, keep: Iterable[Slot], starved: bool) -> None:
         """Stop an executor if starting one more would pass ``--max-executors``.
 
         Each executor holds a session's namespace, arrays and GPU memory, and has
@@ -185,9 +210,16 @@ class ExecutorPool:
         task.add_done_callback(self._watchers.discard)
 
     async def _spawn(
-        self, session: str, resources: tuple[str, ...], keep: Iterable[str], starved: bool
+        self, session: str, resources: tuple[str, ...], keep: Iterable[Slot], starved: bool
     ) -> ExecutorHandle:
         self._make_room(keep, starved)
+        self._spawning += 1  # counted against --max-executors until it is registered
+        try:
+            return await self._start_process(session, resources)
+        finally:
+            self._spawning -= 1
+
+    async def _start_process(self, session: str, resources: tuple[str, ...]) -> ExecutorHandle:
         gpus = [int(r[3:]) for r in resources if r.startswith("gpu")]
         if self._simulate:
             # Simulated GPUs are labels; the simulator itself has one device.
@@ -241,6 +273,7 @@ class ExecutorPool:
         if handle.output is not None:
             await handle.output.close()
         reaper.reap_after_exit()  # what its cells started outside the group (setsid)
+
         self._by_id.pop(handle.id, None)
         if self._by_slot.get((handle.session, handle.resources)) is handle:
             del self._by_slot[(handle.session, handle.resources)]

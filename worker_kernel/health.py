@@ -63,8 +63,19 @@ def apply_memory_limit(limit: int) -> None:
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 
 
-def memory_note(limit: int) -> str:
+def memory_note(budget: int, share: int = 0) -> str:
+    """After a MemoryError: the cap is the worker's budget, shared by its sessions."""
+    cap = resource.getrlimit(resource.RLIMIT_DATA)[0]
+    per = f" (at most {share / 2**30:.1f} GiB per session, --session-memory)" if share else ""
+    if not budget:
+        return (
+            f"lan2gpu: this session may hold at most {share / 2**30:.1f} GiB "
+            "(--session-memory). Use less memory per cell, or ask the worker's owner to "
+            "raise it."
+        )
+    have = f"; this session could hold about {cap / 2**30:.1f} GiB" if cap > 0 else ""
     return (
-        f"lan2gpu: the executor's memory limit is {limit / 2**30:.1f} GiB (the worker's "
-        "--memory-limit); use less memory per cell, or ask the worker's owner to raise it."
+        f"lan2gpu: the worker's memory budget is {budget / 2**30:.1f} GiB (--memory-limit), "
+        f"shared by all its sessions{per}{have}. Use less memory per cell, free some "
+        "(del, %lan2gpu close-session), or ask the worker's owner to raise it."
     )

@@ -122,9 +122,13 @@ OPTIONS: tuple[Option, ...] = (
            "ZeroMQ/CurveZMQ handshake within this long, so idle or slow peers cannot use up "
            "file descriptors", "LAN2GPU_HANDSHAKE_TIMEOUT", "5", parse=float,
            metavar="SECONDS"),
-    Option("--memory-limit", "memory each executor may allocate (RLIMIT_DATA), e.g. 16G, 50% "
-           "of RAM, or none; a cell going past it gets a MemoryError", "LAN2GPU_MEMORY_LIMIT",
-           "75%", parse=memory_limit, metavar="SIZE"),
+    Option("--memory-limit", "memory all executors together may hold, e.g. 16G, 50% of RAM, "
+           "or none; a cell that would push the worker past it gets a MemoryError, and the "
+           "other sessions go on", "LAN2GPU_MEMORY_LIMIT", "75%", parse=memory_limit,
+           metavar="SIZE"),
+    Option("--session-memory", "at most this much of --memory-limit for one session's "
+           "executor, e.g. 8G or 25%", "LAN2GPU_SESSION_MEMORY", "none",
+           shown="none (up to --memory-limit)", parse=memory_limit, metavar="SIZE"),
     Option("--cache-memory", "memory each session may use to keep arrays by content, so an "
            "unchanged array is not sent again (e.g. 4G, 25%, or none)",
            "LAN2GPU_CACHE_MEMORY", "25%", parse=memory_limit, metavar="SIZE"),

@@ -25,6 +25,8 @@ import logging
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Collection
 from pathlib import Path
 
@@ -54,69 +56,101 @@ def become_subreaper() -> bool:
     return _STATE.subreaper
 
 
-def _parents() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, state), for every process (from /proc)."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            found[int(entry.name)] = int(fields[1]), fields[0]
-        except (OSError, IndexError, ValueError):
-            continue  # it ended meanwhile
+def _children(pid: int) -> list[int]:
+    """The children of ``pid`` (``/proc/PID/task/*/children``: no scan of all /proc)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        with contextlib.suppress(OSError, ValueError):
+            found += [int(p) for p in task.read_text().split()]
     return found
+
+
+def _state(pid: int) -> str:
+    try:
+        # "pid (comm) state ...": comm may hold spaces and parentheses.
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
 
 
 def kill_orphans(known: Collection[int]) -> list[int]:
     """Kill (SIGKILL) this process's children that are not in ``known``, and all
-    their descendants; reap those that are gone. Returns the pids killed.
+    their descendants; reap those that are gone. Returns the pids that still ran.
 
-    Synchronous and quick (one pass over /proc): called on the event loop, so no
-    spawn can be half-way through (see :data:`child_output.spawning`).
+    Synchronous and quick (it reads the children lists, not all of /proc): called
+    on the event loop, where no spawn is half-way when ``SPAWNED.starting`` is 0.
     """
-    if not Path("/proc/self/stat").exists():
+    if not Path("/proc/self/task").exists():
         return []
-    me = os.getpid()
-    parents = _parents()
-    children: dict[int, list[int]] = {}
-    for pid, (parent, _) in parents.items():
-        children.setdefault(parent, []).append(pid)
-    orphans = [pid for pid in children.get(me, []) if pid not in known]
+    orphans = [pid for pid in _children(os.getpid()) if pid not in known]
     victims: list[int] = []
     todo = list(orphans)
     while todo:
         pid = todo.pop()
         victims.append(pid)
-        todo += children.get(pid, [])
-    for pid in victims:
+        todo += _children(pid)
+    running = [pid for pid in victims if _state(pid) not in ("Z", "X")]
+    for pid in running:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    for pid in orphans:  # ours to reap; the others are reaped by their parents first
+    for pid in orphans:  # ours to reap; their own children are re-parented to us as they die
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-    running = [pid for pid in victims if parents[pid][1] not in ("Z", "X")]
     if running:
         log.info("stopped %d process(es) left by ended cells: %s", len(running), running)
-    return victims
+    return running
 
 
 def reap() -> list[int]:
     """:func:`kill_orphans` with the processes :func:`child_output.spawn` started as
-    the known children; nothing while a spawn is half-way (its pid is not known yet)."""
-    if SPAWNED.starting or not _STATE.subreaper:
+    the known children. While a spawn is half-way (its pid not known yet), it tries
+    again shortly instead."""
+    if not _STATE.subreaper:
         return []  # a process that is no subreaper may have children of its own
-    return kill_orphans(SPAWNED.pids)
+    if SPAWNED.starting:
+        with contextlib.suppress(RuntimeError):  # no running loop: the next call will do
+            asyncio.get_running_loop().call_later(0.2, reap)
+        return []
+    try:
+        return kill_orphans(SPAWNED.pids)
+    except Exception:  # never let cleanup stop the caller (answering the cell comes next)
+        log.exception("could not stop the processes left by ended cells")
+        return []
 
 
 def reap_after_exit() -> None:
     """An executor or kernel just ended: its orphans are ours now. Again a little
-    later, for their own children (re-parented as they die) and for zombies."""
+    later, for their own children (re-parented as they die) and for zombies; the
+    heartbeat's pass catches any later still."""
     reap()
-    loop = asyncio.get_running_loop()
-    for delay in (0.5, 2.0):
-        loop.call_later(delay, reap)
+    with contextlib.suppress(RuntimeError):
+        loop = asyncio.get_running_loop()
+        for delay in (0.5, 2.0):
+            loop.call_later(delay, reap)
+
+
+def reap_adopted_zombies(every: float = 5.0, after: float = 30.0) -> threading.Thread:
+    """In an executor: reap adopted orphans that ended (a subreaper gets them as
+    children, and nobody else waits for them). A zombie is reaped once it has been
+    one for ``after`` seconds, so a child the cell itself waits for (``Popen.wait``)
+    is left to the cell."""
+
+    def run() -> None:
+        first_seen: dict[int, float] = {}
+        while True:
+            time.sleep(every)
+            now = time.monotonic()
+            zombies = {pid for pid in _children(os.getpid()) if _state(pid) == "Z"}
+            first_seen = {pid: first_seen.get(pid, now) for pid in zombies}
+            for pid, since in list(first_seen.items()):
+                if now - since >= after:
+                    with contextlib.suppress(ChildProcessError):
+                        os.waitpid(pid, os.WNOHANG)
+                    del first_seen[pid]
+
+    thread = threading.Thread(target=run, name="lan2gpu-zombies", daemon=True)
+    thread.start()
+    return thread
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -112,6 +112,7 @@ class WorkerService:
             start_timeout=config.executor_start_timeout,
             on_exit=self._on_executor_exit,
             memory_limit=config.memory_limit,
+            session_memory=config.session_memory,
             faults=config.faults,
             cache_memory=config.cache_memory,
             max_executors=config.max_executors,
@@ -609,6 +610,8 @@ class WorkerService:
 
     async def _tick(self, now: float) -> None:
         self.capabilities = self.monitor.refresh(self.capabilities)
+        self.pool.rebudget()  # caps follow what the executors hold (budget.py)
+        reaper.reap()  # orphans that were re-parented to us after the last pass
         if self.dispatcher.relayed_big or now >= self._next_trim:
             # Freed frames of large cells, and buffers libzmq filled for handshakes
             # that never finished (keyless peers): back to the system.

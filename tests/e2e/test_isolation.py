@@ -78,7 +78,8 @@ def test_processes_a_cell_started_go_when_its_executor_is_killed(client, tmp_pat
 
 
 DETACH = """\
-import subprocess
+import os, subprocess
+open("{pids}/executor", "w").write(str(os.getpid()))
 # In a session of its own (no longer in the executor's process group)...
 apart = subprocess.Popen(["setsid", "sleep", "300"])
 # ...and a daemon: its parent exits at once, it calls setsid.
@@ -97,16 +98,35 @@ def _detached(code_dir) -> list[int]:
     raise AssertionError("the cell did not write its pids")
 
 
+def _reaped(pid: int) -> bool:
+    """Gone and reaped: not even a zombie is left."""
+    return not os.path.exists(f"/proc/{pid}")
+
+
 def _all_gone(pids: list[int], within: float = 15) -> bool:
     deadline = time.monotonic() + within
-    while not all(map(process_gone, pids)) and time.monotonic() < deadline:
+    while not all(map(_reaped, pids)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return all(map(process_gone, pids))
+    return all(map(_reaped, pids))
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        return int(fh.read().rsplit(")", 1)[1].split()[1])
 
 
 def test_processes_a_cell_detached_live_with_its_session_and_end_with_it(client, tmp_path):
+    (tmp_path / "other").mkdir()
     client.run(DETACH.format(pids=tmp_path), {}, session="detached")
     pids = _detached(tmp_path)
+    executor = int((tmp_path / "executor").read_text())
+    # The daemon's parent exited at once: it was re-parented to the executor, not init.
+    assert _parent(pids[1]) == executor
+    # Another session's executor ending (its orphans are stopped) spares this one's.
+    client.run(DETACH.format(pids=tmp_path / "other"), {}, session="other")
+    others = _detached(tmp_path / "other")
+    assert client.close_session("other") == 1
+    assert _all_gone(others)
     time.sleep(1)
     assert not any(map(process_gone, pids))  # a server the session started keeps running
     assert client.close_session("detached") == 1

@@ -55,11 +55,41 @@ def test_memory_limit_stops_a_hog_with_a_clear_error(worker_factory):
         with pytest.raises(RemoteExecutionError, match="MemoryError") as info:
             c.run("hog = np.ones(2 * 1024**3 // 8)", {}, session="named")
         text = "\n".join(info.value._render_traceback_())
-        assert "memory limit is 0.6 GiB" in text and "--memory-limit" in text
+        assert "memory budget is 0.6 GiB (--memory-limit)" in text
         assert not info.value.session_lost
         ns: dict = {}
         c.run("still = kept + 1", ns, session="named")  # same executor, session intact
         assert ns["still"] == 2
+    assert worker.alive()
+
+
+def test_the_memory_budget_is_shared_by_the_sessions(worker_factory):
+    """Three sessions on a worker with a 1.2 GiB budget: the one that would push the
+    worker past it gets the MemoryError; the others keep what they hold."""
+    worker = worker_factory("shared-memory", "--memory-limit", "1200M")
+    mib = 1024**2 // 8  # float64 elements per MiB
+    with connect(worker.address, key_file=worker.key_file) as c:
+        c.run(f"import numpy as np\nbig = np.ones(700 * {mib})", {}, session="A", outputs=[])
+        c.run("import numpy as np\nsmall = np.ones(8)", {}, session="B", outputs=[])
+        with pytest.raises(RemoteExecutionError, match="MemoryError") as info:
+            c.run(f"more = np.ones(700 * {mib})", {}, session="B", outputs=[])
+        text = "\n".join(info.value._render_traceback_())
+        assert "memory budget is 1.2 GiB (--memory-limit), shared by all its sessions" in text
+        assert not info.value.session_lost
+        ns: dict = {}
+        c.run("n = int(big.sum())", ns, session="A")  # A keeps its 700 MiB
+        assert ns["n"] == 700 * mib
+        c.run("del big", {}, session="A")
+        c.run(f"more = np.ones(700 * {mib})\nm = more.size", ns, session="B", outputs=["m"])
+        assert ns["m"] == 700 * mib  # B fits once A let go
+        # Inputs that cannot fit are refused before they are sent to the executor.
+        import numpy as np
+
+        from lan2gpu_magic import MemoryBudgetExceeded
+
+        with pytest.raises(MemoryBudgetExceeded, match="do not fit the worker's memory budget"):
+            c.run("s = x.size", {"x": np.ones(900 * mib)}, session="B", outputs=["s"])
+        c.run("k = 1", ns, session="B")  # the session goes on
     assert worker.alive()
 
 

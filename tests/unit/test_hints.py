@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Options of other programs that messages mention on purpose.
 EXTERNAL = {"--kernel": "jupyter console --kernel NAME", "--allow-root": "jupyter server",
             # argv of the worker's own executor subprocess (worker_kernel/executor.py)
-            "--connect": "executor", "--identity": "executor"}  # fmt: skip
+            "--connect": "executor", "--identity": "executor", "--memory-budget": "executor"}  # fmt: skip
 # Placeholders in hints, and a value that parses where they stand.
 PLACEHOLDERS = {"ADDRESS": "tcp://10.0.0.7:7340", "S": "30", "N": "2", "NAME": "x", "X": "x",
                 "PATH": "/tmp/key", "SECONDS": "30"}  # fmt: skip
@@ -187,6 +187,7 @@ SAMPLES = {
     "LAN2GPU_INSECURE_PLAINTEXT": "1",
     "LAN2GPU_HANDSHAKE_TIMEOUT": "9",
     "LAN2GPU_MEMORY_LIMIT": "3G",
+    "LAN2GPU_SESSION_MEMORY": "1G",
     "LAN2GPU_CACHE_MEMORY": "1G",
     "LAN2GPU_MAX_EXECUTORS": "3",
     "LAN2GPU_MAX_KERNELS": "2",

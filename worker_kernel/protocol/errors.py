@@ -20,6 +20,7 @@
         ├── ExecutionTimeout      --timeout passed
         ├── ExecutionCancelled    interrupted or cancelled
         ├── ExecutorDied          the executor process died; session state is lost
+        ├── MemoryBudgetExceeded  the cell's inputs do not fit the worker's memory budget
         └── SplitError            a chunk of a --split cell failed twice (all errors inside)
 
 Every message says what happened, where, and what to do.
@@ -150,6 +151,12 @@ class ExecutionCancelled(WorkerError):
 
 class ExecutorDied(WorkerError):
     """The executor process died while running the cell; its session state is gone."""
+
+
+class MemoryBudgetExceeded(WorkerError, MemoryError):
+    """The worker's memory budget (``--memory-limit``, shared by its sessions) has no
+    room for the cell's inputs; the cell did not run, and its session is intact.
+    (Allocating past the budget inside a cell is a ``MemoryError`` in the cell.)"""
 
 
 class SplitError(WorkerError):
