@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: import as the packa
     sys.path[0] = str(_ROOT)
     __package__ = "benchmarks"  # lets the relative imports below resolve
 
-from . import lan, limits, memory, sections
+from . import crowd, lan, limits, memory, sections
 from .measure import MiB, parse_size, size_label
 from .report import Table, machine, short_error
 from .sections import Failed
@@ -52,6 +52,9 @@ class Plan:
     lan_probe_bytes: int
     systems: tuple[str, ...]
     skip_lan: bool
+    crowds: tuple[int, ...]  # clients at once against one worker, one row each
+    crowd_cells: int
+    crowd_executors: int
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -71,6 +74,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "arrays of 4 MiB or less get 4 times as many",
     )
     p.add_argument("--skip-lan", action="store_true", help="skip the emulated LANs")
+    p.add_argument(
+        "--crowds",
+        metavar="N,...",
+        help="the many-clients section: this many clients at once against one worker "
+        "(default 10,15,20,30 with --max-executors 16; --quick 2,4 with 3; 0: skip it)",
+    )
     p.add_argument(
         "--only",
         metavar="SYSTEM,...",
@@ -121,6 +130,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
         lan_probe_bytes=min(lan_bytes, 64 * MiB),
         systems=tuple(s for s in NAMES if s in systems),
         skip_lan=args.skip_lan,
+        crowds=tuple(
+            int(n)
+            for n in (args.crowds or ("2,4" if args.quick else "10,15,20,30")).split(",")
+            if int(n) > 0
+        ),
+        crowd_cells=3 if args.quick else 20,
+        crowd_executors=3 if args.quick else 16,
     )
 
 
@@ -203,6 +219,11 @@ def run(plan: Plan, work: Path, client: ClientOptions) -> list[Table]:
                 progress(f"the LAN part is skipped: {exc}")
             except Exception as exc:  # shown in the table
                 results.lan = exc
+        if plan.crowds:
+            progress(f"many clients on one worker: {', '.join(map(str, plan.crowds))}")
+            results.crowd = crowd.measure_crowd(
+                work, plan.crowds, plan.crowd_cells, plan.crowd_executors, client.kwargs
+            )
     return [machine_limits, *tables(plan, results, client.note)]
 
 
@@ -217,6 +238,8 @@ def tables(plan: Plan, r: Results, client_note: str) -> list[Table]:
         out.append(memory.table_memory(r.memory, plan.memory_bytes))
     if r.lan is not None:
         out.append(lan.table_lan(r.lan, plan.lan_bytes))
+    if r.crowd is not None:
+        out.append(crowd.table_crowd(r.crowd, plan.crowd_cells, plan.crowd_executors))
     if "lan2gpu" in plan.systems:
         out.append(targets(r, plan.sizes, plan.memory_bytes))
     return out

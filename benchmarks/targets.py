@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .crowd import Crowd
 from .lan import LanResult
 from .measure import MiB, Stats, rate, size_label
 from .memory import Peak
@@ -27,6 +28,7 @@ class Results:
     kernel: KernelRuns | Failed | None = None
     memory: list[Peak] | BaseException | None = None
     lan: list[LanResult] | BaseException | str | None = None  # str: why it was skipped
+    crowd: list[Crowd | str] | None = None  # str: a row that failed
 
 
 def _median(stats: object) -> float | None:
