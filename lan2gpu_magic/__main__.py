@@ -134,14 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "install-kernel":
             return install_kernel(args)
         if args.command == "list-kernels":
-            for name, folder, body in kernelspec.installed():
-                placement = " ".join(
-                    body.get("metadata", {}).get("lan2gpu", {}).get("placement", [])
-                )
-                print(
-                    f"{name}  {body.get('display_name')!r}  {placement or '(any worker)'}  {folder}"
-                )
-            return 0
+            return list_kernels()
         if args.command == "remove-kernel":
             print(f"removed {kernelspec.remove(args.name)}")
             return 0

@@ -9,6 +9,7 @@ from typing import Any
 
 from worker_kernel.units import binary_size
 
+from .placement import WorkerView
 from .pool import WorkerRow
 
 COLUMNS = ("worker", "address", "GPUs", "CPU", "RAM", "simulator", "queue", "running",
@@ -37,30 +38,32 @@ def _gpu_lines(status: dict[str, Any]) -> list[str]:
     return lines or ["none"]
 
 
+def _summary(origin: str, status: dict[str, Any], view: WorkerView) -> dict[str, str]:
+    """A reachable worker's one-line facts, by column name (both tables use them)."""
+    versions = status.get("versions", {})
+    return {
+        "worker": view.name,
+        "address": view.address,
+        "CPU": f"{view.cpu_count} cores, load {view.load_average:.1f}",
+        "RAM": _ram(status.get("capabilities", {})),
+        "simulator": "yes" if view.simulator else "no",
+        "queue": str(len(status.get("queued", []))),
+        "running": str(len(status.get("running", []))),
+        "latency": f"{view.latency * 1000:.1f} ms",
+        "versions": f"lan2gpu {versions.get('lan2gpu', '?')}, "
+        f"Python {versions.get('python', '?')}, numba {versions.get('numba', '?')}, "
+        f"numpy {versions.get('numpy', '?')}",
+        "state": f"ok ({origin})",
+    }
+
+
 def row_cells(row: WorkerRow) -> tuple[list[str], ...]:
     """The row's cells; a cell is a list of lines."""
     if row.view is None or row.status is None:
         state = f"{row.state} ({row.origin}): {row.problem}"
         return ([row.address.split("//")[-1]], [row.address], *([[""]] * 8), [state])
-    status, view = row.status, row.view
-    caps = status.get("capabilities", {})
-    versions = status.get("versions", {})
-    return (
-        [view.name],
-        [view.address],
-        _gpu_lines(status),
-        [f"{view.cpu_count} cores, load {view.load_average:.1f}"],
-        [_ram(caps)],
-        ["yes" if view.simulator else "no"],
-        [str(len(status.get("queued", [])))],
-        [str(len(status.get("running", [])))],
-        [f"{view.latency * 1000:.1f} ms"],
-        [
-            f"lan2gpu {versions.get('lan2gpu', '?')}, Python {versions.get('python', '?')}, "
-            f"numba {versions.get('numba', '?')}, numpy {versions.get('numpy', '?')}"
-        ],
-        [f"ok ({row.origin})"],
-    )
+    facts = _summary(row.origin, row.status, row.view)
+    return tuple(_gpu_lines(row.status) if c == "GPUs" else [facts[c]] for c in COLUMNS)
 
 
 WIDTH = 100  # a terminal's table fits this many columns, as `pip list` does
@@ -85,26 +88,17 @@ def _text_row(row: WorkerRow) -> tuple[dict[str, str], list[str]]:
         cells["state"] = f"{row.state} ({row.origin})"
         return cells, [f"problem: {row.problem}"]
     status, view = row.status, row.view
-    caps = status.get("capabilities", {})
-    versions = status.get("versions", {})
-    cells = {
-        "worker": _cut(view.name, _NAME_MAX),
-        "address": _cut(view.address, _ADDRESS_MAX),
-        "GPUs": f"{len(caps.get('gpus', []))}" + (" sim" if view.simulator else ""),
-        "CPU": f"{view.cpu_count} cores, load {view.load_average:.1f}",
-        "RAM": _ram(caps),
-        "queue": str(len(status.get("queued", []))),
-        "running": str(len(status.get("running", []))),
-        "latency": f"{view.latency * 1000:.1f} ms",
-        "state": f"ok ({row.origin})",
-    }
+    facts = _summary(row.origin, status, view)
+    cells = {c: facts[c] for c in _TEXT_COLUMNS if c in facts}
+    cells.update(
+        worker=_cut(view.name, _NAME_MAX),
+        address=_cut(view.address, _ADDRESS_MAX),
+        GPUs=f"{len(status.get('capabilities', {}).get('gpus', []))}"
+        + (" sim" if view.simulator else ""),
+    )
     below = [f"address {view.address}"] if len(view.address) > _ADDRESS_MAX else []
     below += [f"GPU {line}" for line in _gpu_lines(status) if line != "none"] or ["no GPU"]
-    below.append(
-        f"lan2gpu {versions.get('lan2gpu', '?')}, Python {versions.get('python', '?')}, "
-        f"numba {versions.get('numba', '?')}, numpy {versions.get('numpy', '?')}"
-        + ("; CUDA simulator" if view.simulator else "")
-    )
+    below.append(facts["versions"] + ("; CUDA simulator" if view.simulator else ""))
     return cells, below
 
 

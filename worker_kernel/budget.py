@@ -3,7 +3,7 @@
 Each executor's private writable memory is capped (``RLIMIT_DATA``): allocating
 past the cap raises ``MemoryError`` in the cell, and the session goes on. A fixed
 cap per executor let a few sessions add up past the host's RAM, so the service
-moves the caps as the executors grow: before each cell and every heartbeat, each
+moves the caps as the executors grow: after each cell and every heartbeat, each
 executor may grow by what the budget has left, measured in resident memory
 (anonymous and shared-memory pages: what the executors really hold, not the
 address space libraries reserve, nor library pages every process shares), and by
@@ -21,7 +21,6 @@ budget).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import resource
 from collections.abc import Iterable
@@ -54,16 +53,18 @@ class MemoryBudget:
     limit: int  # bytes for all executors together; 0: no budget
     share: int = 0  # at most this much per session's executor; 0: up to the budget
 
-    def headroom(self, pids: Iterable[int], also: Iterable[int] = ()) -> dict[int, int]:
-        """How much more each executor may allocate now (``also``: more executors that
-        hold memory, but whose caps are not moved)."""
+    def headroom(
+        self, pids: Iterable[int], also: Iterable[int] = ()
+    ) -> dict[int, tuple[Usage, int]]:
+        """Each executor's use, and how much more it may allocate now (``also``: more
+        executors that hold memory, but whose caps are not moved)."""
         seen = {pid: u for pid in pids if (u := usage(pid)) is not None}
         others = [u for pid in also if (u := usage(pid)) is not None]
         free = self.limit - sum(u.resident for u in [*seen.values(), *others])
         out = {}
         for pid, u in seen.items():
             room = free if not self.share else min(free, self.share - u.resident)
-            out[pid] = max(0, room)
+            out[pid] = u, max(0, room)
         return out
 
     def apply(self, pids: Iterable[int], also: Iterable[int] = ()) -> dict[int, int]:
@@ -71,10 +72,7 @@ class MemoryBudget:
         if not self.limit or not hasattr(resource, "prlimit"):
             return {}
         room = self.headroom(pids, also)
-        for pid, more in room.items():
-            u = usage(pid)
-            if u is None:
-                continue
+        for pid, (u, more) in room.items():
             with contextlib.suppress(OSError):  # it ended meanwhile
                 # The soft limit only: raising another process's hard limit takes a
                 # privilege, so the hard one stays at the executor's first cap.
@@ -83,7 +81,7 @@ class MemoryBudget:
                 if hard != resource.RLIM_INFINITY:
                     cap = min(cap, hard)
                 resource.prlimit(pid, resource.RLIMIT_DATA, (cap, hard))
-        return room
+        return {pid: more for pid, (_, more) in room.items()}
 
     def describe(self) -> str:
         share = f", at most {_gib(self.share)} per session" if self.share else ""
@@ -92,7 +90,3 @@ class MemoryBudget:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
-
-
-def own_usage() -> Usage | None:
-    return usage(os.getpid())

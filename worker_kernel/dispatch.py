@@ -89,19 +89,20 @@ class Dispatcher:
         """For one pass of the queue: whether a cell has an executor to run on, counting
         the executors this pass already promised (free slots, then stoppable ones)."""
         now = time.monotonic()
-        keep = self._slots_in_use()
         free = self.pool.free_slots()
         self.waiting_for_executor = set()
         promised: set[str] = set()  # executor ids this pass will stop
+        keep: set[Slot] | None = None  # worked out only when the cap is reached
         passed_over = False
 
         def room(cell: Cell) -> bool:
-            nonlocal free, passed_over
+            nonlocal free, passed_over, keep
             if self.pool.has(cell.session, cell.resources):
                 return True
             if free > 0:
                 free -= 1
                 return True
+            keep = self._slots_in_use() if keep is None else keep
             starved = now - cell.received >= STARVED
             for handle in self.pool.evictable(keep, now, starved):
                 if handle.id not in promised:
@@ -162,7 +163,11 @@ class Dispatcher:
         if cell.stop_reason is not None:  # cancelled while the executor started
             await self.finish(cell, cell.stop_reason, "")
             return
-        room = self.pool.rebudget().get(handle.pid)
+        # The caps move when a cell ends and every heartbeat, not on this hot path; only
+        # an executor that never had its cap moved (a new one) is measured now.
+        room = self.pool.headroom.get(handle.pid)
+        if room is None:
+            room = self.pool.rebudget().get(handle.pid)
         # Its cap is what it holds + max(room, SLACK): the inputs must fit in that with
         # a margin (an executor that hits its cap while receiving cannot answer).
         if room is not None and cell.nbytes + SLACK // 2 > max(room, SLACK):
@@ -282,6 +287,7 @@ class Dispatcher:
         )
         if self.running.pop(cell.id, None) is not None:
             self.busy -= set(cell.resources)
+        self.pool.rebudget()  # what the cell left behind moves every cap (budget.py)
         # Always: a cancelled waiting cell may have held a reservation others wait on.
         self.pump()
 

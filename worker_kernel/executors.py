@@ -92,6 +92,7 @@ class ExecutorPool:
         self._start_timeout = start_timeout
         self._on_exit = on_exit
         self.budget = MemoryBudget(memory_limit, session_memory)
+        self.headroom: dict[int, int] = {}  # pid -> what it may add, as of the last rebudget
         self._extra = [
             # Its first cap, until the service moves it (budget.py).
             f"--memory-limit={session_memory or memory_limit}",
@@ -142,13 +143,15 @@ class ExecutorPool:
             # idle too long): a cell handed to it now would die with it.
 
     def rebudget(self) -> dict[int, int]:
-        """Move every executor's memory cap (:mod:`.budget`); pid -> what it may add."""
+        """Move every executor's memory cap (:mod:`.budget`); pid -> what it may add,
+        also kept in :attr:`headroom` until the next call."""
         alive = [h for h in self._by_id.values() if h.process.returncode is None]
         # One starting keeps its first cap (its imports need room), one stopping its
         # last: both still hold memory, so both count.
         moved = [h.pid for h in alive if h.ready.done() and not h.stopping]
         held = [h.pid for h in alive if h.pid not in moved]
-        return self.budget.apply(moved, also=held)
+        self.headroom = self.budget.apply(moved, also=held)
+        return self.headroom
 
     def has(self, session: str, resources: tuple[str, ...]) -> bool:
         handle = self._by_slot.get((session, resources))

@@ -14,9 +14,15 @@ def alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True  # another user's process
-    try:
-        # /proc/PID/stat: "pid (comm) state ..."; comm may hold spaces and parentheses.
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+    if not Path("/proc/self/stat").exists():
         return True  # no /proc (not Linux): signal 0 is all there is
-    return state not in ("Z", "X")
+    return state(pid) not in ("Z", "X")
+
+
+def state(pid: int) -> str:
+    """The process's state letter from /proc (``R``, ``S``, ``Z`` ...); ``X``: gone."""
+    try:
+        # /proc/PID/stat: "pid (comm) state ...": comm may hold spaces and parentheses.
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"

@@ -31,6 +31,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from .child_output import SPAWNED
+from .pids import state
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _state(pid: int) -> str:
-    try:
-        # "pid (comm) state ...": comm may hold spaces and parentheses.
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "X"
-
-
 def kill_orphans(known: Collection[int]) -> list[int]:
     """Kill (SIGKILL) this process's children that are not in ``known``, and all
     their descendants; reap those that are gone. Returns the pids that still ran.
@@ -89,7 +82,7 @@ def kill_orphans(known: Collection[int]) -> list[int]:
         pid = todo.pop()
         victims.append(pid)
         todo += _children(pid)
-    running = [pid for pid in victims if _state(pid) not in ("Z", "X")]
+    running = [pid for pid in victims if state(pid) not in ("Z", "X")]
     for pid in running:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
@@ -140,7 +133,7 @@ def reap_adopted_zombies(every: float = 5.0, after: float = 30.0) -> threading.T
         while True:
             time.sleep(every)
             now = time.monotonic()
-            zombies = {pid for pid in _children(os.getpid()) if _state(pid) == "Z"}
+            zombies = {pid for pid in _children(os.getpid()) if state(pid) == "Z"}
             first_seen = {pid: first_seen.get(pid, now) for pid in zombies}
             for pid, since in list(first_seen.items()):
                 if now - since >= after:
