@@ -7,8 +7,13 @@ the same steps, choosing the worker first.
 Liveness (Paranoid Pirate style): while waiting for a cell, the client sends a
 heartbeat every interval and expects to hear from the worker's service (which
 answers even while a cell is busy) within ``liveness`` intervals, plus the time
-an announced large result needs at ``min_bandwidth``; otherwise it raises
-:class:`WorkerLost`.
+an announced large result needs at ``min_bandwidth``. A silent worker is then asked
+once more (ping, and a fetch of the result), and after one more interval the
+connection decides: if it dropped (worker killed, host down, network cut; see
+``Transport.link_up``), :class:`WorkerLost` with ``gone=True``; if it is up, the
+worker has stalled (stopped, swapping, overloaded) and the client waits for it up to
+its ``stall_grace``, after which :class:`WorkerLost` says the cell may still finish
+there (``gone=False``, which ``--retry`` does not run again).
 """
 
 from __future__ import annotations
@@ -75,6 +80,9 @@ _TIMEOUT_GRACE = 30.0  # beyond a cell's --timeout, before the client stops wait
 _FETCH_EVERY = 2.0  # at most this often, ask again for a result that did not come
 _PROBE_BYTES = 1 << 20  # sent once to measure the link, when a large transfer comes
 _COMPRESS_MODES = ("auto", "on", "off")
+# Status kinds of the client's own, next to the worker's queued/started/transfer.
+STALLED = "stalled"  # connected, silent past liveness: content {"silent", "grace"}
+ANSWERING = "answering"  # it spoke again after a stall: content {"silent"}
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +140,7 @@ class WorkerInfo:
     capabilities: dict[str, Any]
     heartbeat: float
     warnings: tuple[str, ...] = ()
+    stall_grace: float = 60.0  # how long to wait for it while connected but silent
 
     @property
     def simulator(self) -> bool:
@@ -346,6 +355,7 @@ class Client:
             capabilities=dict(c["capabilities"]),
             heartbeat=float(c.get("heartbeat", 1.0)),
             warnings=tuple(warnings) + tuple(c.get("warnings", [])),
+            stall_grace=float(c.get("stall_grace", 60.0)),
         )
 
     def ping(self, timeout: float = 5.0, expect_bytes: int = 0) -> float:
@@ -557,6 +567,8 @@ class Client:
         deadline = float("inf")  # set once the cell starts, if it has a timeout
         acknowledged = False  # the worker has said something about this cell
         recovering = False  # one silent spell was spent asking the worker again
+        stalled = False  # silent, but its connection is up: waiting up to its stall grace
+        waiting_since = silent_since = last_heard
         last_fetch = float("-inf")
         fetches: set[str] = set()
         sent = {cell_id}  # ids of what this wait sent: only their errors concern it
@@ -613,7 +625,8 @@ class Client:
                     if acknowledged:
                         raise WorkerLost(
                             f"worker {self.info.name} ({self.address}) no longer knows the "
-                            "cell (its result expired or it was cancelled); run it again."
+                            "cell (its result expired or it was cancelled); run it again.",
+                            gone=False,
                         )
                     # The request itself never arrived: send it again (same request id).
                     send(
@@ -639,17 +652,20 @@ class Client:
                             # that never reports back.
                             deadline = min(deadline, now + timeout + _TIMEOUT_GRACE)
                     allowance = self._dispatch(reply, handlers, allowance)
+            if stalled and self._last_heard == now:
+                stalled = False
+                handlers.status(ANSWERING, {"silent": now - silent_since})
             if now >= next_beat:
                 send(self._message(m.HEARTBEAT))
                 next_beat = now + heartbeat
-            if now >= started_by + allowance and not interrupted.cancelled:
+            if now >= started_by + allowance and not interrupted.cancelled and not stalled:
                 raise ExecutionTimeout(
                     f"the cell did not start on worker {self.info.name} within its --timeout "
                     f"of {timeout:g} s (it was still waiting in the worker's queue); it was "
                     "withdrawn. Raise --timeout, or pick a less busy worker (--worker).",
                     self.info.name,
                 )
-            if now >= deadline:
+            if now >= deadline and not stalled:  # a stall is bounded by its own grace
                 if interrupted.cancelled and interrupted.by_event:
                     raise ExecutionCancelled(
                         f"the cell was cancelled; worker {self.info.name} did not confirm "
@@ -661,7 +677,8 @@ class Client:
                 raise WorkerLost(
                     f"worker {self.info.name} ({self.address}) did not report the end of the "
                     f"cell within {_TIMEOUT_GRACE:.0f} s after its --timeout of {timeout:g} s; "
-                    "the cell's result is lost. Check the worker's log."
+                    "the cell's result is lost. Check the worker's log.",
+                    gone=False,
                 )
             if now > last_heard + self.liveness * heartbeat + allowance:
                 if not recovering:
@@ -672,11 +689,38 @@ class Client:
                     send(self._message(m.PING))
                     fetches.add(send(self._message(m.FETCH, {"cell": cell_id})))
                     continue
+                silent_since = max(self._last_heard, waiting_since)
+                silent = now - silent_since
+                up = self.transport.link_up()
+                if up and silent < self.info.stall_grace:
+                    # Silent, yet the connection is up: a stopped, swapping or overloaded
+                    # worker, whose results come when it runs again. Look once a beat.
+                    if not stalled:
+                        log.warning(
+                            "worker %s silent for %.0f s, its connection up: waiting up to "
+                            "%g s (its --stall-grace)",
+                            self.info.name,
+                            silent,
+                            self.info.stall_grace,
+                        )
+                    stalled = True
+                    handlers.status(STALLED, {"silent": silent, "grace": self.info.stall_grace})
+                    last_heard = now - (self.liveness - 1) * heartbeat
+                    continue
                 self._last_heard = float("-inf")
+                if up:
+                    raise WorkerLost(
+                        f"worker {self.info.name} ({self.address}) kept its connection but "
+                        f"did not answer for {silent:.0f} s, past its --stall-grace of "
+                        f"{self.info.stall_grace:g} s. The cell may still finish there, so "
+                        "it is not run again elsewhere (--retry); check the worker's host "
+                        "(overloaded, swapping, stopped?) before you run it again.",
+                        gone=False,
+                    )
                 raise WorkerLost(
-                    f"worker {self.info.name} ({self.address}) stopped answering: no "
-                    f"heartbeat for {(self.liveness + 1) * heartbeat:.0f} s while "
-                    "the cell was in flight. The cell's result is lost; check that the worker "
+                    f"worker {self.info.name} ({self.address}) stopped answering: its "
+                    f"connection dropped and no heartbeat came for {silent:.0f} s while the "
+                    "cell was in flight. The cell's result is lost; check that the worker "
                     "is running and reachable, then run the cell again."
                 )
 

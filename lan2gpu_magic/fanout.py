@@ -25,6 +25,7 @@ from worker_kernel.protocol.errors import (
     ProtocolError,
     SplitError,
     TransportError,
+    WorkerLost,
 )
 from worker_kernel.protocol.serialize import Payload
 
@@ -181,7 +182,9 @@ class FanOut:
                 else:
                     free.append(slot)
                 cancelled = isinstance(outcome, ExecutionCancelled) or self.cancel.is_set()
-                if len(chunk.errors) < self.attempts and not cancelled:
+                # A worker silent past its stall grace may still finish the chunk.
+                maybe_running = isinstance(outcome, WorkerLost) and not outcome.gone
+                if len(chunk.errors) < self.attempts and not (cancelled or maybe_running):
                     pending.appendleft(chunk)
                 else:
                     failed.append(chunk)

@@ -83,6 +83,7 @@ class Forwarder:
         self.listening = False
         self.held: list[tuple[str, list[Any]]] = []
         self.hold_until = time.monotonic() + _HOLD
+        self.stall_logged = False  # said once that a silent worker is waited for
 
     def _socket(self, kind: int, *, bind: str) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(kind)
@@ -113,19 +114,40 @@ class Forwarder:
                 # Tell the worker when the kernel was last busy (for its idle column).
                 idle = {"kernel": self.kernel, "idle": now - self.active_at}
                 self.client.transport.send(self.client._message(m.HEARTBEAT, idle))
+            worker_silent = now - self.client._last_heard
+            if worker_silent > 2 * _HEARTBEAT:
+                if worker_silent > _WORKER_LIVENESS and not self._stalled(worker_silent):
+                    log.error("worker %s stopped answering", self.client.info.name)
+                    return 1
+                # The kernel's heartbeat comes through the worker: while the worker is
+                # silent, the kernel's silence says nothing about the kernel.
+                self.kernel_heard = max(self.kernel_heard, now - _HEARTBEAT)
             if now - self.kernel_heard > _KERNEL_LIVENESS * _HEARTBEAT:
                 log.error("the remote kernel stopped answering its heartbeat")
                 return 1
             self._release()  # held requests whose wait is over
-            if now - self.client._last_heard > _WORKER_LIVENESS:
-                log.error("worker %s stopped answering", self.client.info.name)
-                return 1
             wait = 0.1 if self.held else _HEARTBEAT
             for sock, _ in self.poller.poll(int(wait * 1000)):
                 status = self._handle(sock)
                 if status is not None:
                     return status
         return 0
+
+    def _stalled(self, silent: float) -> bool:
+        """A silent worker whose connection is up (stopped, swapping, overloaded) is
+        waited for up to its --stall-grace; the kernel there goes on."""
+        grace = self.client.info.stall_grace
+        if silent >= grace or not self.client.transport.link_up():
+            return False
+        if not self.stall_logged:
+            self.stall_logged = True
+            log.warning(
+                "worker %s silent for %.0f s, its connection up: waiting up to %g s",
+                self.client.info.name,
+                silent,
+                grace,
+            )
+        return True
 
     def _handle(self, sock: zmq.Socket[bytes]) -> int | None:
         if sock is self.client.transport.sock:
@@ -174,6 +196,7 @@ class Forwarder:
         if msg is None:
             return None
         self.client._last_heard = time.monotonic()
+        self.stall_logged = False
         if msg.kind == m.KERNEL_FRAMES and msg.content.get("kernel") == self.kernel:
             self._from_kernel(msg)
             return None

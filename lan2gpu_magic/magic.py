@@ -152,7 +152,7 @@ class Lan2GPUMagics(Magics):
                 break
             except WorkerLost as exc:
                 progress.failed(exc)
-                if len(lost) >= args.retry:
+                if len(lost) >= args.retry or not exc.gone:  # never run a cell twice
                     raise
                 lost.add(placement.worker.address)
                 self._warn(

@@ -93,8 +93,11 @@ def cell_parser() -> Parser:
         type=int,
         default=0,
         metavar="N",
-        help="if the worker is lost mid-cell, run the cell again on another matching "
-        "worker, up to N times (default 0: raise WorkerLost)",
+        help="if the worker is gone mid-cell (its connection dropped or it restarted), run "
+        "the cell again on another matching worker, up to N times (default 0: raise "
+        "WorkerLost). A worker that stalls but stays connected is waited for (its "
+        "--stall-grace), never retried; a cell runs twice only if the network is cut while "
+        "the worker keeps running and the cell ends within 5 s of the cut",
     )
     p.add_argument(
         "--session",

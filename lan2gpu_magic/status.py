@@ -190,6 +190,16 @@ class Progress:
         elif kind == "transfer":
             size = binary_size(float(content.get("bytes", 0)))
             text = f"running on {self.where}; receiving {size} of results"
+        elif kind == "stalled":
+            silent, grace = float(content.get("silent", 0)), float(content.get("grace", 0))
+            text = (
+                f"{self.worker} has not answered for {silent:.0f} s, but its connection is "
+                f"up (overloaded, swapping or stopped?): waiting up to {grace:g} s for the "
+                "result; Ctrl-C stops waiting"
+            )
+        elif kind == "answering":
+            silent = float(content.get("silent", 0))
+            text = f"running on {self.where} (it answers again after {silent:.0f} s)"
         else:
             text = None
         if text:

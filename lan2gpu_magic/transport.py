@@ -47,6 +47,10 @@ class Curve:
 
 
 SEND_TIMEOUT = 30.0  # seconds a send may wait for room in the socket's queue
+# A connection whose bytes go unacknowledged this long is dropped by the kernel's TCP
+# (TCP_USER_TIMEOUT): a dead host or a cut network. A stopped or swapping worker's
+# kernel still acknowledges, so its connection stays up (see Transport.link_up).
+LINK_TIMEOUT = 6.0
 _HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -77,10 +81,12 @@ class Transport:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
         self.sock.setsockopt(zmq.MAXMSGSIZE, self.wire.limits.max_frame_bytes)
+        self.sock.setsockopt(zmq.TCP_MAXRT, int(LINK_TIMEOUT * 1000))
         self.monitor: zmq.Socket[bytes] | None = self.sock.get_monitor_socket(
-            _HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            _HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
         )
         self.refused = False  # the last handshake failed (until one succeeds)
+        self.linked = False  # handshake done and not disconnected since
         if curve is not None:
             # CurveZMQ: the worker's public key is pinned; ours must be on its allow-list.
             self.sock.curve_serverkey = curve.server_public
@@ -170,7 +176,20 @@ class Transport:
         assert self.monitor is not None  # noqa: S101 - narrowing for mypy
         while self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)["event"]
-            self.refused = bool(event & _HANDSHAKE_FAILED)
+            if event == zmq.EVENT_DISCONNECTED:
+                self.linked = False
+            else:
+                self.linked = event == zmq.EVENT_HANDSHAKE_SUCCEEDED
+                self.refused = not self.linked
+
+    def link_up(self) -> bool:
+        """Whether the connection to the worker is up now (handshake done, no drop
+        since). It tells a worker that is silent but still there (stopped, swapping,
+        overloaded: its kernel keeps acknowledging) from one that is gone (killed: the
+        connection drops at once; host down or network cut: after LINK_TIMEOUT)."""
+        if self.monitor is not None:
+            self._read_monitor()
+        return self.linked
 
     def handshake_error(self) -> AuthenticationError:
         if self.curve is None:

@@ -57,6 +57,7 @@ class WorkerConfig:
     max_kernels: int = 8  # whole Jupyter kernels hosted for IDEs
     max_executors: int = 16  # session executors kept; the longest idle goes first
     kernel_grace: float = 30.0  # a kernel outlives its silent forwarder this long
+    stall_grace: float = 60.0  # notebooks wait this long for a connected, silent worker
     encrypt: bool = False  # per-user CurveZMQ keys instead of keys from the shared key
     authorized_keys: Path | None = None  # CURVE client keys accepted (--encrypt)
     plaintext: bool = False  # --insecure-plaintext: no encryption at all
@@ -98,8 +99,10 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         )
     if args.simulate not in ("on", "off", "auto"):
         raise ConfigurationError(f"LAN2GPU_SIMULATE={args.simulate!r}: use on, off or auto")
-    if args.heartbeat <= 0 or args.cancel_grace < 0:
-        raise ConfigurationError("--heartbeat must be positive and --cancel-grace >= 0")
+    if args.heartbeat <= 0 or args.cancel_grace < 0 or args.stall_grace < 0:
+        raise ConfigurationError(
+            "--heartbeat must be positive, --cancel-grace and --stall-grace >= 0"
+        )
     if args.encrypt and args.insecure_plaintext:
         raise ConfigurationError(
             "--encrypt and --insecure-plaintext contradict each other; pick one (or neither: "
@@ -132,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_kernels=args.max_kernels,
         max_executors=args.max_executors,
         kernel_grace=args.kernel_grace,
+        stall_grace=args.stall_grace,
         encrypt=args.encrypt,
         authorized_keys=Path(args.authorized_keys).expanduser() if args.authorized_keys else None,
         plaintext=args.insecure_plaintext,

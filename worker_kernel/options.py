@@ -93,6 +93,12 @@ OPTIONS: tuple[Option, ...] = (
            "LAN2GPU_ADVERTISE", "1", kind="switch"),
     Option("--heartbeat", "heartbeat interval; a peer silent for 3 intervals is lost",
            "LAN2GPU_HEARTBEAT", "1.0", parse=float, metavar="SECONDS"),
+    Option("--stall-grace", "how long a notebook waits for this worker when it stops "
+           "answering but its connection stays up (an overloaded or swapping host, a stopped "
+           "process): results of cells that finished are delivered when it comes back; past "
+           "this, a cell in flight fails with WorkerLost and --retry does not run it again, "
+           "as it may still finish here", "LAN2GPU_STALL_GRACE", "60", parse=float,
+           metavar="SECONDS"),
     Option("--replay-window", "accept messages sent at most this far from now (clocks must "
            "agree this well)", "LAN2GPU_REPLAY_WINDOW", "120", parse=float, metavar="SECONDS"),
     Option("--max-message-bytes", "largest message accepted", "LAN2GPU_MAX_MESSAGE_BYTES",

@@ -430,6 +430,7 @@ class WorkerService:
                 "versions": mine,
                 "capabilities": self.capabilities.to_json(),
                 "heartbeat": self.config.heartbeat,
+                "stall_grace": self.config.stall_grace,
                 "warnings": warnings,
             },
         )
@@ -601,9 +602,27 @@ class WorkerService:
 
     async def _tick_loop(self) -> None:
         interval = self.config.heartbeat
+        last = time.monotonic()
         while True:
             await asyncio.sleep(interval)
-            await self._tick(time.monotonic())
+            now = time.monotonic()
+            self._forgive_stall(now, now - last - interval)
+            last = now
+            await self._tick(now)
+
+    def _forgive_stall(self, now: float, stalled: float) -> None:
+        """Do not count a stall of this process (stopped, swapping, starved of CPU)
+        against its clients: their heartbeats of that time are still unread in the
+        socket, and cancelling their cells now would lose results they wait for."""
+        if stalled < self.config.heartbeat:
+            return
+        log.warning(
+            "this worker did not run for %.1f s (overloaded, swapping or stopped?); "
+            "clients are not judged on that time",
+            stalled,
+        )
+        for client in self.clients.values():
+            client.last_seen = min(now, client.last_seen + stalled)
 
     def _client_cells(self, rid: bytes) -> list[Cell]:
         return [c for c in self.dispatcher.cells.values() if c.client_rid == rid]

@@ -3,85 +3,15 @@ joined by a veth pair, the notebook given no address at all."""
 
 from __future__ import annotations
 
-import json
-import os
-import secrets
-import shutil
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 from worker_kernel.protocol.keys import generate_key_file
 
-
-@dataclass
-class Lan:
-    worker_ns: str
-    client_ns: str
-    worker_ip: str
-
-
-def _ip(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-
-
-@pytest.fixture
-def lan() -> Iterator[Lan]:
-    if os.geteuid() != 0 or shutil.which("ip") is None:
-        pytest.skip("needs root and iproute2 to create network namespaces")
-    tag = secrets.token_hex(3)
-    w, c, vw, vc = f"l2g-w-{tag}", f"l2g-c-{tag}", f"l2gw{tag}", f"l2gc{tag}"
-    subnet = f"10.{100 + secrets.randbelow(100)}.{secrets.randbelow(250)}"
-    if _ip("netns", "add", w).returncode != 0:
-        pytest.skip("this machine does not allow creating network namespaces")
-    try:
-        steps = [
-            ("netns", "add", c),
-            ("link", "add", vw, "type", "veth", "peer", "name", vc),
-            ("link", "set", vw, "netns", w),
-            ("link", "set", vc, "netns", c),
-            ("-n", w, "addr", "add", f"{subnet}.1/24", "dev", vw),
-            ("-n", c, "addr", "add", f"{subnet}.2/24", "dev", vc),
-            ("-n", w, "link", "set", vw, "up"),
-            ("-n", c, "link", "set", vc, "up"),
-            ("-n", w, "link", "set", "lo", "up"),
-            ("-n", c, "link", "set", "lo", "up"),
-            # mDNS needs a multicast route in each namespace.
-            ("-n", w, "route", "add", "224.0.0.0/4", "dev", vw),
-            ("-n", c, "route", "add", "224.0.0.0/4", "dev", vc),
-        ]
-        for step in steps:
-            done = _ip(*step)
-            assert done.returncode == 0, f"ip {' '.join(step)}: {done.stderr}"
-        yield Lan(w, c, f"{subnet}.1")
-    finally:
-        _ip("netns", "del", w)
-        _ip("netns", "del", c)
-
-
-def _start_worker(lan: Lan, tmp: Path, key: Path, *extra: str) -> subprocess.Popen[bytes]:
-    ready = tmp / "ready.json"
-    log = open(tmp / "worker.log", "ab")  # noqa: SIM115 - handed to the child
-    process = subprocess.Popen(
-        ["ip", "netns", "exec", lan.worker_ns, sys.executable, "-m", "worker_kernel",
-         "--bind", f"tcp://{lan.worker_ip}:7340", "--key-file", str(key), "--simulate",
-         "--name", "lanbox", "--ready-file", str(ready), *extra],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    log.close()
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        assert process.poll() is None, (tmp / "worker.log").read_text()
-        assert time.monotonic() < deadline, "worker did not start"
-        time.sleep(0.05)
-    return process
-
+from .netns import Lan, on_client_host, start_worker
 
 NOTEBOOK = textwrap.dedent(
     """
@@ -109,19 +39,12 @@ NOTEBOOK = textwrap.dedent(
 
 def _notebook(lan: Lan, key: Path, script: str = NOTEBOOK) -> dict:
     """Run ``script`` in the notebook's namespace; the JSON its last line prints."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAN2GPU_")}
-    env["LAN2GPU_KEY_FILE"] = str(key)
-    done = subprocess.run(
-        ["ip", "netns", "exec", lan.client_ns, sys.executable, "-c", script],
-        capture_output=True, text=True, timeout=180, env=env,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return on_client_host(lan, key, script)
 
 
 def test_a_notebook_finds_a_worker_on_the_lan_with_no_address(lan, tmp_path):
     key = generate_key_file(tmp_path / "key")
-    worker = _start_worker(lan, tmp_path, key)
+    worker = start_worker(lan, tmp_path, key)
     try:
         seen = _notebook(lan, key)
     finally:
@@ -135,7 +58,7 @@ def test_a_notebook_finds_a_worker_on_the_lan_with_no_address(lan, tmp_path):
 
 def test_no_advertise_keeps_the_worker_off_the_lan(lan, tmp_path):
     key = generate_key_file(tmp_path / "key")
-    worker = _start_worker(lan, tmp_path, key, "--no-advertise")
+    worker = start_worker(lan, tmp_path, key, "--no-advertise")
     try:
         seen = _notebook(lan, key)
     finally:
@@ -223,7 +146,7 @@ CELLS = textwrap.dedent(
 
 def test_fake_workers_on_the_lan_neither_delay_nor_burden_the_notebook(lan, tmp_path):
     key = generate_key_file(tmp_path / "key")
-    worker = _start_worker(lan, tmp_path, key)
+    worker = start_worker(lan, tmp_path, key)
     ready = tmp_path / "fakes.ready"
     fakes = subprocess.Popen(
         ["ip", "netns", "exec", lan.worker_ns, sys.executable, "-c", FAKES, lan.worker_ip,

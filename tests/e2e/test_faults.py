@@ -101,20 +101,6 @@ def test_worker_killed_mid_cell_is_detected_by_heartbeat(worker_factory):
         assert time.monotonic() - t0 < 10
 
 
-def test_frozen_worker_is_detected_by_heartbeat(worker_factory):
-    worker = worker_factory("frozen")
-    with connect(worker.address, key_file=worker.key_file) as c:
-        c.run("x = 1", {})
-        threading.Timer(1.0, os.kill, (worker.pid, signal.SIGSTOP)).start()
-        t0 = time.monotonic()
-        try:
-            with pytest.raises(WorkerLost):
-                c.run("import time\ntime.sleep(60)", {})
-        finally:
-            os.kill(worker.pid, signal.SIGCONT)
-        assert time.monotonic() - t0 < 10
-
-
 def test_client_reconnects_to_a_restarted_worker(worker_factory, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

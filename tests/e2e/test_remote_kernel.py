@@ -207,6 +207,24 @@ def test_a_dead_remote_kernel_shows_as_dead_here(lan_kernel):
         s.close()
 
 
+def test_a_remote_kernel_outlives_a_stall_of_its_worker(lan_kernel):
+    worker, name = lan_kernel
+    s = Session(name)
+    try:
+        s.run("x = 41")
+        os.kill(worker.pid, signal.SIGSTOP)  # a swapping host: the connection stays up
+        try:
+            # Longer than the forwarder's 10 s and than the worker's --kernel-grace 3.
+            time.sleep(11)
+        finally:
+            os.kill(worker.pid, signal.SIGCONT)
+        assert s.text(s.run("print(x + 1)")) == "42\n"
+        assert s.km.is_alive()
+        assert len(_hosted(worker)) == 1
+    finally:
+        s.close()
+
+
 def test_the_worker_stops_kernels_whose_forwarder_vanished(lan_kernel):
     worker, name = lan_kernel
     s = Session(name)

@@ -92,7 +92,26 @@ class WorkerUnreachable(TransportError):
 
 
 class WorkerLost(TransportError):
-    """The worker stopped answering heartbeats while a request was in flight."""
+    """The worker stopped answering while a request was in flight.
+
+    ``gone`` says whether the cell cannot still be running there: True when the
+    connection dropped (the worker was killed, its host went down, the network was cut
+    for longer than the link timeout) or the worker restarted; False when the worker kept
+    its connection but stayed silent past its ``--stall-grace``, or never reported the end
+    of a cell, so the cell may yet finish there. ``%%lan2gpu --retry`` runs a cell again
+    elsewhere only when ``gone``.
+    """
+
+    def __init__(self, message: str, *, gone: bool = True) -> None:
+        super().__init__(message)
+        self.gone = gone
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_worker_lost, (str(self), self.gone))
+
+
+def _worker_lost(message: str, gone: bool) -> WorkerLost:
+    return WorkerLost(message, gone=gone)
 
 
 class ConnectionClosed(TransportError):
