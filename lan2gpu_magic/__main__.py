@@ -40,19 +40,13 @@ def list_kernels() -> int:
 
 
 def install_kernel(args: argparse.Namespace) -> int:
-    placement: list[str] = []
-    for flag in ("worker", "gpu", "min_memory", "min_cc", "gpus", "key_file", "server_key"):
-        value = getattr(args, flag)
-        if value is not None:
-            placement += [f"--{flag.replace('_', '-')}", str(value)]
-    placement += [f"--{flag}" for flag in ("cpu", "simulate") if getattr(args, flag)]
-    if args.workers:
-        placement += ["--workers", args.workers]
+    names = ("worker", "gpu", "min_memory", "min_cc", "gpus", "key_file", "server_key")
+    options = {name: getattr(args, name) for name in (*names, "workers", "cpu", "simulate")}
     prefix = sys.prefix if args.sys_prefix else args.prefix
     folder = kernelspec.install(
         args.name,
         args.display_name or f"Python (LAN {args.name})",
-        placement,
+        kernelspec.placement(options),
         user=args.user,
         prefix=prefix,
     )

@@ -7,15 +7,58 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
+from worker_kernel.config import parse_size
 from worker_kernel.protocol.errors import ConfigurationError
 
+from .placement import parse_cc
+
 MODULE = "lan2gpu_magic.kernel"
+# The kernel's placement options (lan2gpu_magic/kernel.py), each with its check.
+_VALUED: dict[str, Any] = {
+    "worker": str,
+    "gpu": str,
+    "min_memory": parse_size,
+    "min_cc": parse_cc,
+    "gpus": int,
+    "key_file": str,
+    "server_key": str,
+    "workers": str,
+}
+_SWITCHES = ("cpu", "simulate")
+
+
+def placement(values: Mapping[str, Any]) -> list[str]:
+    """The kernel's command-line placement options for ``values`` (``install-kernel``'s
+    option names with ``_``; empty and None ones left out); a bad value raises
+    :class:`ConfigurationError` now rather than when a frontend starts the kernel."""
+    unknown = set(values) - set(_VALUED) - set(_SWITCHES)
+    if unknown:
+        raise ConfigurationError(
+            f"unknown placement option(s) {sorted(unknown)}; use {sorted(_VALUED)} or "
+            f"{list(_SWITCHES)}"
+        )
+    argv: list[str] = []
+    for name, check in _VALUED.items():
+        value = values.get(name)
+        if value is None or str(value).strip() == "":
+            continue
+        text = str(value).strip()
+        flag = f"--{name.replace('_', '-')}"
+        try:
+            checked = check(text)
+        except (ValueError, ConfigurationError) as exc:
+            raise ConfigurationError(f"{flag} {text!r}: {exc}") from None
+        if name == "gpus" and checked < 1:
+            raise ConfigurationError(f"{flag} {text!r}: give 1 or more GPUs")
+        argv += [flag, text]
+    argv += [f"--{name}" for name in _SWITCHES if values.get(name)]
+    return argv
 
 
 def spec(display_name: str, placement: Sequence[str], env: dict[str, str]) -> dict[str, Any]:

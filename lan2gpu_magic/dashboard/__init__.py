@@ -20,7 +20,7 @@ from jupyter_server.utils import url_path_join
 
 from ..config import Lan2GPU
 from ..pool import WorkerPool
-from .handlers import PARTS, ApiHandler, PageHandler, StaticHandler
+from .handlers import PARTS, ApiHandler, KernelspecHandler, PageHandler, StaticHandler
 from .monitor import Monitor
 
 __all__ = ["DashboardApp", "Monitor", "pool_from_settings"]
@@ -68,6 +68,7 @@ class DashboardApp(ExtensionApp):
                 ("lan2gpu/?", PageHandler),
                 ("lan2gpu/static/([a-z.]+)", StaticHandler),
                 ("lan2gpu/api/?", ApiHandler),
+                ("lan2gpu/api/kernelspecs/?", KernelspecHandler),
                 (url_path_join("lan2gpu/api", f"({parts})") + "/?", ApiHandler),
             ]
         )

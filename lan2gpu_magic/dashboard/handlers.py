@@ -1,13 +1,18 @@
-"""Tornado handlers: the page, its two static files, and the JSON API.
+"""Tornado handlers: the page, its two static files, the JSON API, and the one
+endpoint that changes something, ``POST /lan2gpu/api/kernelspecs`` (JupyterLab's
+"Install a lan2gpu kernel…" form).
 
 All of them go through jupyter_server's authentication (token or cookie) and
 authorization like the server's own handlers: an API request without
-credentials gets 403, the page redirects to the login page. They only read the
-:class:`~.monitor.Monitor`'s latest snapshot; nothing here talks to a worker.
+credentials gets 403, the page redirects to the login page. The reading ones only
+read the :class:`~.monitor.Monitor`'s latest snapshot; nothing here talks to a worker.
+Running and waiting cells started by this server's own kernels carry ``"mine": true``.
 """
 
 from __future__ import annotations
 
+import json
+import socket
 from importlib import resources
 from typing import Any
 
@@ -16,6 +21,9 @@ from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
 
+from worker_kernel.protocol.errors import ConfigurationError
+
+from .. import kernelspec
 from .monitor import Monitor
 
 PARTS = ("workers", "gpus", "jobs")
@@ -87,9 +95,31 @@ class _Api(APIHandler):
         body: dict[str, Any] = {"updated": snap.updated, "error": self.monitor.error}
         if part == "jobs":
             body.update(snap.jobs)
+            mine = self._own_sessions()
+            for key in ("running", "waiting"):
+                body[key] = [{**j, "mine": _origin(j) in mine} for j in body.get(key, [])]
         else:
             body[part] = getattr(snap, part)
         return body
+
+    def _own_sessions(self) -> set[str]:
+        """``host:pid`` of this server's kernels: the prefix of their default session."""
+        manager = self.settings.get("kernel_manager")
+        if manager is None:
+            return set()
+        host = socket.gethostname()
+        pids = set()
+        for kernel_id in manager.list_kernel_ids():
+            provisioner = getattr(manager.get_kernel(kernel_id), "provisioner", None)
+            pid = getattr(provisioner, "pid", None)
+            if pid is not None:
+                pids.add(f"{host}:{pid}")
+        return pids
+
+
+def _origin(job: dict[str, Any]) -> str:
+    """``host:pid`` of the kernel that sent a cell (from its default session name)."""
+    return ":".join(str(job.get("session", "")).split(":")[:2])
 
 
 class ApiHandler(_Api):
@@ -103,3 +133,29 @@ class ApiHandler(_Api):
             self.finish({"endpoints": [url_path_join(base, p) for p in PARTS]})
             return
         self.finish(await self._document(part))
+
+
+class KernelspecHandler(_Api):
+    """``POST /lan2gpu/api/kernelspecs``: install a LAN kernelspec for this user, as
+    ``python -m lan2gpu_magic install-kernel --user`` does. The body: ``name``,
+    ``display_name``, and the placement options (``gpu``, ``min_memory``, ...)."""
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        try:
+            body = json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise web.HTTPError(400, "the body must be JSON") from None
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, "the body must be a JSON object")
+        name = str(body.pop("name", "")).strip()
+        display = str(body.pop("display_name", "") or "").strip() or f"Python (LAN {name})"
+        try:
+            if not name:
+                raise ConfigurationError("give the kernel a name (letters, digits, - _ .)")
+            folder = kernelspec.install(name, display, kernelspec.placement(body), user=True)
+        except ConfigurationError as exc:
+            raise web.HTTPError(400, str(exc)) from None
+        self.set_status(201)
+        self.finish({"name": name, "display_name": display, "path": str(folder)})
