@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from worker_kernel.protocol.versions import __version__ as __version__
+
 from .client import Client, ExecuteRequest, OutputHandlers, WorkerInfo, connect
 from .embedded import EmbeddedWorker
 from .errors import (
@@ -40,8 +42,6 @@ from .errors import (
     WorkerUnreachable,
 )
 from .results import RunResult
-
-__version__ = "0.1.0"
 
 
 def load_ipython_extension(ipython: Any) -> None:

@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 from typing import IO
 
-from worker_kernel.pids import alive
 from worker_kernel.protocol.errors import WorkerUnreachable
 from worker_kernel.protocol.keys import generate_key_file
+from worker_kernel.protocol.pids import alive
 
 PREFIX = "lan2gpu-embedded-"  # then the owner's pid, then a random part
 

@@ -36,9 +36,9 @@ from typing import Any
 import zmq
 from jupyter_client.session import Session
 
-from worker_kernel.config import parse_size
 from worker_kernel.protocol import messages as m
 from worker_kernel.protocol.errors import Lan2GPUError, ProtocolError
+from worker_kernel.protocol.units import parse_size
 
 from .client import Client
 from .placement import Requirements, parse_cc

@@ -13,8 +13,8 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
-from worker_kernel.config import parse_size
 from worker_kernel.protocol.errors import ConfigurationError
+from worker_kernel.protocol.units import parse_size
 
 from .placement import parse_cc
 

@@ -7,8 +7,8 @@ from typing import Any, NoReturn
 
 from IPython.core.error import UsageError
 
-from worker_kernel.config import parse_size
 from worker_kernel.protocol.errors import Lan2GPUError
+from worker_kernel.protocol.units import parse_size
 
 from .placement import parse_cc
 

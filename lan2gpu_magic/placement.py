@@ -33,7 +33,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from worker_kernel.units import binary_size
+from worker_kernel.protocol.units import binary_size
 
 from .errors import ConfigurationError, NoWorkerAvailable
 

@@ -17,7 +17,7 @@ from worker_kernel.protocol.errors import (
     RemoteExecutionError,
     WorkerError,
 )
-from worker_kernel.units import binary_size
+from worker_kernel.protocol.units import binary_size
 
 from .placement import Placement
 

@@ -7,7 +7,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
-from worker_kernel.units import binary_size
+from worker_kernel.protocol.units import binary_size
 
 from .placement import WorkerView
 from .pool import WorkerRow

@@ -25,8 +25,8 @@ from worker_kernel.protocol.errors import (
     VersionMismatch,
 )
 from worker_kernel.protocol.messages import Message
+from worker_kernel.protocol.receive import recv_message
 from worker_kernel.protocol.wire import Limits, Wire
-from worker_kernel.receive import recv_message
 
 log = logging.getLogger(__name__)
 

@@ -18,4 +18,4 @@ shared with the notebook side.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from .protocol.versions import __version__ as __version__

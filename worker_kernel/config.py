@@ -7,28 +7,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from .protocol.errors import ConfigurationError
+from .protocol.units import parse_size
 
 FAULTS = {
     "drop-first-result": "the first result is not sent (the client must fetch it again)",
     "poison-hook": "cells get lan2gpu_poison_context(), which acts like a CUDA error "
     "that leaves the GPU context unusable",
 }
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """``"4G"``, ``"512M"``, ``"1.5GiB"``, ``"1000"`` -> bytes (powers of 1024)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise ConfigurationError(f"{text!r} is not a size; write e.g. 512M, 4G or 1.5GiB")
-    number, unit = match.groups()
-    return int(float(number) * 1024 ** "_kmgt".index(unit.lower() or "_"))
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from .executors import STARVED, ExecutorHandle, ExecutorPool, ExecutorStartError
 from .history import JobLog
 from .protocol import messages as m
 from .protocol.messages import Message
+from .protocol.units import binary_size
 from .scheduler import Cell, FairQueue
-from .units import binary_size
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ import zmq
 from . import health, reaper
 from .execute import CellRunner, TimeoutInterrupt
 from .protocol.messages import Message
+from .protocol.receive import drain, recv_message
 from .protocol.wire import Wire
-from .receive import drain, recv_message
 from .streams import OutputChannel
 
 EXIT_ORPHANED = 70

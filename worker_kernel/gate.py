@@ -7,7 +7,6 @@ input (an unknown peer, a malformed but signed request).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import math
 import re
@@ -235,9 +234,3 @@ def raise_open_files_limit() -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-def release_memory() -> None:
-    """Return freed heap pages to the system (glibc keeps them otherwise)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .config import FAULTS, gpu_list, memory_limit, parse_size
+from .config import FAULTS, gpu_list, memory_limit
 from .protocol.errors import ConfigurationError, Lan2GPUError
 from .protocol.keys import default_key_file
+from .protocol.units import parse_size
 
 Kind = Literal["value", "switch", "flag", "append"]
 # switch: --x/--no-x; flag: --x only (on when given); append: may be given many times

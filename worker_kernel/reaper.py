@@ -31,7 +31,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from .child_output import SPAWNED
-from .pids import state
+from .protocol.pids import state
 
 log = logging.getLogger(__name__)
 

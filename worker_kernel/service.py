@@ -41,17 +41,17 @@ from .gate import (
     number,
     peer_address,
     raise_open_files_limit,
-    release_memory,
     zap_user,
 )
 from .history import GpuHistory
 from .kernels import KernelError, KernelHost, RemoteKernel
 from .outbox import Outbox
-from .pids import alive
 from .protocol import messages as m
 from .protocol.curve import PER_USER, PLAINTEXT, SHARED_KEY
 from .protocol.errors import ProtocolError, VersionMismatch
 from .protocol.messages import Message
+from .protocol.pids import alive
+from .protocol.receive import release_memory
 from .protocol.versions import check_compatible, local_versions
 from .protocol.wire import Limits, Wire
 from .result_cache import ResultCache

@@ -15,8 +15,8 @@ from worker_kernel.protocol import compress
 from worker_kernel.protocol import messages as m
 from worker_kernel.protocol.errors import AuthenticationError, MessageRejected
 from worker_kernel.protocol.messages import Message
+from worker_kernel.protocol.receive import recv_message
 from worker_kernel.protocol.wire import CHUNK, Limits, Wire
-from worker_kernel.receive import recv_message
 
 KEY = secrets.token_bytes(32)
 

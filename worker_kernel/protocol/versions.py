@@ -14,6 +14,10 @@ from importlib import metadata
 from .errors import VersionMismatch
 from .messages import PROTOCOL_VERSION
 
+# lan2gpu's version, the one source: pyproject.toml reads it from here ([tool.hatch.version]),
+# both packages' __version__ is this, and labextension/package.json must say the same.
+__version__ = "0.1.0"
+
 _PACKAGES = ("lan2gpu", "cloudpickle", "numpy", "numba", "numba-cuda", "pyzmq")
 
 

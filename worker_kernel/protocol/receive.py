@@ -4,20 +4,21 @@ A large buffer travels as many 1 MiB frames. Receiving them all and then
 joining them holds the buffer twice; here each frame is copied straight into
 the buffer's final memory as it is received (``recv_into``), and freed by
 libzmq at once, so a receiver holds it about once. The signature is checked
-from the first five frames before anything is allocated.
+from the first five frames before anything is allocated. Both sides receive
+this way; this takes a socket someone else owns and opens none.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from typing import Any
 
 import zmq
 
-from .gate import release_memory
-from .protocol.errors import MessageRejected
-from .protocol.messages import Message
-from .protocol.wire import Wire
+from .errors import MessageRejected
+from .messages import Message
+from .wire import Wire
 
 _PRELUDE = 5  # magic, version, kind, header, signature
 _TRIM_FROM = 64 << 20  # messages this large return freed frames to the system...
@@ -61,6 +62,12 @@ def recv_message(sock: zmq.Socket[Any], wire: Wire, *, trusted_hop: bool = False
         with contextlib.suppress(zmq.ZMQError):  # e.g. the socket itself failed
             drain(sock)
         raise
+
+
+def release_memory() -> None:
+    """Return freed heap pages to the system (glibc keeps them otherwise)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def drain(sock: zmq.Socket[Any]) -> None:
