@@ -20,7 +20,7 @@ function el(tag, attrs, ...children) {
   return node;
 }
 
-// Binary units, as the magic and nvidia-smi show them (worker_kernel/units.py).
+// Binary units, as the magic and nvidia-smi show them (worker_kernel/protocol/units.py).
 function bytes(n) {
   if (n === undefined || n === null) return "–";
   const units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
