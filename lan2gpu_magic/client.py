@@ -129,6 +129,12 @@ class _InterruptFlag:
             signal.signal(signal.SIGINT, self._previous)
 
 
+class _NotConfirmed(KeyboardInterrupt):
+    """Ctrl-C, and the worker did not confirm the cancel in time. Raised between
+    receives, so the connection is in step and needs no new handshake (which would wait
+    on a stalled worker)."""
+
+
 @dataclass(frozen=True)
 class WorkerInfo:
     """What a worker said about itself in the handshake."""
@@ -538,7 +544,7 @@ class Client:
                 # leave the cell running on the worker.
                 with contextlib.suppress(Lan2GPUError):
                     self.transport.send(self._message(m.CANCEL, {"cell": cell_id}))
-                if isinstance(exc, KeyboardInterrupt):
+                if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, _NotConfirmed):
                     # The second Ctrl-C may have landed inside a multipart receive.
                     with contextlib.suppress(Lan2GPUError):
                         self._reset_transport()
@@ -654,6 +660,9 @@ class Client:
                     allowance = self._dispatch(reply, handlers, allowance)
             if stalled and self._last_heard == now:
                 stalled = False
+                # The stall was the worker's time, not the cell's: move the guards.
+                deadline += now - silent_since
+                started_by += now - silent_since
                 handlers.status(ANSWERING, {"silent": now - silent_since})
             if now >= next_beat:
                 send(self._message(m.HEARTBEAT))
@@ -665,7 +674,8 @@ class Client:
                     "withdrawn. Raise --timeout, or pick a less busy worker (--worker).",
                     self.info.name,
                 )
-            if now >= deadline and not stalled:  # a stall is bounded by its own grace
+            # A stall is bounded by its own grace; after Ctrl-C, only the cancel's wait.
+            if now >= deadline and (not stalled or interrupted.cancelled):
                 if interrupted.cancelled and interrupted.by_event:
                     raise ExecutionCancelled(
                         f"the cell was cancelled; worker {self.info.name} did not confirm "
@@ -673,7 +683,7 @@ class Client:
                         self.info.name,
                     )
                 if interrupted.cancelled:
-                    raise KeyboardInterrupt
+                    raise _NotConfirmed
                 raise WorkerLost(
                     f"worker {self.info.name} ({self.address}) did not report the end of the "
                     f"cell within {_TIMEOUT_GRACE:.0f} s after its --timeout of {timeout:g} s; "
@@ -692,6 +702,8 @@ class Client:
                 silent_since = max(self._last_heard, waiting_since)
                 silent = now - silent_since
                 up = self.transport.link_up()
+                if self.transport.refused:  # it came back with other keys
+                    raise self.transport.handshake_error()
                 if up and silent < self.info.stall_grace:
                     # Silent, yet the connection is up: a stopped, swapping or overloaded
                     # worker, whose results come when it runs again. Look once a beat.

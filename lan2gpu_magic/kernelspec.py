@@ -5,6 +5,7 @@ so every frontend that lists local kernelspecs sees them)."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -31,6 +32,8 @@ _VALUED: dict[str, Any] = {
     "workers": str,
 }
 _SWITCHES = ("cpu", "simulate")
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_MAX_VALUE = 512  # a worker address list fits; a kernel.json stays small
 
 
 def placement(values: Mapping[str, Any]) -> list[str]:
@@ -50,6 +53,11 @@ def placement(values: Mapping[str, Any]) -> list[str]:
             continue
         text = str(value).strip()
         flag = f"--{name.replace('_', '-')}"
+        if text.startswith("-") or not text.isprintable() or len(text) > _MAX_VALUE:
+            raise ConfigurationError(
+                f"{flag} {text[:40]!r}: give a plain value (no leading '-', no control "
+                f"characters, at most {_MAX_VALUE} characters)"
+            )
         try:
             checked = check(text)
         except (ValueError, ConfigurationError) as exc:
@@ -57,7 +65,10 @@ def placement(values: Mapping[str, Any]) -> list[str]:
         if name == "gpus" and checked < 1:
             raise ConfigurationError(f"{flag} {text!r}: give 1 or more GPUs")
         argv += [flag, text]
-    argv += [f"--{name}" for name in _SWITCHES if values.get(name)]
+    for name in _SWITCHES:
+        if values.get(name) not in (None, True, False):
+            raise ConfigurationError(f"--{name}: true or false, not {values.get(name)!r}")
+    argv += [f"--{name}" for name in _SWITCHES if values.get(name) is True]
     return argv
 
 
@@ -82,15 +93,27 @@ def install(
     user: bool = False,
     prefix: str | None = None,
 ) -> Path:
-    """Install the kernelspec ``name``; return the directory it went to."""
-    if not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ConfigurationError(f"{name!r} is not a kernel name (letters, digits, - _ .)")
+    """Install the kernelspec ``name`` (Jupyter lowercases it); return its directory.
+    An existing lan2gpu kernel of that name is replaced; any other kernel is kept."""
+    if not _NAME.fullmatch(name):
+        raise ConfigurationError(
+            f"{name!r} is not a kernel name: 1 to 64 ASCII letters, digits, - _ ."
+        )
+    try:
+        existing = KernelSpecManager().get_kernel_spec(name.lower())
+    except NoSuchKernel:
+        existing = None
+    if existing is not None and MODULE not in existing.argv:
+        raise ConfigurationError(
+            f"a kernel named {name.lower()!r} is already installed and is not a lan2gpu "
+            "kernel; pick another name"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "kernel.json").write_text(
             json.dumps(spec(display_name, placement, env or {}), indent=2)
         )
         where = KernelSpecManager().install_kernel_spec(
-            tmp, kernel_name=name, user=user, prefix=prefix, replace=True
+            tmp, kernel_name=name, user=user, prefix=prefix
         )
     return Path(where)
 

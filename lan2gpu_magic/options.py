@@ -96,8 +96,10 @@ def cell_parser() -> Parser:
         help="if the worker is gone mid-cell (its connection dropped or it restarted), run "
         "the cell again on another matching worker, up to N times (default 0: raise "
         "WorkerLost). A worker that stalls but stays connected is waited for (its "
-        "--stall-grace), never retried; a cell runs twice only if the network is cut while "
-        "the worker keeps running and the cell ends within 5 s of the cut",
+        "--stall-grace), never retried. A retried cell may have partly run on the lost "
+        "worker; it ran there to the end too only if the network was cut while that worker "
+        "kept running and the cell ended before the worker cancelled it (5 of its heartbeats "
+        "after it last heard from this notebook)",
     )
     p.add_argument(
         "--session",

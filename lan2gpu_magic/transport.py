@@ -48,9 +48,12 @@ class Curve:
 
 SEND_TIMEOUT = 30.0  # seconds a send may wait for room in the socket's queue
 # A connection whose bytes go unacknowledged this long is dropped by the kernel's TCP
-# (TCP_USER_TIMEOUT): a dead host or a cut network. A stopped or swapping worker's
-# kernel still acknowledges, so its connection stays up (see Transport.link_up).
+# (TCP_USER_TIMEOUT on Linux, TCP_MAXRT on Windows; macOS has neither, so there a dead
+# host or a cut network looks like a stall): a dead host or a cut network. A stopped or
+# swapping worker's kernel still acknowledges, so its connection stays up (see
+# Transport.link_up), unless we send it more than its socket buffers take meanwhile.
 LINK_TIMEOUT = 6.0
+_CONNECT_TIMEOUT_MS = 2000
 _HANDSHAKE_FAILED = (
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -82,6 +85,9 @@ class Transport:
         self.sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
         self.sock.setsockopt(zmq.MAXMSGSIZE, self.wire.limits.max_frame_bytes)
         self.sock.setsockopt(zmq.TCP_MAXRT, int(LINK_TIMEOUT * 1000))
+        # A reconnect attempt made while the network was down must not hang in the
+        # kernel's SYN retries (minutes): give up on it, and ZeroMQ tries again.
+        self.sock.setsockopt(zmq.CONNECT_TIMEOUT, _CONNECT_TIMEOUT_MS)
         self.monitor: zmq.Socket[bytes] | None = self.sock.get_monitor_socket(
             _HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
         )
@@ -168,8 +174,8 @@ class Transport:
         ready = dict(poller.poll(ms))
         if self.monitor in ready:
             self._read_monitor()
-            if self.refused:
-                raise self.handshake_error()
+        if self.refused:  # also when link_up() read the event
+            raise self.handshake_error()
         return sock in ready or bool(sock.poll(0))
 
     def _read_monitor(self) -> None:

@@ -6,6 +6,7 @@ Precedence: command line > ``LAN2GPU_*`` environment > defaults.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         )
     if args.simulate not in ("on", "off", "auto"):
         raise ConfigurationError(f"LAN2GPU_SIMULATE={args.simulate!r}: use on, off or auto")
-    if args.heartbeat <= 0 or args.cancel_grace < 0 or args.stall_grace < 0:
+    finite = all(math.isfinite(v) for v in (args.heartbeat, args.cancel_grace, args.stall_grace))
+    if not finite or args.heartbeat <= 0 or args.cancel_grace < 0 or args.stall_grace < 0:
         raise ConfigurationError(
             "--heartbeat must be positive, --cancel-grace and --stall-grace >= 0"
         )

@@ -96,6 +96,9 @@ class WorkerService:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        # A client that reconnects (its TCP gave up on a cut network) keeps its routing
+        # id; the new connection must take over from the half-open old one.
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         # No valid frame is bigger than a chunk or a header: libzmq drops a peer
         # that announces a bigger one before allocating it.
         self.sock.setsockopt(zmq.MAXMSGSIZE, self.wire.limits.max_frame_bytes)
@@ -607,8 +610,8 @@ class WorkerService:
             await asyncio.sleep(interval)
             now = time.monotonic()
             self._forgive_stall(now, now - last - interval)
-            last = now
             await self._tick(now)
+            last = time.monotonic()  # a slow pass awaited others' work: no stall
 
     def _forgive_stall(self, now: float, stalled: float) -> None:
         """Do not count a stall of this process (stopped, swapping, starved of CPU)

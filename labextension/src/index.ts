@@ -65,9 +65,8 @@ class StatusItem extends Widget {
   }
 }
 
-function dashboardUrl(worker: string): string {
-  const url = URLExt.join(PageConfig.getBaseUrl(), 'lan2gpu/');
-  return worker ? `${url}#worker=${encodeURIComponent(worker)}` : url;
+function dashboardUrl(): string {
+  return URLExt.join(PageConfig.getBaseUrl(), 'lan2gpu/');
 }
 
 const plugin: JupyterFrontEndPlugin<void> = {
@@ -92,8 +91,10 @@ const plugin: JupyterFrontEndPlugin<void> = {
     }
 
     let dashboard: MainAreaWidget<IFrame> | null = null;
-    const openDashboard = (worker: string): void => {
+    const openDashboard = (): void => {
       if (dashboard === null || dashboard.isDisposed) {
+        // The dashboard is this server's own page: it needs its scripts and its origin
+        // (for the API and the login cookie), so this is no sandbox against it.
         const frame = new IFrame({ sandbox: ['allow-scripts', 'allow-same-origin'] });
         dashboard = new MainAreaWidget({ content: frame });
         dashboard.id = 'lan2gpu-dashboard';
@@ -102,16 +103,16 @@ const plugin: JupyterFrontEndPlugin<void> = {
         dashboard.title.closable = true;
         shell.add(dashboard, 'main');
       }
-      dashboard.content.url = dashboardUrl(worker);
+      dashboard.content.url = dashboardUrl();
       shell.activateById(dashboard.id);
     };
-    panel.opened.connect((_, worker) => openDashboard(worker));
+    panel.opened.connect(() => openDashboard());
 
     app.commands.addCommand(CommandIDs.dashboard, {
       label: 'lan2gpu dashboard',
       caption: 'Workers, GPUs, queues and cells of lan2gpu, in a tab',
       icon: args => (args['isPalette'] ? undefined : lan2gpuIcon),
-      execute: args => openDashboard(typeof args['worker'] === 'string' ? args['worker'] : '')
+      execute: () => openDashboard()
     });
     app.commands.addCommand(CommandIDs.panel, {
       label: 'Show the lan2gpu panel',
@@ -153,14 +154,19 @@ const plugin: JupyterFrontEndPlugin<void> = {
       const item = new StatusItem(() => shell.activateById(panel.id));
       statusBar.registerStatusItem('lan2gpu:status', { item, align: 'left', rank: 100 });
       panel.refreshed.connect((_, snap) => item.display(snap));
+      panel.failed.connect((_, error) => item.failed(error));
+      let busy = false;
       const poll = async (): Promise<void> => {
-        if (panel.polling) {
-          return; // the panel's own polls keep the item current
+        if (panel.polling || busy || document.hidden) {
+          return; // the panel's polls keep the item current; nothing for a hidden tab
         }
+        busy = true;
         try {
           item.display(await fetchSnapshot());
         } catch (error) {
           item.failed(error);
+        } finally {
+          busy = false;
         }
       };
       void poll();

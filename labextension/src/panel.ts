@@ -88,15 +88,26 @@ export class Lan2GPUPanel extends Widget {
     return this._refreshed;
   }
 
+  /** A poll that failed, for the status bar. */
+  get failed(): ISignal<this, string> {
+    return this._failed;
+  }
+
   async refresh(): Promise<void> {
+    if (this._busy || document.hidden) {
+      return; // one request at a time; none while the browser tab is in the background
+    }
+    this._busy = true;
     try {
       const snap = await fetchSnapshot();
       this.render(snap);
       this._refreshed.emit(snap);
     } catch (error) {
-      this._body.replaceChildren(
-        el('div', 'lan2gpu-error', `Cannot read the lan2gpu dashboard API: ${String(error)}`)
-      );
+      const text = `Cannot read the lan2gpu dashboard API: ${String(error)}`;
+      this._body.replaceChildren(el('div', 'lan2gpu-error', text));
+      this._failed.emit(String(error));
+    } finally {
+      this._busy = false;
     }
   }
 
@@ -227,6 +238,8 @@ export class Lan2GPUPanel extends Widget {
 
   private _body: HTMLElement;
   private _timer: number | null = null;
+  private _busy = false;
+  private _failed = new Signal<this, string>(this);
   private _opened = new Signal<this, string>(this);
   private _refreshed = new Signal<this, ISnapshot>(this);
 }

@@ -149,13 +149,16 @@ class KernelspecHandler(_Api):
             raise web.HTTPError(400, "the body must be JSON") from None
         if not isinstance(body, dict):
             raise web.HTTPError(400, "the body must be a JSON object")
-        name = str(body.pop("name", "")).strip()
-        display = str(body.pop("display_name", "") or "").strip() or f"Python (LAN {name})"
+        name, display = body.pop("name", ""), body.pop("display_name", None) or ""
         try:
-            if not name:
+            if not isinstance(name, str) or not name.strip():
                 raise ConfigurationError("give the kernel a name (letters, digits, - _ .)")
+            if not isinstance(display, str) or not display.isprintable() or len(display) > 200:
+                raise ConfigurationError("the display name: one line of at most 200 characters")
+            name = name.strip()
+            display = display.strip() or f"Python (LAN {name})"
             folder = kernelspec.install(name, display, kernelspec.placement(body), user=True)
         except ConfigurationError as exc:
             raise web.HTTPError(400, str(exc)) from None
         self.set_status(201)
-        self.finish({"name": name, "display_name": display, "path": str(folder)})
+        self.finish({"name": folder.name, "display_name": display, "path": str(folder)})

@@ -15,6 +15,7 @@ from lan2gpu_magic import ExecutionTimeout, RemoteExecutionError, connect
 from worker_kernel.protocol import messages as m
 
 from ..conftest import process_gone
+from ..waiting import wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -71,10 +72,9 @@ def test_processes_a_cell_started_go_when_its_executor_is_killed(client, tmp_pat
         client.run(stubborn, {}, timeout=1)
     assert info.value.session_lost  # the executor had to be killed
     pid = int(pid_file.read_text())
-    deadline = time.monotonic() + 15
-    while not process_gone(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert process_gone(pid), f"the cell's `sleep` (pid {pid}) outlived its executor"
+    wait_until(
+        lambda: process_gone(pid), 15, f"the cell's `sleep` (pid {pid}) to end with its executor"
+    )
 
 
 DETACH = """\
@@ -89,13 +89,13 @@ open("{pids}/apart", "w").write(str(apart.pid))
 
 
 def _detached(code_dir) -> list[int]:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+    def pids() -> list[int]:
         try:
             return [int((code_dir / n).read_text()) for n in ("apart", "daemon")]
         except (FileNotFoundError, ValueError):
-            time.sleep(0.05)
-    raise AssertionError("the cell did not write its pids")
+            return []
+
+    return wait_until(pids, 10, "the cell to write its pids", every=0.05)
 
 
 def _reaped(pid: int) -> bool:
@@ -186,9 +186,7 @@ def test_past_max_executors_the_session_idle_longest_makes_room(worker_factory):
         client.run("x = 'a'", {}, session="A")
         client.run("x = 'b'", {}, session="B")
         client.run("x = 'c'", {}, session="C")  # a third executor: A's, idle longest, goes
-        deadline = time.monotonic() + 15
-        while len(client.status()["sessions"]) > 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_until(lambda: len(client.status()["sessions"]) <= 2, 15, "A's executor to go")
         assert sorted(client.status()["sessions"]) == ["B", "C"]
         ns: dict = {}
         client.run("y = x", ns, session="B")

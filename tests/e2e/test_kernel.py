@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from ..waiting import wait_until
 from .kernel_driver import Kernel
 
 DEFINE = """
@@ -247,10 +248,7 @@ def test_embedded_worker_starts_on_demand_and_stops_with_the_kernel():
         kernel_pid = k.pid
     finally:
         k.shutdown()
-    deadline = time.monotonic() + 20
-    while _workers_of(kernel_pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _workers_of(kernel_pid)
+    wait_until(lambda: not _workers_of(kernel_pid), 20, "the embedded worker to stop")
     assert not os.path.exists(f"/proc/{kernel_pid}")
     # Its folder (a throwaway key, the worker's log) went with it.
     assert not list(Path(tempfile.gettempdir()).glob(f"lan2gpu-embedded-{kernel_pid}-*"))
@@ -265,13 +263,10 @@ def test_embedded_workers_folder_goes_even_when_the_kernel_is_killed():
         folders = list(Path(tempfile.gettempdir()).glob(f"lan2gpu-embedded-{kernel_pid}-*"))
         assert len(folders) == 1 and (folders[0] / "worker.log").exists()
         os.kill(kernel_pid, signal.SIGKILL)  # no exit handler runs in the kernel
-        deadline = time.monotonic() + 30
-        while folders[0].exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not folders[0].exists()  # the worker saw its parent go, and cleaned up
-        while _workers_of(kernel_pid) and time.monotonic() < deadline:
-            time.sleep(0.2)  # it removes its folder last, on its way out
-        assert not _workers_of(kernel_pid)
+        # The worker sees its parent go and cleans up; it removes its folder last, on its
+        # way out.
+        wait_until(lambda: not folders[0].exists(), 30, "the embedded worker's folder to go")
+        wait_until(lambda: not _workers_of(kernel_pid), 30, "the embedded worker to stop")
     finally:
         k.kc.stop_channels()
         k.km.shutdown_kernel(now=True)  # reaps the killed process

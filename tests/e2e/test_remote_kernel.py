@@ -20,6 +20,7 @@ from jupyter_client.manager import KernelManager
 from lan2gpu_magic import connect
 
 from ..conftest import process_gone
+from ..waiting import wait_until
 
 
 def _cli(*args: str, env: dict[str, str]) -> str:
@@ -139,10 +140,8 @@ def test_a_frontend_runs_a_whole_kernel_on_the_worker(lan_kernel):
         assert hosted["idle"] < 4.5 < age, hosted
     finally:
         s.close()
-    deadline = time.monotonic() + 20
-    while _hosted(worker) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert _hosted(worker) == []  # shut down with its frontend: no kernel left on the worker
+    # Shut down with its frontend: no kernel left on the worker.
+    wait_until(lambda: _hosted(worker) == [], 20, "the worker to drop the kernel")
     log = worker.log()
     # A normal shutdown is no death, and ipykernel's banners stay out of the worker's log
     # (its channels are Unix sockets in a private folder, not TCP).
@@ -199,10 +198,8 @@ def test_a_dead_remote_kernel_shows_as_dead_here(lan_kernel):
     s = Session(name)
     try:
         s.kc.execute("import os\nos._exit(1)")
-        deadline = time.monotonic() + 30
-        while s.km.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not s.km.is_alive()  # the forwarder exited: the IDE offers a restart
+        # The forwarder exits: the IDE offers a restart.
+        wait_until(lambda: not s.km.is_alive(), 30, "the forwarder to exit")
     finally:
         s.close()
 
@@ -232,10 +229,7 @@ def test_the_worker_stops_kernels_whose_forwarder_vanished(lan_kernel):
         assert len(_hosted(worker)) == 1
         forwarder = s.km.provisioner.pid  # type: ignore[union-attr]
         os.kill(forwarder, signal.SIGKILL)  # no goodbye: only the heartbeats stop
-        deadline = time.monotonic() + 30
-        while _hosted(worker) and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert _hosted(worker) == []  # after --kernel-grace 3
+        wait_until(lambda: _hosted(worker) == [], 30, "the kernel to go (--kernel-grace 3)")
         assert "went silent; shutting it down" in worker.log()
     finally:
         s.close()

@@ -5,6 +5,7 @@ only then does ``--retry`` run a cell elsewhere."""
 
 from __future__ import annotations
 
+import _thread
 import os
 import signal
 import textwrap
@@ -19,6 +20,7 @@ from lan2gpu_magic import WorkerLost, connect
 from lan2gpu_magic.client import STALLED, OutputHandlers
 from worker_kernel.protocol.keys import generate_key_file
 
+from ..waiting import wait_until
 from .kernel_driver import Kernel
 from .netns import Lan, on_client_host, start_worker
 
@@ -32,10 +34,10 @@ CELL = (
 
 
 def _wait_for_lines(path: Path, n: int, within: float = 60) -> None:
-    deadline = time.monotonic() + within
-    while not path.exists() or len(path.read_text().splitlines()) < n:
-        assert time.monotonic() < deadline, f"only {path.read_text() if path.exists() else ''!r}"
-        time.sleep(0.05)
+    def lines() -> bool:
+        return path.exists() and len(path.read_text().splitlines()) >= n
+
+    wait_until(lines, within, f"{n} runs of the cell in {path}", every=0.05)
 
 
 def test_cells_in_flight_on_a_stalled_worker_all_deliver_their_results(worker_factory, tmp_path):
@@ -150,6 +152,12 @@ NETWORK_CUT = textwrap.dedent(
         except WorkerLost as exc:
             out = {"lost": True, "gone": exc.gone, "message": str(exc)}
         out["seconds"] = time.monotonic() - t0
+        # The network comes back: the same client works again (the worker hands the
+        # client's identity over to its new connection).
+        subprocess.run(["ip", "-n", worker_ns, "link", "set", link, "up"], check=True)
+        ns = {}
+        c.run("y = 6 * 7", ns, timeout=60)
+        out["again"] = ns.get("y")
     print(json.dumps(out))
     """
 )
@@ -171,3 +179,25 @@ def test_a_cut_network_is_a_lost_worker_within_seconds(lan: Lan, tmp_path):
     assert seen["gone"], seen  # the connection dropped: --retry may place it elsewhere
     assert "connection dropped" in seen["message"]
     assert seen["seconds"] < 20, seen
+    assert seen["again"] == 42, seen
+
+
+def test_ctrl_c_stops_waiting_for_a_stalled_worker_at_once(worker_factory):
+    worker = worker_factory("stopped")
+    with connect(worker.address, key_file=worker.key_file) as c:
+        c.run("x = 1", {})
+        threading.Timer(1.0, os.kill, (worker.pid, signal.SIGSTOP)).start()
+        interrupt = threading.Timer(7.0, _thread.interrupt_main)  # waiting on the stall by then
+        t0 = time.monotonic()
+        interrupt.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                c.run("import time\ntime.sleep(60)", {})
+            waited = time.monotonic() - t0
+        finally:
+            interrupt.cancel()
+            time.sleep(max(0.0, 1.5 - (time.monotonic() - t0)))  # the stop has happened
+            os.kill(worker.pid, signal.SIGCONT)
+        # The cancel's few seconds to confirm, not the rest of the 60 s stall grace.
+        assert waited < 7 + 5 + 3, waited
+        assert c.run("y = 2", {}).outputs == {"y": 2}  # the same connection, in step
