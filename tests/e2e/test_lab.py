@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from .dashboard_server import TOKEN, JupyterServer
+from .lab_page import keep_screenshots, run_cell
 
 pytest.importorskip("jupyterlab")
 
@@ -47,18 +46,6 @@ def _notebook(path: Path, address: str, key: Path) -> None:
         "nbformat_minor": 5,
     }  # fmt: skip
     path.write_text(json.dumps(nb))
-
-
-def _run(page: Any, index: int) -> None:
-    """Run one cell, as Shift+Enter would (without waiting for it)."""
-    page.evaluate(
-        """(i) => {
-            const panel = window.jupyterapp.shell.currentWidget;
-            panel.content.activeCellIndex = i;
-            window.jupyterapp.commands.execute('notebook:run-cell');
-        }""",
-        index,
-    )
 
 
 def _dismiss_news(page: Any) -> None:
@@ -110,27 +97,27 @@ def test_a_notebook_in_jupyterlab(worker_factory, browser, tmp_path: Path) -> No
             "=== 'idle'",
             timeout=120_000,
         )
-        _run(page, 0)
+        run_cell(page, 0)
         _dismiss_news(page)
         _wait_idle(page, 0)
         _wait_text(page, 0, "lan2gpu: connected to lab")
         assert _cell(page, 0).locator(STDERR).count() == 0  # news is not shown as an error
 
-        _run(page, 1)  # live output: the first lines are there while the cell still runs
+        run_cell(page, 1)  # live output: the first lines are there while the cell still runs
         _wait_text(page, 1, "step 2 on the worker")
         assert "running on lab GPU0" in _cell(page, 1).inner_text()
         _cell(page, 1).screenshot(path=str(shots / "live-output.png"))
         _wait_idle(page, 1)
         assert "ran on lab GPU0" in _cell(page, 1).inner_text()
 
-        _run(page, 2)  # an error: the cell's own line, and a status line that says so
+        run_cell(page, 2)  # an error: the cell's own line, and a status line that says so
         _wait_idle(page, 2)
         text = _cell(page, 2).inner_text()
         assert "raised KeyError on lab GPU0" in text and "learning_rate" in text, text
         assert "magic.py" not in text
         _cell(page, 2).screenshot(path=str(shots / "remote-error.png"))
 
-        _run(page, 3)  # interrupted from the Kernel menu's command
+        run_cell(page, 3)  # interrupted from the Kernel menu's command
         _wait_text(page, 3, "working...")
         page.wait_for_timeout(1500)  # as a user would: it has been running a while
         page.evaluate("window.jupyterapp.commands.execute('notebook:interrupt-kernel')")
@@ -140,7 +127,7 @@ def test_a_notebook_in_jupyterlab(worker_factory, browser, tmp_path: Path) -> No
         assert "KeyboardInterrupt" in text and "client.py" not in text
         _cell(page, 3).screenshot(path=str(shots / "interrupted.png"))
 
-        _run(page, 4)
+        run_cell(page, 4)
         _wait_idle(page, 4)
         table = _cell(page, 4).locator("table.lan2gpu-workers")
         table.wait_for(timeout=30_000)
@@ -149,10 +136,4 @@ def test_a_notebook_in_jupyterlab(worker_factory, browser, tmp_path: Path) -> No
         assert problems == [], problems
     finally:
         server.stop()
-    for shot in shots.iterdir():
-        assert shot.stat().st_size > 5_000, shot  # a real picture, not an empty frame
-    target = os.environ.get("LAN2GPU_SCREENSHOTS")
-    if target:
-        Path(target).mkdir(parents=True, exist_ok=True)
-        for shot in shots.iterdir():
-            shutil.copy(shot, Path(target) / shot.name)
+    keep_screenshots(shots)

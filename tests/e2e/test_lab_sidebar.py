@@ -7,14 +7,13 @@ installs a kernelspec. Its screenshots (light and dark theme) are the README's
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from .dashboard_server import TOKEN, JupyterServer
+from .lab_page import keep_screenshots, run_cell
 
 pytest.importorskip("jupyterlab")
 
@@ -38,17 +37,6 @@ def _notebook(path: Path) -> None:
 def _command(page: Any, command: str, args: dict[str, Any] | None = None) -> None:
     page.evaluate(
         "([c, a]) => { void window.jupyterapp.commands.execute(c, a); }", [command, args or {}]
-    )
-
-
-def _run_cell(page: Any, index: int) -> None:
-    page.evaluate(
-        """(i) => {
-            const panel = window.jupyterapp.shell.currentWidget;
-            panel.content.activeCellIndex = i;
-            window.jupyterapp.commands.execute('notebook:run-cell');
-        }""",
-        index,
     )
 
 
@@ -103,9 +91,9 @@ def test_the_lan2gpu_sidebar_in_jupyterlab(worker_factory, browser, tmp_path: Pa
         assert panel.get_attribute("data-polling") == "true"
 
         # A cell of this lab's own notebook shows up running, marked as mine, then goes.
-        _run_cell(page, 0)
+        run_cell(page, 0)
         page.wait_for_timeout(1000)
-        _run_cell(page, 1)
+        run_cell(page, 1)
         mine = panel.locator(".lan2gpu-jobs-running .lan2gpu-job.lan2gpu-mine")
         mine.wait_for(timeout=60_000)
         assert "sidebar" in mine.inner_text()
@@ -189,10 +177,4 @@ def test_the_lan2gpu_sidebar_in_jupyterlab(worker_factory, browser, tmp_path: Pa
         assert problems == [], problems
     finally:
         server.stop()
-    for shot in shots.iterdir():
-        assert shot.stat().st_size > 5_000, shot  # a real picture, not an empty frame
-    target = os.environ.get("LAN2GPU_SCREENSHOTS")
-    if target:
-        Path(target).mkdir(parents=True, exist_ok=True)
-        for shot in shots.iterdir():
-            shutil.copy(shot, Path(target) / shot.name)
+    keep_screenshots(shots)
