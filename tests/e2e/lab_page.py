@@ -3,10 +3,29 @@ the screenshots a test took (``LAN2GPU_SCREENSHOTS=DIR`` copies them there)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+
+def write_notebook(path: Path, sources: Sequence[str]) -> None:
+    """A notebook of these code cells, for the python3 kernel."""
+    cells = [
+        {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
+         "source": source}
+        for source in sources
+    ]  # fmt: skip
+    nb = {
+        "cells": cells,
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                    "language": "python"}},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }  # fmt: skip
+    path.write_text(json.dumps(nb))
 
 
 def run_cell(page: Any, index: int) -> None:

@@ -10,14 +10,13 @@ writes them there).
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from .dashboard_server import TOKEN, JupyterServer
-from .lab_page import keep_screenshots, run_cell
+from .lab_page import keep_screenshots, run_cell, write_notebook
 
 pytest.importorskip("jupyterlab")
 
@@ -30,22 +29,6 @@ CELLS = [
     "%%lan2gpu\nimport time\nprint('working...')\ntime.sleep(120)",
     "%lan2gpu workers",
 ]
-
-
-def _notebook(path: Path, address: str, key: Path) -> None:
-    cells = [
-        {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
-         "source": source.replace("{address}", address).replace("{key}", str(key))}
-        for source in CELLS
-    ]  # fmt: skip
-    nb = {
-        "cells": cells,
-        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                    "language": "python"}},
-        "nbformat": 4,
-        "nbformat_minor": 5,
-    }  # fmt: skip
-    path.write_text(json.dumps(nb))
 
 
 def _dismiss_news(page: Any) -> None:
@@ -80,7 +63,9 @@ def test_a_notebook_in_jupyterlab(worker_factory, browser, tmp_path: Path) -> No
     worker = worker_factory("lab")
     root = tmp_path / "lab"
     root.mkdir()
-    _notebook(root / "lan2gpu.ipynb", worker.address, worker.key_file)
+    sources = [c.replace("{address}", worker.address).replace("{key}", str(worker.key_file))
+               for c in CELLS]  # fmt: skip
+    write_notebook(root / "lan2gpu.ipynb", sources)
     server = JupyterServer(
         root, [], worker.key_file, app="jupyterlab", extra=("--LabApp.expose_app_in_browser=True",)
     )

@@ -13,25 +13,11 @@ from typing import Any
 import pytest
 
 from .dashboard_server import TOKEN, JupyterServer
-from .lab_page import keep_screenshots, run_cell
+from .lab_page import keep_screenshots, run_cell, write_notebook
 
 pytest.importorskip("jupyterlab")
 
 PANEL = "#lan2gpu-panel"
-
-
-def _notebook(path: Path) -> None:
-    cell = {"cell_type": "code", "metadata": {}, "outputs": [], "execution_count": None,
-            "source": "%load_ext lan2gpu_magic"}  # fmt: skip
-    sleeper = {**cell, "source": "%%lan2gpu --worker sidebar\nimport time\ntime.sleep(8)"}
-    nb = {
-        "cells": [cell, sleeper],
-        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                    "language": "python"}},
-        "nbformat": 4,
-        "nbformat_minor": 5,
-    }  # fmt: skip
-    path.write_text(json.dumps(nb))
 
 
 def _command(page: Any, command: str, args: dict[str, Any] | None = None) -> None:
@@ -45,7 +31,10 @@ def test_the_lan2gpu_sidebar_in_jupyterlab(worker_factory, browser, tmp_path: Pa
     doomed = worker_factory("doomed", key_file=worker.key_file)
     root = tmp_path / "lab"
     root.mkdir()
-    _notebook(root / "cells.ipynb")
+    write_notebook(
+        root / "cells.ipynb",
+        ["%load_ext lan2gpu_magic", "%%lan2gpu --worker sidebar\nimport time\ntime.sleep(8)"],
+    )
     server = JupyterServer(
         root,
         [worker.address, doomed.address],
