@@ -47,7 +47,10 @@ def _open_fds(pid: int) -> int:
 def _socket_inodes(pid: int) -> set[str]:
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
-        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue  # closed since the listing: a live process opens and closes files
         if target.startswith("socket:["):
             inodes.add(target[8:-1])
     return inodes
