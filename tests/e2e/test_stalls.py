@@ -155,6 +155,12 @@ NETWORK_CUT = textwrap.dedent(
         # The network comes back: the same client works again (the worker hands the
         # client's identity over to its new connection).
         subprocess.run(["ip", "-n", worker_ns, "link", "set", link, "up"], check=True)
+        for _ in range(6):  # usually at once; once, under load, past a first 5 s ping
+            try:
+                c.ping(timeout=5)
+                break
+            except Exception:
+                pass
         ns = {}
         c.run("y = 6 * 7", ns, timeout=60)
         out["again"] = ns.get("y")
