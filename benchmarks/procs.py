@@ -11,12 +11,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lan2gpu_magic.launcher import launch, worker_argv
+from worker_kernel.protocol.errors import WorkerUnreachable
 
 REPO = Path(__file__).resolve().parent.parent
 START_DEADLINE = 60.0
@@ -126,25 +128,18 @@ def start_worker(
     """``python -m worker_kernel --simulate`` on ``bind`` (``extra`` flags added), ready
     to serve."""
     ready = work / f"{name}.ready"
-    argv = [
-        sys.executable,
-        "-m",
-        "worker_kernel",
-        "--bind",
-        bind,
-        "--key-file",
-        str(key_file),
-        "--simulate",
-        "--name",
-        name,
-        "--no-advertise",
-        "--log-level",
-        "WARNING",
-        "--ready-file",
-        str(ready),
-        *extra,
-    ]
-    return spawn(name, argv, work, prefix=prefix, ready_file=ready)
+    argv = worker_argv(
+        key_file=key_file, name=name, ready_file=ready, bind=bind, log_level="WARNING",
+        extra=extra,
+    )  # fmt: skip
+    try:
+        launched = launch(
+            argv, ready_file=ready, log_path=work / f"{name}.log", timeout=START_DEADLINE,
+            prefix=prefix, cwd=REPO,
+        )  # fmt: skip
+    except WorkerUnreachable as exc:
+        raise RuntimeError(f"{name}: {exc}") from None
+    return Child(name, launched.process, launched.log_path, launched.ready)
 
 
 def run_client(what: str, argv: Sequence[str], worker: Child, deadline: float) -> Any:

@@ -8,20 +8,17 @@ worker also watches this process and exits if it dies).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import IO
 
 from worker_kernel.protocol.errors import WorkerUnreachable
 from worker_kernel.protocol.keys import generate_key_file
 from worker_kernel.protocol.pids import alive
+
+from .launcher import Launched, launch, worker_argv
 
 PREFIX = "lan2gpu-embedded-"  # then the owner's pid, then a random part
 
@@ -63,63 +60,43 @@ class EmbeddedWorker:
         self._simulated_gpus = simulated_gpus
         self._start_timeout = start_timeout
         self._dir: Path | None = None
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
+        self._launched: Launched | None = None
         self.address = ""
         self.key_file: Path | None = None
 
     def start(self) -> str:
         """Start the worker and return its address once it listens."""
-        if self._process is not None:
+        if self._launched is not None:
             return self.address
         remove_stale()
         self._dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
         self.key_file = generate_key_file(self._dir / "key")
         ready = self._dir / "ready.json"
-        log_path = self._dir / "worker.log"
-        log = open(log_path, "wb")  # noqa: SIM115 - owned until close()
-        self._log = log
-        self._process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "worker_kernel",
-                "--bind",
-                "tcp://127.0.0.1:*",
-                "--key-file",
-                str(self.key_file),
-                "--simulate",
-                self._simulate,
-                "--name",
-                self.name,
+        argv = worker_argv(
+            key_file=self.key_file,
+            name=self.name,
+            ready_file=ready,
+            simulate=self._simulate,
+            extra=[
                 "--simulated-gpus",
                 str(self._simulated_gpus),
-                "--no-advertise",
-                "--ready-file",
-                str(ready),
                 "--parent-pid",
                 str(os.getpid()),
                 "--cleanup-dir",  # even if this process is killed before close()
                 str(self._dir),
             ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + self._start_timeout
-        while not ready.exists():
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                try:
-                    tail = log_path.read_text(errors="replace")[-2000:]
-                except OSError:
-                    tail = "(no log)"
-                self.close()
-                raise WorkerUnreachable(
-                    "the local worker did not start "
-                    f"(within {self._start_timeout:.0f} s); its log says:\n{tail}"
-                )
-            time.sleep(0.05)
-        self.address = str(json.loads(ready.read_text())["address"])
+        try:
+            self._launched = launch(
+                argv,
+                ready_file=ready,
+                log_path=self._dir / "worker.log",
+                timeout=self._start_timeout,
+            )
+        except WorkerUnreachable as exc:
+            self.close()
+            raise WorkerUnreachable(f"the local worker did not start: {exc}") from None
+        self.address = self._launched.address
         return self.address
 
     def __enter__(self) -> EmbeddedWorker:
@@ -131,21 +108,13 @@ class EmbeddedWorker:
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._launched is not None and self._launched.process.poll() is None
 
     def close(self) -> None:
         """Stop the worker (SIGTERM, then SIGKILL) and remove its files. Idempotent."""
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        launched, self._launched = self._launched, None
+        if launched is not None:
+            launched.stop()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None

@@ -29,9 +29,10 @@ from worker_kernel.protocol.errors import (
 )
 from worker_kernel.protocol.serialize import Payload
 
-from .client import ExecuteRequest, OutputHandlers
+from . import pipeline
 from .placement import Placement
 from .pool import WorkerPool
+from .request import OutputHandlers
 from .results import RunResult
 
 _TICK = 0.2  # seconds between looks at the running chunks (and Ctrl-C)
@@ -89,9 +90,6 @@ class PrefixedOutput:
         self._write(name, "".join(out))
 
 
-RequestFor = Callable[[Chunk, Placement, str], ExecuteRequest]
-
-
 class FanOut:
     """Schedules chunks on slots; :meth:`run` returns the results in chunk order."""
 
@@ -100,7 +98,7 @@ class FanOut:
         pool: WorkerPool,
         slots: Sequence[Placement],
         chunks: Sequence[Chunk],
-        request_for: RequestFor,
+        cell: pipeline.Cell,
         *,
         write: Callable[[str, str], None],
         display: Callable[[dict[str, Any], dict[str, Any]], None],
@@ -111,7 +109,7 @@ class FanOut:
         self.pool = pool
         self.slots = list(slots)
         self.chunks = list(chunks)
-        self.request_for = request_for
+        self.cell = cell
         self.write = write
         self.display = display
         self.progress = progress
@@ -218,8 +216,14 @@ class FanOut:
         try:
             out = PrefixedOutput(chunk.rank, self.write)
             handlers = OutputHandlers(stream=out.stream, display=self.display)
-            session = self.sessions[slot.worker.address]
-            result = client.execute(self.request_for(chunk, slot, session), chunk.payload, handlers)
+            result = pipeline.execute(
+                self.cell,
+                chunk.payload,
+                lambda lost: (client, slot),
+                lambda _: handlers,
+                session=lambda c: self.sessions[slot.worker.address],
+                cancel=self.cancel,
+            )
             if result.error is not None:  # the cell raised (after binding some names)
                 raise result.error
             return result

@@ -13,7 +13,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from .results import RunResult
@@ -21,32 +20,7 @@ from .results import RunResult
 WAITING, RUNNING, DONE, FAILED, CANCELLED = "waiting", "running", "done", "failed", "cancelled"
 
 
-@dataclass
-class Finished:
-    """What a background cell produced, ready to go into a namespace."""
-
-    outputs: dict[str, Any] = field(default_factory=dict)
-    deleted: tuple[str, ...] = ()
-    warnings: list[str] = field(default_factory=list)
-    value: Any = None
-    has_value: bool = False
-    value_repr: dict[str, Any] | None = None
-    error: Exception | None = None  # the cell raised after binding ``outputs``
-
-    @classmethod
-    def of(cls, result: RunResult) -> Finished:
-        return cls(
-            outputs=result.outputs,
-            deleted=result.deleted,
-            warnings=result.warnings,
-            value=result.value,
-            has_value=result.has_value,
-            value_repr=result.value_repr,
-            error=result.error,
-        )
-
-
-Body = Callable[["Job"], Finished]
+Body = Callable[["Job"], RunResult]
 
 
 class Job:
@@ -68,7 +42,7 @@ class Job:
         self._output: list[tuple[str, str]] = []
         self._displays: list[tuple[dict[str, Any], dict[str, Any]]] = []
         self._live: tuple[Callable[[str, str], None], Callable[..., None]] | None = None
-        self._finished: Finished | None = None
+        self._finished: RunResult | None = None
         self._error: BaseException | None = None
         self._done = threading.Event()
         self._watchers: list[Callable[[Job], None]] = []
@@ -83,7 +57,7 @@ class Job:
     def _run(self) -> None:
         body, self._body = self._body, None  # its copied inputs go once it has run
         try:
-            finished = body(self) if body is not None else Finished()
+            finished = body(self) if body is not None else RunResult(worker="")
         except BaseException as exc:  # reported to whoever collects the job
             self._end(None, exc)
         else:
@@ -91,7 +65,7 @@ class Job:
         finally:
             del body
 
-    def _end(self, finished: Finished | None, error: BaseException | None) -> None:
+    def _end(self, finished: RunResult | None, error: BaseException | None) -> None:
         with self._lock:
             self._finished, self._error = finished, error
             self.finished_at = time.time()
@@ -176,7 +150,7 @@ class Job:
             raise self._error
         return dict(self._finished.outputs) if self._finished is not None else {}
 
-    def outcome(self) -> tuple[Finished | None, BaseException | None]:
+    def outcome(self) -> tuple[RunResult | None, BaseException | None]:
         """What :meth:`result` is made of: the outputs (if any) and the error (if any)."""
         return self._finished, self._error
 

@@ -74,7 +74,7 @@ class Forwarder:
         self.poller = zmq.Poller()
         for sock in self.front.values():
             self.poller.register(sock, zmq.POLLIN)
-        self.poller.register(client.transport._socket(), zmq.POLLIN)
+        self.poller.register(client.connection.socket, zmq.POLLIN)
         self.kernel_heard = time.monotonic()
         self.stopping = False
         # Requests wait until a frontend listens on iopub (or a few seconds): a
@@ -95,7 +95,8 @@ class Forwarder:
         """One frontend message for the remote kernel, through the worker connection."""
         content = {"kernel": self.kernel, "channel": channel, "identity": identity.hex()}
         buffers = [f.buffer if isinstance(f, zmq.Frame) else f for f in frames]
-        self.client.transport.send(self.client._message(m.KERNEL_FRAMES, content, buffers=buffers))
+        conn = self.client.connection
+        conn.send(conn.message(m.KERNEL_FRAMES, content, buffers=buffers))
 
     def serve(self) -> int:
         """Relay until the kernel dies, the worker is lost, or we are told to stop."""
@@ -113,8 +114,8 @@ class Forwarder:
                 self._to_kernel("hb", b"", [b"ping"])
                 # Tell the worker when the kernel was last busy (for its idle column).
                 idle = {"kernel": self.kernel, "idle": now - self.active_at}
-                self.client.transport.send(self.client._message(m.HEARTBEAT, idle))
-            worker_silent = now - self.client._last_heard
+                self.client.connection.send(self.client.connection.message(m.HEARTBEAT, idle))
+            worker_silent = now - self.client.connection.last_heard
             if worker_silent > 2 * _HEARTBEAT:
                 if worker_silent > _WORKER_LIVENESS and not self._stalled(worker_silent):
                     log.error("worker %s stopped answering", self.client.info.name)
@@ -137,7 +138,7 @@ class Forwarder:
         """A silent worker whose connection is up (stopped, swapping, overloaded) is
         waited for up to its --stall-grace; the kernel there goes on."""
         grace = self.client.info.stall_grace
-        if silent >= grace or not self.client.transport.link_up():
+        if silent >= grace or not self.client.connection.transport.link_up():
             return False
         if not self.stall_logged:
             self.stall_logged = True
@@ -150,7 +151,7 @@ class Forwarder:
         return True
 
     def _handle(self, sock: zmq.Socket[bytes]) -> int | None:
-        if sock is self.client.transport.sock:
+        if sock is self.client.connection.transport.sock:
             return self._from_worker()
         frames = sock.recv_multipart(copy=False)
         if log.isEnabledFor(logging.DEBUG):
@@ -189,13 +190,13 @@ class Forwarder:
 
     def _from_worker(self) -> int | None:
         try:
-            msg = self.client._recv(0)
+            msg = self.client.connection.recv(0)
         except ProtocolError as exc:
             log.warning("%s", exc)
             return None
         if msg is None:
             return None
-        self.client._last_heard = time.monotonic()
+        self.client.connection.last_heard = time.monotonic()
         self.stall_logged = False
         if msg.kind == m.KERNEL_FRAMES and msg.content.get("kernel") == self.kernel:
             self._from_kernel(msg)

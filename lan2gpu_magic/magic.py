@@ -10,9 +10,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import shlex
-import threading
-import time
-from dataclasses import dataclass
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -20,14 +17,17 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 
 from worker_kernel.protocol.errors import ProtocolError, TransportError, WorkerLost
-from worker_kernel.protocol.serialize import Payload, dump_values
+from worker_kernel.protocol.serialize import Payload
 
-from . import capture, fanout, hints, options, results, split_cell, tables
-from .client import ExecuteRequest, Interrupted, OutputHandlers
+from . import fanout, hints, options, pipeline, results, split_cell, tables
+from .background import BackgroundCells
+from .client import Interrupted
 from .config import Lan2GPU
-from .jobs import CANCELLED, Finished, Job
+from .jobs import Job
 from .placement import Placement, Requirements
 from .pool import WorkerPool
+from .request import OutputHandlers
+from .results import RunResult
 from .status import (
     Progress,
     StatusLine,
@@ -40,17 +40,6 @@ from .status import (
     write,
 )
 from .tracebacks import register_source
-
-
-@dataclass(frozen=True)
-class _Cell:
-    """One ``%%lan2gpu`` invocation, parsed and planned."""
-
-    args: argparse.Namespace
-    code: str
-    plan: capture.CellPlan
-    filename: str
-    requirements: Requirements
 
 
 @magics_class
@@ -69,7 +58,7 @@ class Lan2GPUMagics(Magics):
             server_keys=self.settings.server_keys,
             plaintext=self.settings.insecure_plaintext,
         )
-        self.jobs: dict[str, Job] = {}  # background cells, by handle name
+        self.jobs = BackgroundCells(self._assign)  # --async cells, by handle name
         self._speeds: dict[str, float] = {}  # rows/s per slot, measured by split cells
         self._cell_args = options.cell_parser()
         self._line_args = options.line_parser()
@@ -93,11 +82,7 @@ class Lan2GPUMagics(Magics):
         self.pool.discovery_wait = self.settings.discovery_wait
 
     def close(self) -> None:
-        for job in self.jobs.values():
-            job.cancel()
-        deadline = time.monotonic() + 10  # cancelled cells confirm within seconds
-        for job in self.jobs.values():
-            job.wait(max(0.0, deadline - time.monotonic()))
+        self.jobs.close()
         self.pool.close()
         atexit.unregister(self.close)
 
@@ -116,66 +101,83 @@ class Lan2GPUMagics(Magics):
             print(shown.text)
             return None
 
-    def _cell(self, line: str, cell: str) -> Any:
+    def _cell(self, line: str, code: str) -> Any:
         args = self._cell_args.parse_args(shlex.split(line))
         self._check_combination(args)
         shell = self._shell()
         filename = f"<lan2gpu In[{_cell_number(shell)}]>"
-        register_source(filename, f"%%lan2gpu {line}\n{cell}")
+        register_source(filename, f"%%lan2gpu {line}\n{code}")
         ns = shell.user_ns
         # Planned against the namespace itself: functions of the notebook that
         # assign globals are recognised by their __globals__ being this very dict.
         # (A split cell's rank and size are sent to every chunk regardless.)
-        plan = capture.plan_cell(
-            cell,
+        plan = pipeline.plan(
+            code,
             ns,
+            filename=filename,
             hidden=shell.user_ns_hidden,
             inputs=args.inputs,
             outputs=args.outputs,
-            filename=filename,
             line_offset=1,
         )
+        cell = pipeline.Cell(
+            code=code,
+            plan=plan,
+            filename=filename,
+            line_offset=1,
+            session=args.session,
+            timeout=args.timeout or self.settings.default_timeout or None,
+            cache=not args.no_cache,
+            compress=args.compress,
+            namespace=ns,
+        )
         requirements = self._requirements(args)
-        c = _Cell(args, cell, plan, filename, requirements)
         if args.split:
-            return self._split(c)
-        payload, _ = dump_values({name: ns[name] for name in plan.inputs}, namespace=ns)
+            return self._split(args, cell, requirements)
+        payload = pipeline.serialize(plan.inputs, ns, globals_=ns)
         if args.async_name:
-            return self._start_async(c, payload)
-        lost: set[str] = set()  # workers lost during this cell, for --retry
-        while True:
-            client, placement = self.pool.choose(requirements, exclude=lost, session=args.session)
-            request = self._request(c, placement, client.session, ns)
-            progress = Progress(placement)
-            try:
-                result = client.execute(request, payload, self._handlers(progress))
-                break
-            except WorkerLost as exc:
-                progress.failed(exc)
-                if len(lost) >= args.retry or not exc.gone:  # never run a cell twice
-                    raise
-                lost.add(placement.worker.address)
-                self._warn(
-                    f"lan2gpu: {exc.args[0].split('.')[0]}; running the cell again on another "
-                    f"worker (retry {len(lost)} of {args.retry})"
-                )
-            except Interrupted as exc:
-                progress.interrupted(exc.session_lost)
-                raise short_interrupt(f"cancelled on {progress.worker}") from None
-            except KeyboardInterrupt:  # a second Ctrl-C, or no confirmation in time
-                progress.interrupted(None)
-                raise short_interrupt(f"stopped waiting for {progress.worker}") from None
-            except Exception as exc:
-                progress.failed(exc)
+            return self._start_async(args, cell, requirements, payload)
+        progress: list[Progress] = []  # the try in progress
+
+        def handlers(placement: Placement | None) -> OutputHandlers:
+            assert placement is not None  # noqa: S101 - the pool always places
+            progress.append(Progress(placement))
+            return OutputHandlers(stream=write, display=publish, status=progress[-1].status)
+
+        def retried(exc: WorkerLost, n: int) -> None:
+            progress.pop().failed(exc)
+            self._warn(
+                f"lan2gpu: {exc.args[0].split('.')[0]}; running the cell again on another "
+                f"worker (retry {n} of {args.retry})"
+            )
+
+        try:
+            result = pipeline.execute(
+                cell,
+                payload,
+                lambda lost: self.pool.choose(requirements, exclude=lost, session=args.session),
+                handlers,
+                local=ns,
+                retry=args.retry,
+                retried=retried,
+            )
+        except Interrupted as exc:
+            progress[-1].interrupted(exc.session_lost)
+            raise short_interrupt(f"cancelled on {progress[-1].worker}") from None
+        except KeyboardInterrupt:  # a second Ctrl-C, or no confirmation in time
+            if not progress:
                 raise
+            progress[-1].interrupted(None)
+            raise short_interrupt(f"stopped waiting for {progress[-1].worker}") from None
+        except Exception as exc:
+            if progress:
+                progress[-1].failed(exc)
+            raise
         if result.error is not None:
-            progress.failed(result.error)
+            progress[-1].failed(result.error)
         else:
-            progress.finished(float(result.stats.get("total_seconds", 0.0)))
-        results.apply(result, shell.user_ns, warn=self._say)
-        if result.value_repr:
-            publish(result.value_repr, {})
-        return result.value if result.has_value else None
+            progress[-1].finished(float(result.stats.get("total_seconds", 0.0)))
+        return self._assign(result)
 
     @staticmethod
     def _check_combination(args: argparse.Namespace) -> None:
@@ -188,53 +190,19 @@ class Lan2GPUMagics(Magics):
         if args.split and args.retry:
             raise UsageError("--split retries a failed chunk once by itself; leave out --retry")
 
-    def _request(
-        self,
-        c: _Cell,
-        placement: Placement,
-        session: str,
-        local: dict[str, Any],
-        cancel: threading.Event | None = None,
-    ) -> ExecuteRequest:
-        args = c.args
-        return ExecuteRequest(
-            code=c.code,
-            plan=c.plan,
-            session=args.session or session,
-            timeout=args.timeout or self.settings.default_timeout or None,
-            filename=c.filename,
-            line_offset=1,
-            gpus=tuple(g.index for g in placement.gpus),
-            cpu=placement.cpu,
-            local=local,
-            namespace=self._shell().user_ns,
-            keep_namespace=bool(args.session),
-            cache=not args.no_cache,
-            compress=args.compress,
-            cancel=cancel,
-        )
-
     # -- --split ------------------------------------------------------------------
 
-    def _split(self, c: _Cell) -> Any:
-        args, requirements = c.args, c.requirements
-        spec = split_cell.CellSpec(
-            code=c.code,
-            plan=c.plan,
-            filename=c.filename,
+    def _split(self, args: argparse.Namespace, cell: pipeline.Cell, req: Requirements) -> Any:
+        spec = split_cell.SplitOptions(
             split=args.split,
             gather=args.gather,
             slots=args.workers or None,  # all (0) or not given (None): every slot
             balance=args.balance,
-            timeout=args.timeout or self.settings.default_timeout or None,
-            cache=not args.no_cache,
-            compress=args.compress,
-            session=args.session,
         )
         job: Job | None = None
         if args.async_name:
 
-            def body(job: Job) -> Finished:
+            def body(job: Job) -> RunResult:
                 job.running()  # the chunks' own queues show in the progress
                 return prepared.run()
 
@@ -245,10 +213,11 @@ class Lan2GPUMagics(Magics):
             shown = (write, publish, line.show)  # shown once the chunks start
         prepared = split_cell.prepare(
             self.pool,
+            cell,
             spec,
             self._shell().user_ns,
-            requirements,
-            self._speeds,
+            req,
+            speeds=self._speeds,
             write=shown[0],
             display=shown[1],
             progress=shown[2],
@@ -265,25 +234,32 @@ class Lan2GPUMagics(Magics):
             return self._assign(finished)
         slots = [fanout.slot_label(s) for s in prepared.fanout.slots]
         job.where = f"{', '.join(slots)} ({len(prepared.chunks)} chunks)"
-        return self._launch(job)
+        return self.jobs.launch(job, self._shell().user_ns)
 
     # -- --async --------------------------------------------------------------------
 
-    def _start_async(self, c: _Cell, payload: Payload) -> None:
-        args = c.args
-        client, placement = self.pool.choose(c.requirements, session=args.session)
+    def _start_async(
+        self, args: argparse.Namespace, cell: pipeline.Cell, req: Requirements, payload: Payload
+    ) -> None:
+        client, placement = self.pool.choose(req, session=args.session)
         address = placement.worker.address
         session = client.adopt_session()  # the notebook's session there, closed with it
         # The cell's inputs as they are now: later changes here must not reach it.
         payload = payload.copied()
 
-        def body(job: Job) -> Finished:
-            request = self._request(c, placement, session, {}, job.cancel_event)
+        def body(job: Job) -> RunResult:
             handlers = OutputHandlers(stream=job.stream, display=job.display, status=job.status)
             leased = self.pool.lease(address)
             healthy = True
             try:
-                return Finished.of(leased.execute(request, payload, handlers))
+                return pipeline.execute(
+                    cell,
+                    payload,
+                    lambda lost: (leased, placement),
+                    lambda _: handlers,
+                    session=lambda _: session,
+                    cancel=job.cancel_event,
+                )
             except (TransportError, ProtocolError):
                 healthy = False
                 raise
@@ -291,122 +267,20 @@ class Lan2GPUMagics(Magics):
                 self.pool.give_back(leased, healthy)
 
         where = placement.describe().rsplit(", queue", 1)[0]
-        return self._launch(Job(args.async_name, where, body))
+        return self.jobs.launch(Job(args.async_name, where, body), self._shell().user_ns)
 
-    def _launch(self, job: Job) -> None:
-        ns = self._shell().user_ns
-        old = self.jobs.get(job.name)
-        if old is not None and not old.done():
-            raise UsageError(
-                f"--async {job.name}: a background cell of that name is still running; "
-                f"wait for it (%lan2gpu wait {job.name}), cancel it ({job.name}.cancel()), "
-                "or pick another name"
-            )
-        if old is not None and not old.collected and old.state != CANCELLED:
-            # Replacing it would drop what it produced without a word.
-            raise UsageError(
-                f"--async {job.name}: the background cell of that name finished ({old.state}) "
-                f"and was never collected; collect it first (%lan2gpu wait {job.name}), or "
-                "pick another name"
-            )
-        line = StatusLine(f"job {job.name}: {job.describe()}")
-
-        def update(j: Job) -> None:
-            text = f"job {j.name}: {j.state} on {j.where}" + (f" ({j.detail})" if j.detail else "")
-            if j.done():
-                text = f"job {j.name}: {j.state} in {j.elapsed:.1f} s; %lan2gpu wait {j.name}"
-            line.show(text)  # only when the text changed
-
-        job.watch(update)
-        line.close()  # later updates come from the job's thread; the cell is over
-        self.jobs[job.name] = job
-        ns[job.name] = job
-        job.start()
-
-    def _assign(self, finished: Finished) -> Any:
-        """Outputs into the namespace as if the cell had run here; then its error."""
-        ns = self._shell().user_ns
-        ns.update(finished.outputs)
-        for name in finished.deleted:
-            ns.pop(name, None)
-        for warning in finished.warnings:
-            self._say(warning)
-        if finished.error is not None:
-            raise finished.error
-        if finished.value_repr:
-            publish(finished.value_repr, {})
-        return finished.value if finished.has_value else None
-
-    def _wait(self, names: list[str], timeout: float | None) -> Any:
-        jobs = [self._job(n) for n in names] or [j for j in self.jobs.values() if not j.collected]
-        if not jobs:
-            self._say("lan2gpu: no background cell to wait for")
-            return None
-        value: Any = None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        failure: Exception | None = None
-        for job in jobs:
-            try:
-                value = self._collect(job, deadline, timeout)
-            except UsageError:
-                raise  # still running past the deadline: stop waiting here
-            except Exception as exc:  # the job's own error: the others are collected first
-                failure = failure or exc
-        if failure is not None:
-            raise failure
-        return value
-
-    def _collect(self, job: Job, deadline: float | None, timeout: float | None) -> Any:
-        """Wait for one job, show its output, assign its outputs; raise its error."""
-        line = StatusLine(f"job {job.name}: {job.describe()}")
-        job.attach(write, publish)
-        try:
-            while not job.wait(0.25):
-                if deadline is not None and time.monotonic() > deadline:
-                    raise UsageError(
-                        f"job {job.name} is still {job.state} after {timeout:g} s; "
-                        f"%lan2gpu wait {job.name} again later, or {job.name}.cancel()"
-                    )
-                line.show(f"job {job.name}: {job.describe()}")
-        except KeyboardInterrupt:
-            raise short_interrupt(
-                f"stopped waiting; job {job.name} goes on "
-                f"(%lan2gpu wait {job.name} again, or {job.name}.cancel())"
-            ) from None
-        finally:
-            job.detach()
-            line.close()
-        line.show(f"job {job.name}: {job.state} in {job.elapsed:.1f} s")
-        line.close()
-        job.collected = True
-        finished, error = job.outcome()
-        if finished is None:
-            raise error if error is not None else UsageError(f"job {job.name} gave nothing")
-        if error is not None and finished.error is None:
-            raise error
-        return self._assign(finished)
-
-    def _job(self, name: str) -> Job:
-        job = self.jobs.get(name)
-        if job is None:
-            known = ", ".join(self.jobs) or "none"
-            raise UsageError(f"no background cell named {name!r} (known: {known})")
-        return job
-
-    def _print_jobs(self) -> None:
-        if not self.jobs:
-            print("no background cells (start one with %%lan2gpu --async NAME)")
-        for job in self.jobs.values():
-            if not job.collected:
-                print(f"{job.name}: {job.describe()}")
+    def _assign(self, result: RunResult) -> Any:
+        """Outputs into the namespace as if the cell had run here; then its error, or
+        its value."""
+        results.apply(result, self._shell().user_ns, warn=self._say)
+        if result.value_repr:
+            publish(result.value_repr, {})
+        return result.value if result.has_value else None
 
     def _requirements(self, args: argparse.Namespace) -> Requirements:
         if args.gpus < 1:
             raise UsageError("--gpus must be at least 1")
         return Requirements.from_args(args, allow_simulator=self.settings.allow_simulator)
-
-    def _handlers(self, progress: Progress) -> OutputHandlers:
-        return OutputHandlers(stream=write, display=publish, status=progress.status)
 
     # -- %lan2gpu ---------------------------------------------------------------
 
@@ -431,9 +305,9 @@ class Lan2GPUMagics(Magics):
         elif args.command == "status":
             self._print_status()
         elif args.command == "wait":
-            return self._wait(args.jobs, args.timeout)
+            return self.jobs.wait(args.jobs, args.timeout)
         elif args.command == "jobs":
-            self._print_jobs()
+            self.jobs.print()
         elif args.command == "close-session":
             chosen, _ = self.pool.choose(Requirements(worker=args.worker, cpu=True))
             closed = chosen.close_session(args.session)
@@ -451,14 +325,13 @@ class Lan2GPUMagics(Magics):
             status = row.status
             sessions = ", ".join(status["sessions"]) or "-"
             print(f"{status['worker']} ({row.address}): sessions {sessions}")
-            for state, cells, clock in (
-                ("running on", status["running"], "running"),
-                ("waiting for", status["queued"], "waiting"),
-            ):
+            running, queued = status["running"], status["queued"]
+            for state, cells in (("running on", running), ("waiting for", queued)):
                 for cell in cells:
                     where = "+".join(cell["resources"])
                     who = f"{cell['user']}, " if cell.get("user") else ""
-                    what = f"{cell['id'][:8]} ({who}{cell['session']}, {cell[clock]:.1f} s)"
+                    took = cell["running"] or cell["waiting"]
+                    what = f"{cell['id'][:8]} ({who}{cell['session']}, {took:.1f} s)"
                     print(f"  {state} {where}: {what}")
             if not status["running"] and not status["queued"]:
                 print("  idle")

@@ -19,11 +19,11 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
+from worker_kernel.protocol.contents import Queue, StatusDocument
 from worker_kernel.protocol.errors import Lan2GPUError, NoWorkerAvailable, WorkerUnreachable
 
-from .client import Client, StatusReply, fetch_statuses, state_of
+from .client import Client
 from .discovery import Browser
 from .embedded import EmbeddedWorker
 from .placement import (
@@ -34,6 +34,7 @@ from .placement import (
     choose_slots,
     choose_worker,
 )
+from .statuses import StatusReply, fetch_statuses, state_of
 
 CONFIGURED, DISCOVERED, EMBEDDED = "configured", "discovered", "embedded"
 
@@ -59,7 +60,7 @@ class _Entry:
     state: str = "up"  # or why it is unusable: "unreachable", "key mismatch", ...
     retry_at: float = 0.0  # skip this worker until then (it just failed)
     failures: int = 0  # in a row: the wait before the next try doubles
-    status: dict[str, Any] | None = None  # the last status reply, and when it came
+    status: StatusDocument | None = None  # the last status reply, and when it came
     status_at: float = float("-inf")
     latency: float = float("inf")
 
@@ -78,19 +79,19 @@ class WorkerRow:
     address: str
     origin: str
     view: WorkerView | None
-    status: dict[str, Any] | None
+    status: StatusDocument | None
     problem: str = ""
     state: str = "up"  # else "unreachable", "key mismatch", "version mismatch", ...
 
 
 def view_from_status(
-    address: str, status: dict[str, Any], latency: float, session: str = ""
+    address: str, status: StatusDocument, latency: float, session: str = ""
 ) -> WorkerView:
     """Placement's view of a worker from its status reply; GPUs where ``session``
     already has an executor are marked sticky."""
     caps = status.get("capabilities", {})
     load = status.get("load", {})
-    queues: dict[str, dict[str, int]] = load.get("queues", {})
+    queues = load.get("queues", {})
     homes = {
         slot
         for executor in status.get("executors", [])
@@ -99,7 +100,7 @@ def view_from_status(
     }
 
     def queued(slot: str) -> int:
-        q = queues.get(slot, {})
+        q: Queue = queues.get(slot, {})
         return int(q.get("running", 0)) + int(q.get("waiting", 0)) + int(q.get("kernels", 0))
 
     gpus = tuple(
@@ -420,8 +421,8 @@ class WorkerPool:
         entries = list(self._entries.values())
         asked = [e for e in entries if e.client is not None and e.retry_at <= now]
         stale = [e for e in asked if detail or e.status is None or now - e.status_at > max_age]
-        clients = [e.client for e in stale if e.client]
-        answers = fetch_statuses(clients, self.status_timeout, detail)
+        connections = [e.client.connection for e in stale if e.client]
+        answers = fetch_statuses(connections, self.status_timeout, detail)
         fetched = dict(zip(map(id, stale), answers, strict=True))
         replies = [fetched.get(id(e)) or StatusReply(e.status, e.latency) for e in asked]
         rows: list[WorkerRow] = []
@@ -507,7 +508,7 @@ class WorkerPool:
                 not self._closed
                 and healthy
                 and client.address in self._entries
-                and not client.transport.closed
+                and not client.closed
                 and len(spare) < _MAX_SPARE
             ):
                 spare.append(client)

@@ -14,20 +14,14 @@ from typing import Any
 
 from worker_kernel.protocol import rebuild
 from worker_kernel.protocol.errors import (
-    ExecutionCancelled,
-    ExecutionTimeout,
-    ExecutorDied,
     Lan2GPUError,
-    MemoryBudgetExceeded,
-    RemoteExecutionError,
-    RemoteTraceback,
     SerializationError,
 )
 from worker_kernel.protocol.messages import Message
 from worker_kernel.protocol.serialize import load_values, loads
 
 from .capture import CellPlan
-from .tracebacks import render
+from .replies import error_of
 
 
 @dataclass
@@ -55,59 +49,6 @@ class RunResult:
         ]
 
 
-def _error(msg: Message, worker: str, timeout: float | None) -> Lan2GPUError:
-    c = msg.content
-    status = str(c.get("status"))
-    lost = bool(c.get("session_lost"))
-    state = (
-        "The session's variables on the worker are lost (the next cell starts a fresh "
-        "executor); the notebook's variables are untouched."
-        if lost
-        else "The session on the worker is intact."
-    )
-    reason = str(c.get("reason") or "")
-    if status == "error" and c.get("serialization_error") is not None:
-        evalue = str(dict(c.get("error", {})).get("evalue", "cannot pickle an output"))
-        return SerializationError(evalue, str(c["serialization_error"]))
-    if status == "error" and "error" in c:
-        remote = RemoteTraceback.from_json(dict(c["error"]))
-        lines = tuple(render(remote, worker))
-        message = f"{remote.ename}: {remote.evalue} (raised on worker {worker})"
-        error = RemoteExecutionError(message, worker, remote, lines)
-        error.session_lost = lost
-        return error
-    if status == "timeout":
-        limit = f" of {timeout:g} s" if timeout else ""
-        if "never started" in reason:
-            return ExecutionTimeout(
-                f"the cell did not start within its --timeout{limit} on worker {worker}: "
-                f"{reason}. Raise --timeout, or pick a less busy worker (--worker).",
-                worker,
-                lost,
-            )
-        return ExecutionTimeout(
-            f"the cell ran past its --timeout{limit} on worker {worker} and was stopped"
-            f"{'; ' + reason if reason else ''}. {state} Raise --timeout if it needs longer.",
-            worker,
-            lost,
-        )
-    if status == "memory":
-        return MemoryBudgetExceeded(f"worker {worker}: {reason}. {state}", worker, lost)
-    if status == "cancelled":
-        return ExecutionCancelled(
-            f"the cell was cancelled on worker {worker}{'; ' + reason if reason else ''}. {state}",
-            worker,
-            lost,
-        )
-    return ExecutorDied(
-        f"worker {worker}: {reason or 'the executor failed'}. {state} If this repeats, "
-        "the cell may be crashing the process (a segfault or running out of memory); "
-        "the worker's log has details.",
-        worker,
-        True,
-    )
-
-
 def parse_result(
     msg: Message,
     plan: CellPlan,
@@ -125,7 +66,7 @@ def parse_result(
     status = c.get("status")
     error: Lan2GPUError | None = None
     if status != "ok":
-        error = _error(msg, worker, timeout)
+        error = error_of(msg, worker, "", timeout)
         if "outputs" not in c:
             raise error
     entries = list(c.get("outputs", []))

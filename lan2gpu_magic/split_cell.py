@@ -14,13 +14,12 @@ from typing import Any
 
 from worker_kernel.protocol.serialize import Payload, dump_values
 
-from .capture import CellPlan
-from .client import ExecuteRequest
 from .errors import ConfigurationError
 from .fanout import Chunk, FanOut, slot_key
-from .jobs import Finished
-from .placement import Placement, Requirements
+from .pipeline import Cell
+from .placement import Requirements
 from .pool import WorkerPool
+from .results import RunResult
 from .split import (
     RANK,
     SIZE,
@@ -37,20 +36,13 @@ _SPEED_MEMORY = 0.5  # weight of the newest measurement in a slot's speed
 
 
 @dataclass(frozen=True)
-class CellSpec:
-    """The parts of a ``%%lan2gpu`` invocation a split run needs."""
+class SplitOptions:
+    """How a ``--split`` cell is cut and put together again."""
 
-    code: str
-    plan: CellPlan
-    filename: str
-    split: str
-    gather: str | None = None
-    slots: int | None = None  # None: every matching slot
-    balance: bool = False
-    timeout: float | None = None
-    cache: bool = True
-    compress: str | None = None
-    session: str | None = None
+    split: str  # --split: the arrays (and axes) cut into chunks
+    gather: str | None = None  # --gather: how outputs are put together
+    slots: int | None = None  # --workers N; None: every matching slot
+    balance: bool = False  # --balance: chunks sized by each slot's measured speed
 
 
 @dataclass
@@ -61,7 +53,7 @@ class SplitCell:
     chunks: list[Chunk]
     speeds: MutableMapping[str, float] = field(default_factory=dict)
 
-    def run(self) -> Finished:
+    def run(self) -> RunResult:
         """Run every chunk and gather their outputs (raises SplitError on failure)."""
         results = self.fanout.run()
         self._learn_speeds()
@@ -72,10 +64,15 @@ class SplitCell:
             sorted({s.axis for s in self.specs}),
         )
         deleted = {n for r in results for n in r.deleted if n not in outputs}
-        warnings = list(dict.fromkeys(w for r in results for w in r.warnings))
         has_value = any(r.has_value for r in results)
-        values = [r.value for r in results] if has_value else None
-        return Finished(outputs, tuple(sorted(deleted)), warnings, values, has_value)
+        return RunResult(
+            worker=", ".join(dict.fromkeys(r.worker for r in results)),
+            outputs=outputs,
+            deleted=tuple(sorted(deleted)),
+            skipped={name: why for r in results for name, why in r.skipped.items()},
+            value=[r.value for r in results] if has_value else None,
+            has_value=has_value,
+        )
 
     def _learn_speeds(self) -> None:
         for chunk in self.chunks:
@@ -89,11 +86,12 @@ class SplitCell:
 
 def prepare(
     pool: WorkerPool,
-    spec: CellSpec,
+    cell: Cell,
+    spec: SplitOptions,
     namespace: dict[str, Any],
     req: Requirements,
-    speeds: MutableMapping[str, float],
     *,
+    speeds: MutableMapping[str, float],
     write: Callable[[str, str], None],
     display: Callable[[dict[str, Any], dict[str, Any]], None],
     progress: Callable[[str], None],
@@ -110,13 +108,13 @@ def prepare(
     # Negative axes counted from the end, as numpy does; gathering needs them positive.
     specs = [SplitSpec(s.name, s.axis % namespace[s.name].ndim) for s in specs]
     cancel = cancel or threading.Event()  # Ctrl-C in the calling thread sets it
-    unread = [s.name for s in specs if s.name not in spec.plan.inputs]
+    unread = [s.name for s in specs if s.name not in cell.plan.inputs]
     if unread:
         raise ConfigurationError(
             f"--split {', '.join(unread)}: the cell does not read it, so there is nothing "
             "to split; split the arrays the cell works on"
         )
-    slots = pool.slots(req, spec.slots, spec.session)
+    slots = pool.slots(req, spec.slots, cell.session)
     if spec.balance:
         known = [speeds[slot_key(s)] for s in slots if slot_key(s) in speeds]
         guess = sum(known) / len(known) if known else 1.0  # unmeasured slots: the mean
@@ -128,7 +126,7 @@ def prepare(
     split_names = {s.name for s in specs}
     # The inputs every chunk shares are serialized (and, for --async, copied) once.
     shared, _ = dump_values(
-        {n: namespace[n] for n in spec.plan.inputs if n not in split_names | {RANK, SIZE}},
+        {n: namespace[n] for n in cell.plan.inputs if n not in split_names | {RANK, SIZE}},
         namespace=namespace,
     )
     if copy:
@@ -144,28 +142,11 @@ def prepare(
         both = Payload(shared.entries + payload.entries, shared.frames + payload.frames)
         chunks.append(Chunk(rank, piece, {}, both))
 
-    def request_for(chunk: Chunk, slot: Placement, session: str) -> ExecuteRequest:
-        return ExecuteRequest(
-            code=spec.code,
-            plan=spec.plan,
-            session=spec.session or session,
-            timeout=spec.timeout,
-            filename=spec.filename,
-            line_offset=1,
-            gpus=tuple(g.index for g in slot.gpus),
-            cpu=slot.cpu,
-            namespace=namespace,
-            keep_namespace=bool(spec.session),
-            cache=spec.cache,
-            compress=spec.compress,
-            cancel=cancel,
-        )
-
     fanout = FanOut(
         pool,
         slots,
         chunks,
-        request_for,
+        cell,
         write=write,
         display=display,
         progress=progress,

@@ -7,6 +7,7 @@ import textwrap
 from collections.abc import Sequence
 from typing import Any
 
+from worker_kernel.protocol.contents import StatusDocument
 from worker_kernel.protocol.units import binary_size
 
 from .placement import WorkerView
@@ -21,7 +22,7 @@ def _ram(caps: dict[str, Any]) -> str:
     return f"{binary_size(free)} free / {binary_size(total)}"
 
 
-def _gpu_lines(status: dict[str, Any]) -> list[str]:
+def _gpu_lines(status: StatusDocument) -> list[str]:
     caps = status.get("capabilities", {})
     queues = status.get("load", {}).get("queues", {})
     lines = []
@@ -38,7 +39,7 @@ def _gpu_lines(status: dict[str, Any]) -> list[str]:
     return lines or ["none"]
 
 
-def _summary(origin: str, status: dict[str, Any], view: WorkerView) -> dict[str, str]:
+def _summary(origin: str, status: StatusDocument, view: WorkerView) -> dict[str, str]:
     """A reachable worker's one-line facts, by column name (both tables use them)."""
     versions = status.get("versions", {})
     return {

@@ -1,8 +1,8 @@
-"""Step 4: the socket to one worker. The only place the notebook side touches zmq.
+"""Step 4: the socket to one worker; ZeroMQ errors become lan2gpu errors here, once.
 
 A blocking DEALER socket with polls against deadlines, so it works inside a
-running Jupyter kernel without an event loop of its own. ZeroMQ errors are
-translated here, once, into the lan2gpu error tree.
+running Jupyter kernel without an event loop of its own. Who talks to a worker
+goes through :class:`~.connection.Connection`, which owns one of these.
 """
 
 from __future__ import annotations
@@ -19,21 +19,14 @@ from worker_kernel.protocol.errors import (
     AuthenticationError,
     ConfigurationError,
     ConnectionClosed,
-    MessageRejected,
     ProtocolError,
     TransportError,
-    VersionMismatch,
 )
 from worker_kernel.protocol.messages import Message
 from worker_kernel.protocol.receive import recv_message
 from worker_kernel.protocol.wire import Limits, Wire
 
 log = logging.getLogger(__name__)
-
-_NOTICE_ERRORS: dict[str, type[ProtocolError]] = {
-    "AuthenticationError": AuthenticationError,
-    "VersionMismatch": VersionMismatch,
-}
 
 
 @dataclass(frozen=True)
@@ -143,7 +136,7 @@ class Transport:
         """The next verified message, or None after ``timeout`` seconds.
 
         An unsigned rejection notice comes back as a message with
-        ``authenticated=False`` (see :meth:`notice_error`); a message that fails
+        ``authenticated=False`` (see :func:`.replies.error_of`); a message that fails
         verification raises :class:`ProtocolError`.
         """
         sock = self._socket()
@@ -217,21 +210,6 @@ class Transport:
             "LAN2GPU_KEY_FILE); for a --insecure-plaintext worker connect with "
             "--insecure-plaintext, for an --encrypt worker with --server-key."
         )
-
-    def notice_error(self, notice: Message) -> ProtocolError:
-        """The error an unsigned rejection notice from the worker stands for."""
-        reason = str(notice.content.get("reason", ""))
-        code = str(notice.content.get("code", ""))
-        error = _NOTICE_ERRORS.get(code, MessageRejected)
-        hint = ""
-        if error is AuthenticationError or "signature" in reason:
-            error = AuthenticationError
-            hint = (
-                " This notebook's key file differs from the worker's: copy the worker's key "
-                "file (see `python -m worker_kernel keygen --help`) and pass it with "
-                "--key-file or LAN2GPU_KEY_FILE."
-            )
-        return error(f"{reason}\nThe worker at {self.address} refused our message.{hint}")
 
     def close(self, term: bool = True) -> None:
         """Close the socket (and the context if this transport made it). Idempotent."""

@@ -6,13 +6,10 @@ deadline to come up; a failing test prints the logs of the workers it used.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +17,9 @@ from typing import Any
 
 import pytest
 
+from lan2gpu_magic.launcher import launch, worker_argv
 from worker_kernel.protocol.curve import CLIENT, WORKER, derived_keypair
+from worker_kernel.protocol.errors import WorkerUnreachable
 from worker_kernel.protocol.keys import generate_key_file, load_key
 
 START_DEADLINE = 60.0
@@ -108,43 +107,26 @@ def start_worker(
     simulate: bool = True,
 ) -> WorkerProcess:
     tmp.mkdir(parents=True, exist_ok=True)
-    ready = tmp / f"{name}.ready"
-    ready.unlink(missing_ok=True)
-    log_path = tmp / f"{name}.log"
-    log = open(log_path, "ab")  # noqa: SIM115 - the child holds it; closed below
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "worker_kernel",
-            "--bind",
-            bind,
-            "--key-file",
-            str(key_file),
-            *(["--simulate"] if simulate else []),
-            "--name",
-            name,
-            "--ready-file",
-            str(ready),
-            "--log-level",
-            "DEBUG",
-            *args,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, **(env or {})},
+    argv = worker_argv(
+        key_file=key_file,
+        name=name,
+        ready_file=tmp / f"{name}.ready",
+        bind=bind,
+        simulate="on" if simulate else None,
+        advertise=True,  # as a worker is started by hand (loopback is never announced)
+        log_level="DEBUG",
+        extra=args,
     )
-    log.close()
-    worker = WorkerProcess(name, key_file, log_path, process, extra=list(args))
-    deadline = time.monotonic() + START_DEADLINE
-    while not ready.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            worker.stop()
-            raise RuntimeError(f"worker {name} did not start:\n{worker.log()}")
-        time.sleep(0.05)
-    info = json.loads(ready.read_text())
-    worker.address, worker.instance = info["address"], info["instance"]
+    log_path = tmp / f"{name}.log"
+    try:
+        launched = launch(
+            argv, ready_file=tmp / f"{name}.ready", log_path=log_path,
+            timeout=START_DEADLINE, env=env,
+        )  # fmt: skip
+    except WorkerUnreachable as exc:
+        raise RuntimeError(f"worker {name} did not start: {exc}") from None
+    worker = WorkerProcess(name, key_file, log_path, launched.process, extra=list(args))
+    worker.address, worker.instance = launched.address, launched.instance
     return worker
 
 

@@ -23,6 +23,7 @@ from .executors import STARVED, ExecutorHandle, ExecutorPool, ExecutorStartError
 from .history import JobLog
 from .protocol import messages as m
 from .protocol.messages import Message
+from .protocol.outcomes import CellStatus
 from .protocol.units import binary_size
 from .scheduler import Cell, FairQueue
 
@@ -150,7 +151,7 @@ class Dispatcher:
             await self._start_on_executor(cell)
         except Exception:  # a bug here must answer the cell, not stop the worker
             log.exception("internal error starting cell %s", cell.id[:8])
-            await self.finish(cell, "died", "internal worker error (see the worker log)")
+            await self.finish(cell, CellStatus.DIED, "internal worker error (see the worker log)")
 
     async def _start_on_executor(self, cell: Cell) -> None:
         starved = time.monotonic() - cell.received >= STARVED
@@ -158,7 +159,7 @@ class Dispatcher:
         try:
             handle = await self.pool.acquire(cell.session, cell.resources, keep, starved)
         except ExecutorStartError as exc:
-            await self.finish(cell, "died", f"could not start an executor: {exc}")
+            await self.finish(cell, CellStatus.DIED, f"could not start an executor: {exc}")
             return
         if cell.stop_reason is not None:  # cancelled while the executor started
             await self.finish(cell, cell.stop_reason, "")
@@ -174,7 +175,7 @@ class Dispatcher:
             need, left = binary_size(cell.nbytes), binary_size(room)
             await self.finish(
                 cell,
-                "memory",
+                CellStatus.MEMORY,
                 f"the cell's inputs ({need}) do not fit {self.pool.budget.describe()}: "
                 f"{left} is left for this session. Send less, free memory in the session "
                 "(del, %lan2gpu close-session), or use another worker",
@@ -190,7 +191,8 @@ class Dispatcher:
         except zmq.ZMQError as exc:  # executor vanished between start and send
             handle.cell = None
             self.pool.kill(handle)
-            await self.finish(cell, "died", f"executor unreachable: {exc}", session_lost=True)
+            why = f"executor unreachable: {exc}"
+            await self.finish(cell, CellStatus.DIED, why, session_lost=True)
             return
         if cell.timeout:
             queued = (cell.dequeued or cell.received) - cell.received
@@ -198,7 +200,7 @@ class Dispatcher:
 
     def _time_out_in(self, cell: Cell, seconds: float) -> asyncio.TimerHandle:
         loop = asyncio.get_running_loop()
-        return loop.call_later(seconds, lambda: self._spawn(self.stop(cell, "timeout")))
+        return loop.call_later(seconds, lambda: self._spawn(self.stop(cell, CellStatus.TIMEOUT)))
 
     async def stop(self, cell: Cell, reason: str) -> None:
         """Cancel or time out a cell: dequeue it, or interrupt (then kill) its executor."""
@@ -209,7 +211,7 @@ class Dispatcher:
             waited = time.monotonic() - cell.received
             why = (
                 f"it waited {waited:.1f} s in the queue and never started"
-                if reason == "timeout"
+                if reason == CellStatus.TIMEOUT
                 else ""
             )
             await self.finish(cell, reason, why)
@@ -218,7 +220,7 @@ class Dispatcher:
         if handle is None:
             return  # still starting; _start_on_executor sees stop_reason
         log.info("%s cell %s: interrupting executor pid %d", reason, cell.id[:8], handle.pid)
-        self.pool.signal(handle, signal.SIGUSR1 if reason == "timeout" else signal.SIGINT)
+        self.pool.signal(handle, signal.SIGUSR1 if reason == CellStatus.TIMEOUT else signal.SIGINT)
         loop = asyncio.get_running_loop()
         cell.timers.append(loop.call_later(self.cancel_grace, self._kill_if_running, cell))
 
@@ -250,7 +252,8 @@ class Dispatcher:
                 if returncode < 0 and -returncode in signal.valid_signals()
                 else f"exit code {returncode}"
             )
-            status, why = "died", f"the executor process died ({how}) while running the cell"
+            status = CellStatus.DIED
+            why = f"the executor process died ({how}) while running the cell"
         self._spawn(self.finish(cell, status, why, session_lost=True))
 
     async def finish(

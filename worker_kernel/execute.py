@@ -31,7 +31,7 @@ import traceback
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -39,8 +39,10 @@ from . import health
 from .array_cache import ArrayCache
 from .display import mimebundle
 from .protocol import compress, refs
+from .protocol.contents import ExecuteContent
 from .protocol.errors import RemoteFrame, RemoteTraceback, SerializationError
 from .protocol.messages import DISPLAY, RESULT, STREAM, TRANSFER, Buffer, Message
+from .protocol.outcomes import CellStatus
 from .protocol.serialize import dump_values, dumps, load_values
 from .protocol.wire import digest
 from .streams import OutputChannel, RemoteStream
@@ -54,7 +56,7 @@ _MUTABLE = (np.ndarray, list, dict, set, bytearray)
 
 
 def _serialization_error(content: dict[str, Any], name: str, message: str) -> dict[str, Any]:
-    content["status"] = "error"
+    content["status"] = CellStatus.ERROR
     content["error"] = RemoteTraceback(ename="SerializationError", evalue=message).to_json()
     content["serialization_error"] = name
     return content
@@ -88,7 +90,10 @@ class CellRequest:
 
     @classmethod
     def from_message(cls, msg: Message, client: str) -> CellRequest:
-        c = msg.content
+        # The service checked the types that matter before; a key left out of an
+        # older client's request gets its default.
+        c = cast(ExecuteContent, msg.content)
+        link: dict[str, Any] = dict(msg.content.get("link") or {})
         return cls(
             id=str(c.get("request") or msg.id),  # retries of one request share its id
             client=client,
@@ -103,8 +108,8 @@ class CellRequest:
             deletes=tuple(c.get("deletes", [])),
             refs={str(k): str(v) for k, v in dict(c.get("refs", {})).items()},
             have=frozenset(str(d) for d in c.get("have", [])),
-            bandwidth=float(dict(c.get("link", {})).get("bandwidth", 0.0)),
-            compress=str(dict(c.get("link", {})).get("compress", "auto")),
+            bandwidth=float(link.get("bandwidth", 0.0)),
+            compress=str(link.get("compress", "auto")),
             keep_namespace=bool(c.get("keep_namespace", False)),
             kept=frozenset(str(n) for n in c.get("kept", [])),
         )
@@ -114,7 +119,7 @@ class CellRequest:
 class Outcome:
     ran: bool = False  # the cell's code started (its bindings may be worth returning)
     poisoned: bool = False  # a sticky CUDA error: this executor must be replaced
-    status: str = "ok"  # ok | error | timeout | cancelled
+    status: CellStatus = CellStatus.OK
     error: RemoteTraceback | None = None
     value: Any = None
     seconds: float = 0.0
@@ -271,7 +276,7 @@ class CellRunner:
         result that cannot be encoded): an error for the client; the session goes on."""
         reason = f"the worker could not finish this cell: {type(exc).__name__}: {exc}"
         content = {
-            "status": "error",
+            "status": CellStatus.ERROR,
             "worker": self.worker,
             "error": RemoteTraceback(ename="WorkerError", evalue=reason).to_json(),
         }
@@ -285,9 +290,9 @@ class CellRunner:
         frames, digests, missing = refs.join(msg.buffers, msg.digests, req.refs, self.cache.get)
         if missing:
             # Evicted, or changed in place: the client sends these again, no harm done.
-            miss = {"status": "cache-miss", "worker": self.worker, "missing": missing}
+            miss = {"status": CellStatus.CACHE_MISS, "worker": self.worker, "missing": missing}
             self.send(self._reply(req, RESULT, miss))
-            return {"status": "cache-miss"}
+            return {"status": CellStatus.CACHE_MISS}
         for frame, checksum in zip(frames, digests, strict=True):
             self.cache.put(checksum, frame)
         self._current = req
@@ -335,7 +340,7 @@ class CellRunner:
             pos += count
         if failed:
             lines = [f"  {name}: {reason}" for name, reason in failed.items()]
-            outcome.status = "error"
+            outcome.status = CellStatus.ERROR
             outcome.error = RemoteTraceback(
                 ename="SerializationError",
                 evalue=(
@@ -369,11 +374,11 @@ class CellRunner:
                 outcome.value = eval(last, ns)  # noqa: S307
             _synchronize_cuda()
         except KeyboardInterrupt:
-            outcome.status = "cancelled"
+            outcome.status = CellStatus.CANCELLED
         except TimeoutInterrupt:
-            outcome.status = "timeout"
+            outcome.status = CellStatus.TIMEOUT
         except BaseException as exc:  # the cell's own error, SystemExit included
-            outcome.status = "error"
+            outcome.status = CellStatus.ERROR
             outcome.poisoned = health.poisons_context(exc)
             notes: tuple[str, ...] = (health.POISONED_NOTE,) if outcome.poisoned else ()
             if isinstance(exc, MemoryError) and (self.memory_limit or self.session_memory):
@@ -420,7 +425,7 @@ class CellRunner:
             return content, []
         # Even when the cell raised, what it bound before that comes back, as in IPython.
         ns = self.namespace
-        if outcome.status == "ok":
+        if outcome.status == CellStatus.OK:
             missing = [n for n in sorted(req.required) if n not in ns]
             if missing:
                 return _serialization_error(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import resource
 import time
 from pathlib import Path
@@ -88,21 +87,6 @@ class SharedKey:
         if not allowed:
             self._refusals.note(f"client key {key[:10]!r}...", "not derived from the shared key")
         return allowed
-
-
-_CLAIMED_ID = re.compile(rb'"id":"([0-9a-f]{8,64})"')
-
-
-def claimed_id(body: list[Any]) -> str:
-    """The id an unverified message says it has (to label a rejection), or "".
-
-    A regular expression over the first bytes, never a JSON parse: the header is
-    untrusted, and a deeply nested one would make ``json.loads`` recurse."""
-    try:
-        match = _CLAIMED_ID.search(bytes(body[3][:512]))
-    except (IndexError, TypeError):
-        return ""
-    return match.group(1).decode() if match else ""
 
 
 def peer_address(frame: Any) -> str:

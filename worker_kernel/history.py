@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .capabilities import Capabilities
+from .protocol.outcomes import CellStatus
 from .scheduler import Cell, gpu_slot
 
 SPAN = 300.0  # seconds of GPU history kept
@@ -20,7 +21,7 @@ EVERY = 2.0  # seconds between GPU samples
 RECENT = 200  # finished cells kept
 
 # Results that are not the end of a cell: the client resends it with the missing arrays.
-_NOT_FINAL = {"cache-miss"}
+_NOT_FINAL = {CellStatus.CACHE_MISS}
 
 
 class GpuHistory:

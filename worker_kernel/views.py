@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .capabilities import Capabilities
 from .dispatch import Dispatcher
 from .kernels import KernelHost
+from .protocol.contents import CellInfo, Load, Queue, StatusDocument
 from .protocol.versions import local_versions
 from .scheduler import Cell, gpu_slot
 
@@ -15,9 +16,12 @@ if TYPE_CHECKING:
     from .service import WorkerService
 
 
-def load(caps: Capabilities, dispatcher: Dispatcher, kernels: KernelHost) -> dict[str, Any]:
+def load(caps: Capabilities, dispatcher: Dispatcher, kernels: KernelHost) -> Load:
     """Live numbers: per-resource queues (kernels included) and GPU memory/utilization."""
-    queues = dispatcher.load()
+    queues: dict[str, Queue] = {
+        slot: {"running": q["running"], "waiting": q["waiting"]}
+        for slot, q in dispatcher.load().items()
+    }
     for kernel in kernels.kernels.values():
         for gpu in kernel.gpus:
             slot = queues.setdefault(gpu_slot(gpu), {"running": 0, "waiting": 0})
@@ -33,12 +37,12 @@ def load(caps: Capabilities, dispatcher: Dispatcher, kernels: KernelHost) -> dic
     }
 
 
-def status(service: WorkerService, detail: bool = False) -> dict[str, Any]:
+def status(service: WorkerService, detail: bool = False) -> StatusDocument:
     """Everything: capabilities, load, running and waiting cells, sessions, kernels;
     with ``detail``, also the GPU history and the recently finished cells."""
     now = time.monotonic()
 
-    def cell_info(cell: Cell) -> dict[str, Any]:
+    def cell_info(cell: Cell) -> CellInfo:
         return {
             "id": cell.id,
             "session": cell.session,
@@ -51,7 +55,7 @@ def status(service: WorkerService, detail: bool = False) -> dict[str, Any]:
         }
 
     d = service.dispatcher
-    out = {
+    out: StatusDocument = {
         "worker": service.config.name,
         "instance": service.instance,
         "versions": local_versions(),

@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from worker_kernel.protocol.contents import Queue, StatusDocument
+
 from ..pool import WorkerRow
 
 
@@ -29,7 +31,7 @@ class Snapshot:
 def snapshot(
     rows: Sequence[WorkerRow],
     updated: float,
-    last: Mapping[str, dict[str, Any]] | None = None,
+    last: Mapping[str, StatusDocument] | None = None,
     recent: int = 50,
 ) -> Snapshot:
     """The three documents for one poll of every known worker.
@@ -56,8 +58,8 @@ def snapshot(
         jobs["recent"] += [{**who, **job} for job in status.get("recent", [])]
         if row.status is None:
             continue
-        for key, source in (("running", "running"), ("waiting", "queued")):
-            jobs[key] += [{**who, **job} for job in status.get(source, [])]
+        jobs["running"] += [{**who, **job} for job in status.get("running", [])]
+        jobs["waiting"] += [{**who, **job} for job in status.get("queued", [])]
         jobs["kernels"] += [{**who, **kernel} for kernel in status.get("kernels", [])]
     jobs["running"].sort(key=lambda j: -float(j.get("running", 0.0)))
     jobs["waiting"].sort(key=lambda j: -float(j.get("waiting", 0.0)))
@@ -66,7 +68,7 @@ def snapshot(
     return Snapshot(updated, workers, gpus, jobs)
 
 
-def _worker(row: WorkerRow, last: dict[str, Any] | None) -> dict[str, Any]:
+def _worker(row: WorkerRow, last: StatusDocument | None) -> dict[str, Any]:
     known = row.status or last or {}
     out: dict[str, Any] = {
         "name": str(known.get("worker", "")),
@@ -97,17 +99,17 @@ def _worker(row: WorkerRow, last: dict[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def _gpus(status: dict[str, Any]) -> list[dict[str, Any]]:
+def _gpus(status: StatusDocument) -> list[dict[str, Any]]:
     caps = status.get("capabilities", {})
     live = {int(g["index"]): g for g in status.get("load", {}).get("gpus", [])}
-    queues: dict[str, dict[str, int]] = status.get("load", {}).get("queues", {})
+    queues = status.get("load", {}).get("queues", {})
     history: dict[str, list[list[float | None]]] = status.get("history", {})
     out = []
     for gpu in caps.get("gpus", []):
         index = int(gpu["index"])
         now = {**gpu, **live.get(index, {})}
         total, free = int(now["memory_total"]), int(now["memory_free"])
-        queue = queues.get(f"gpu{index}", {})
+        queue: Queue = queues.get(f"gpu{index}", {})
         out.append(
             {
                 "index": index,

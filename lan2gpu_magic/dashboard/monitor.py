@@ -14,7 +14,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+
+from worker_kernel.protocol.contents import StatusDocument
 
 from ..pool import WorkerPool
 from .model import Snapshot, snapshot
@@ -36,7 +37,7 @@ class Monitor:
         self.interval = interval
         self.idle_after = idle_after
         self._latest: Snapshot | None = None
-        self._last: dict[str, dict[str, Any]] = {}  # address -> last status, for gone workers
+        self._last: dict[str, StatusDocument] = {}  # address -> last status, for gone workers
         self._wanted = threading.Event()  # someone asked recently
         self._fresh = threading.Condition()
         self._stop = threading.Event()

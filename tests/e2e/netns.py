@@ -9,13 +9,14 @@ import secrets
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from lan2gpu_magic.launcher import launch, worker_argv
 
 
 @dataclass
@@ -73,21 +74,15 @@ def two_hosts() -> Iterator[Lan]:
 
 def start_worker(lan: Lan, tmp: Path, key: Path, *extra: str) -> subprocess.Popen[bytes]:
     """``python -m worker_kernel`` on the worker's host, port 7340, once it listens."""
-    ready = tmp / "ready.json"
-    log = open(tmp / "worker.log", "ab")  # noqa: SIM115 - handed to the child
-    process = subprocess.Popen(
-        ["ip", "netns", "exec", lan.worker_ns, sys.executable, "-m", "worker_kernel",
-         "--bind", f"tcp://{lan.worker_ip}:7340", "--key-file", str(key), "--simulate",
-         "--name", "lanbox", "--ready-file", str(ready), *extra],
-        stdout=log, stderr=subprocess.STDOUT,
+    argv = worker_argv(
+        key_file=key, name="lanbox", ready_file=tmp / "ready.json",
+        bind=f"tcp://{lan.worker_ip}:7340", advertise=True, extra=extra,
     )  # fmt: skip
-    log.close()
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        assert process.poll() is None, (tmp / "worker.log").read_text()
-        assert time.monotonic() < deadline, "worker did not start"
-        time.sleep(0.05)
-    return process
+    launched = launch(
+        argv, ready_file=tmp / "ready.json", log_path=tmp / "worker.log", timeout=60,
+        prefix=["ip", "netns", "exec", lan.worker_ns],
+    )  # fmt: skip
+    return launched.process
 
 
 def on_client_host(lan: Lan, key: Path, script: str, timeout: float = 180) -> dict:

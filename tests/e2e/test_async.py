@@ -103,3 +103,15 @@ def test_a_failed_background_cell_raises_on_wait_and_split_runs_in_the_backgroun
     assert value(kernel, "half.tolist() == (x / 2).tolist(), float(s)") == "(True, 28.0)"
     busy = kernel.run("%%lan2gpu --async spread --retry 1\nq = 1")
     assert "--retry does not combine with --async" in busy.stream("stderr")
+
+
+def test_a_background_cells_signature_function_compiles_when_collected(kernel: Kernel) -> None:
+    # As for a plain cell: compiled for its declared signature only, so 2.9 converts to 2.
+    ok(kernel, "from numba import njit")
+    ok(
+        kernel,
+        '%%lan2gpu --async sig --worker a1\nOFFSET = 5\n@njit("int64(int64)")\n'
+        "def plus(x):\n    return x + OFFSET\n",
+    )
+    ok(kernel, "%lan2gpu wait sig")
+    assert value(kernel, "plus(1), plus(2.9), len(plus.signatures)") == "(6, 7, 1)"

@@ -151,7 +151,7 @@ def test_a_signed_but_nonsensical_request_does_not_stop_the_worker(client, share
         session=client.session,
     )
     with pytest.raises(MessageRejected, match="timeout='soon' is not a non-negative number"):
-        client._request(bad, {m.RESULT}, 10)
+        client.connection.request(bad, {m.RESULT}, 10)
     assert shared_worker.alive()
     assert client.run("ok = 1", {}).outputs == {"ok": 1}
 
@@ -223,7 +223,9 @@ def test_a_retried_request_runs_once(client, tmp_path):
     payload, _ = dump_values({"ran": str(ran)})
     code = "import time\nwith open(ran, 'a') as f:\n    f.write('x')\ntime.sleep(0.5)\nv = 7"
     content = {"code": code, "inputs": payload.entries, "outputs": ["v"]}
-    first = client._message(m.EXECUTE, content, buffers=payload.frames, session=client.session)
+    first = client.connection.message(
+        m.EXECUTE, content, buffers=payload.frames, session=client.session
+    )
     first.content["request"] = first.id
     # The same request again, as a client unsure whether the first arrived sends it.
     again = Message(
@@ -234,12 +236,12 @@ def test_a_retried_request_runs_once(client, tmp_path):
         to=client.info.instance,
     )
     client.ping()
-    client.transport.send(first)
-    client.transport.send(again)
-    reply = client._wait(first, OutputHandlers(stream=lambda *_: None))
+    client.connection.send(first)
+    client.connection.send(again)
+    reply = client.wait(first, OutputHandlers(stream=lambda *_: None))
     assert reply.content["status"] == "ok"
     time.sleep(1.0)
-    client.transport.send(
+    client.connection.send(
         Message(
             kind=m.EXECUTE,
             content=dict(first.content),

@@ -212,7 +212,7 @@ def _kernel_frames(c, kernel: str, channel: str, frames: list[bytes]) -> None:
     from worker_kernel.protocol import messages as m
 
     content = {"kernel": kernel, "channel": channel, "identity": b"frontend".hex()}
-    c.transport.send(c._message(m.KERNEL_FRAMES, content, buffers=frames))
+    c.connection.send(c.connection.message(m.KERNEL_FRAMES, content, buffers=frames))
 
 
 def test_a_kernel_that_stops_reading_does_not_stall_the_worker(lan_worker):
@@ -240,9 +240,9 @@ def test_only_the_connection_that_started_a_kernel_controls_it(lan_worker, monke
         kernel = owner.start_kernel(secrets.token_hex(16))
         listed = next(k for k in owner.status(detail=True)["kernels"] if k["id"] == kernel)
         # Another key holder claims the owner's client id in its handshake.
-        import lan2gpu_magic.client as client_module
+        import lan2gpu_magic.connection as connection_module
 
-        monkeypatch.setattr(client_module, "new_id", lambda: listed["owner"])
+        monkeypatch.setattr(connection_module, "new_id", lambda: listed["owner"])
         with connect(lan_worker.address, key_file=lan_worker.key_file) as other:
             other.stop_kernel(kernel)
         kernels = [k["id"] for k in owner.status(detail=True)["kernels"]]

@@ -164,16 +164,16 @@ def test_a_result_the_executor_cannot_send_is_an_error_and_the_session_goes_on(c
 def test_a_cell_sent_with_the_close_of_its_session_still_runs(client):
     for _ in range(5):
         client.run("warm = 1", {})  # the session's executor is up and idle
-        execute = client._message(
+        execute = client.connection.message(
             m.EXECUTE, {"code": "b = 2", "outputs": ["b"], "inputs": []}, session=client.session
         )
         execute.content["request"] = execute.id
-        close = client._message(m.CLOSE_SESSION, {"session": client.session})
-        client.transport.send(execute)
-        client.transport.send(close)
+        close = client.connection.message(m.CLOSE_SESSION, {"session": client.session})
+        client.connection.send(execute)
+        client.connection.send(close)
         deadline, reply = time.monotonic() + 30, None
         while reply is None and time.monotonic() < deadline:
-            got = client._recv(0.5)
+            got = client.connection.recv(0.5)
             if got is not None and got.parent == execute.id and got.kind in (m.RESULT, m.ERROR):
                 reply = got
         assert reply is not None and reply.kind == m.RESULT, reply

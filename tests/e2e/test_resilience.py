@@ -195,3 +195,22 @@ def test_retry_reruns_a_cell_whose_worker_was_lost(worker_factory):
         assert k.run("print(done)").stream() == "yes\n"
     finally:
         k.shutdown()
+
+
+def test_a_connection_the_worker_does_not_know_is_asked_to_shake_hands(shared_worker):
+    # After a network cut the client's socket reconnects; a worker that had let the old
+    # connection go must not answer the new one as nobody (its replies would be dropped).
+    from lan2gpu_magic.client import connect
+    from lan2gpu_magic.transport import Transport
+    from worker_kernel.protocol import messages as m
+    from worker_kernel.protocol.errors import MessageRejected
+
+    with connect(shared_worker.address, key_file=shared_worker.key_file) as c:
+        c.run("before = 1", {})
+        conn = c.connection
+        conn.transport.close()
+        conn.transport = Transport(c.address, shared_worker.key, curve=c.curve)  # no hello
+        with pytest.raises(MessageRejected, match="shake hands again"):
+            conn.request(conn.message(m.PING), {m.PONG}, 10)
+        c.ping()  # refused, shakes hands, pings again
+        assert c.run("after = 2", {}).outputs == {"after": 2}

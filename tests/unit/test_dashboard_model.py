@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from lan2gpu_magic.client import state_of
 from lan2gpu_magic.dashboard.model import snapshot
 from lan2gpu_magic.pool import WorkerRow
+from lan2gpu_magic.statuses import state_of
 from worker_kernel.capabilities import Capabilities, GpuInfo
 from worker_kernel.history import GpuHistory, JobLog
 from worker_kernel.protocol.errors import (

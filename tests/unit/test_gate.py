@@ -7,8 +7,9 @@ import logging
 import pytest
 import zmq
 
-from worker_kernel.gate import AllowList, BadRequest, RejectionLog, claimed_id, number
+from worker_kernel.gate import AllowList, BadRequest, RejectionLog, number
 from worker_kernel.protocol.curve import CLIENT, ensure_keypair, load_keypair
+from worker_kernel.protocol.wire import Peek, peek
 
 
 def test_allow_list_reads_changes_and_survives_broken_files(tmp_path):
@@ -46,9 +47,14 @@ def test_a_flood_from_many_peers_is_one_truncated_line_a_second(caplog):
 
 
 def test_claimed_id_never_parses_hostile_headers():
-    assert claimed_id([b"", b"", b"", b'{"id":"' + b"a" * 32 + b'"}']) == "a" * 32
-    assert claimed_id([b"", b"", b"", b"[" * 100_000]) == ""
-    assert claimed_id([b""]) == ""
+    header = b'{"id":"' + b"a" * 32 + b'"}'
+    assert peek([b"L2G", b"2", b"execute", header]).claimed_id == "a" * 32
+    assert peek([b"L2G", b"2", b"execute", header]).kind == "execute"
+    assert peek([b"", b"", b"", b"[" * 100_000]).claimed_id == ""
+    assert peek([b"", b"", b"no such kind", header]).kind == ""
+    assert peek([b""]) == peek([]) == peek([b"", b"", "not bytes"])
+    frames = [zmq.Frame(f) for f in (b"L2G", b"2", b"result", header)]  # as received
+    assert peek(frames) == peek([f.buffer for f in frames]) == Peek("result", "a" * 32)
 
 
 @pytest.mark.parametrize("bad", ["soon", -1, True, float("nan"), float("inf")])

@@ -33,6 +33,7 @@ import hmac
 import json
 import math
 import mmap
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -76,6 +77,36 @@ class Limits:
         """The largest single frame a valid message has (for ``zmq.MAXMSGSIZE``);
         an LZ4 chunk of incompressible data is a little larger than the chunk."""
         return max(CHUNK + CHUNK // 200, self.max_header_bytes) + 4096
+
+
+@dataclass(frozen=True)
+class Peek:
+    """What a message's frames say about themselves, before (or without) verifying
+    them: for routing and for labelling a rejection, never for trust."""
+
+    kind: str  # "" if the frames do not have the shape of a message
+    claimed_id: str  # the id its header claims, or ""
+
+
+_CLAIMED_ID: Final = re.compile(rb'"id":"([0-9a-f]{8,64})"')
+
+
+def peek(frames: Sequence[Any]) -> Peek:
+    """The kind and claimed id of a message's frames (see :class:`Peek`).
+
+    The only code outside :meth:`Wire.decode` that knows where they sit. The id
+    is found by a regular expression over the header's first bytes, never by a
+    JSON parse: the header is untrusted, and a deeply nested one would make
+    ``json.loads`` recurse."""
+    try:  # memoryview: bytes, memoryviews and zmq Frames alike, without a copy
+        kind = bytes(memoryview(frames[2])[:64]).decode("ascii")
+    except (IndexError, TypeError, ValueError):
+        return Peek("", "")
+    try:
+        match = _CLAIMED_ID.search(bytes(memoryview(frames[3])[:512]))
+    except (IndexError, TypeError, ValueError):
+        match = None
+    return Peek(kind if kind in KINDS else "", match.group(1).decode() if match else "")
 
 
 def digest(buf: Buffer) -> str:

@@ -1,0 +1,146 @@
+"""Step 4: what a cell's request carries, and what its result refers back to.
+
+Per connection, :class:`Uploads` remembers which large arrays each session on the
+worker holds (so unchanged ones go as digests, see :mod:`.cache`), what came
+back that cannot be loaded here (the worker keeps it), and the link's speed
+(measured once, to decide what to compress). It builds the ``execute`` message
+and completes a result whose outputs refer to arrays this client has.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from worker_kernel.protocol import compress, refs
+from worker_kernel.protocol import messages as m
+from worker_kernel.protocol.contents import ExecuteContent
+from worker_kernel.protocol.errors import ProtocolError
+from worker_kernel.protocol.messages import Message
+from worker_kernel.protocol.serialize import Payload
+
+from . import cache
+from .cache import HeldArrays
+from .connection import Connection
+from .results import RunResult
+
+if TYPE_CHECKING:
+    from .client import ExecuteRequest
+
+_PROBE_BYTES = 1 << 20  # sent once to measure the link, when a large transfer comes
+
+
+class Uploads:
+    """What one connection's requests carry (see the module docstring)."""
+
+    def __init__(self, connection: Connection, *, cache: bool, compress: str) -> None:
+        self.connection = connection
+        self.cache = cache  # send unchanged arrays as digests
+        self.compress = compress
+        self.held = HeldArrays()
+        self.link_bandwidth: float | None = None
+        self._unloadable: dict[str, set[str]] = {}  # per session: kept on the worker
+
+    def local(
+        self, request: ExecuteRequest, payload: Payload, digests: list[str]
+    ) -> dict[str, memoryview]:
+        """``digest -> data`` this client can supply for the result: the current values
+        of the names the cell may bind, and the inputs it sends (empty without the cache)."""
+        if not (self.cache and request.cache):
+            return {}
+        local = cache.local_buffers(request.plan.outputs, request.local)
+        local.update(zip(digests, (memoryview(f).cast("B") for f in payload.frames), strict=True))
+        return local
+
+    def message(
+        self,
+        request: ExecuteRequest,
+        payload: Payload,
+        digests: list[str],
+        local: Mapping[str, memoryview],
+    ) -> Message:
+        """The ``execute`` message: frames the session holds go as references, large
+        ones are compressed when that pays on this link."""
+        plan = request.plan
+        holds = self.held.holds(request.session) if local else (lambda _: False)
+        frames, sent_digests, in_refs = refs.split(payload.frames, digests, holds)
+        mode = request.compress or self.compress
+        bandwidth = self.bandwidth(payload.nbytes) if mode == "auto" else 0.0
+        content: ExecuteContent = {
+            "code": request.code,
+            "filename": request.filename,
+            "line_offset": request.line_offset,
+            "inputs": payload.entries,
+            "outputs": list(plan.outputs),
+            "required": sorted(plan.required),
+            "always": sorted(plan.always),
+            "deletes": list(plan.deletes),
+            "timeout": request.timeout,
+            "gpus": list(request.gpus),
+            "cpu": request.cpu,
+            "keep_namespace": request.keep_namespace,
+            # Values that came back but cannot be loaded here: the worker keeps them.
+            "kept": sorted(self._unloadable.get(request.session, set()) - set(plan.inputs)),
+            "refs": in_refs,
+            "have": sorted(local),
+            "link": {"bandwidth": bandwidth, "compress": mode},
+            "request": "",
+        }
+        msg = self.connection.message(
+            m.EXECUTE, dict(content), buffers=frames, session=request.session
+        )
+        msg.digests = sent_digests
+        msg.codecs = compress.choose(frames, bandwidth, mode)
+        # The request id makes retries idempotent: the worker runs it at most once.
+        msg.content["request"] = msg.id
+        return msg
+
+    def missed(self, session: str, reply: Message) -> None:
+        """The session lacked arrays sent by reference: send them in full next time."""
+        self.held.forget(session, reply.content.get("missing", []))
+
+    def received(
+        self,
+        reply: Message,
+        session: str,
+        payload: Payload,
+        digests: list[str],
+        local: Mapping[str, memoryview],
+    ) -> None:
+        """Fill in the result's references to local arrays (copies), and learn what
+        the session holds now."""
+        full, full_digests, missing = refs.join(
+            reply.buffers, reply.digests, dict(reply.content.get("refs", {})), cache.copy_of(local)
+        )
+        if missing:
+            name = self.connection.info.name
+            raise ProtocolError(f"worker {name} referred to arrays this client lacks")
+        reply.buffers = full
+        if reply.content.get("session_lost"):
+            self.held.forget(session)
+        else:
+            self.held.learn(session, payload.frames, digests)
+            self.held.learn(session, full, full_digests)
+
+    def kept(self, session: str, inputs: Any, result: RunResult) -> None:
+        """Remember what the worker keeps for the session (loaded nowhere here)."""
+        kept = self._unloadable.setdefault(session, set())
+        kept.difference_update(inputs)
+        kept.difference_update(result.outputs)
+        kept.update(result.unloadable)
+
+    def bandwidth(self, nbytes: int) -> float:
+        """The link's speed (bytes/s), measured once, when a large transfer first needs it."""
+        conn = self.connection
+        if self.link_bandwidth is None and nbytes >= compress.MIN_BYTES:
+            base = conn.ping()
+            probe = conn.message(m.PING, buffers=[os.urandom(_PROBE_BYTES)])
+            t0 = conn.clock()
+            conn.request(probe, {m.PONG}, 10.0)
+            seconds = max(conn.clock() - t0 - base, 1e-6)
+            self.link_bandwidth = _PROBE_BYTES / seconds
+        return self.link_bandwidth or 0.0
+
+
+__all__ = ["Uploads"]
