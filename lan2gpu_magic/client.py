@@ -49,7 +49,7 @@ from .replies import error_of
 from .request import ExecuteRequest, OutputHandlers
 from .results import RunResult
 from .tracebacks import register_source
-from .transport import Transport
+from .transport import Link
 from .upload import Uploads
 
 _FRESH = 1.0  # skip the pre-flight ping if the worker spoke this recently
@@ -123,7 +123,9 @@ class Client:
         cache: bool = True,
         compress: str = "auto",
         plaintext: bool = False,
+        link: Callable[[], Link] | None = None,
     ) -> None:
+        """``link`` makes the transport (default: a ZeroMQ socket to ``address``)."""
         self.address = address
         if compress not in _COMPRESS_MODES:
             raise ConfigurationError(f"compress={compress!r}: use one of {_COMPRESS_MODES}")
@@ -144,6 +146,7 @@ class Client:
             connect_timeout=connect_timeout,
             context=context,
             clock=clock,
+            link=link,
         )
         self.id = self.connection.id
         self.session = f"{socket.gethostname()}:{os.getpid()}:{self.id[:8]}"
@@ -168,7 +171,7 @@ class Client:
         return self.info.name
 
     @property
-    def transport(self) -> Transport:
+    def transport(self) -> Link:
         return self.connection.transport
 
     @property

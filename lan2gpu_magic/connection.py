@@ -30,14 +30,14 @@ from worker_kernel.protocol.curve import (
     load_keypair,
     load_public,
 )
-from worker_kernel.protocol.errors import MessageRejected, WorkerUnreachable
+from worker_kernel.protocol.errors import ConfigurationError, MessageRejected, WorkerUnreachable
 from worker_kernel.protocol.keys import default_key_file
 from worker_kernel.protocol.messages import Message, new_id
 from worker_kernel.protocol.versions import check_compatible, local_versions
 
 from .liveness import Worker
 from .replies import error_of
-from .transport import Curve, Transport
+from .transport import Curve, Link, Transport
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,17 @@ class Connection:
         connect_timeout: float = 10.0,
         context: zmq.Context[zmq.Socket[bytes]] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        link: Callable[[], Link] | None = None,
     ) -> None:
         self.address = address
         self.curve = curve
         self.id = new_id()  # this client, to the worker
         self.clock = clock
         self.last_heard = float("-inf")
-        self._key = key
-        self.transport = Transport(address, key, context=context, curve=curve)
+        # A fresh transport (also after an interrupt split a message): a ZeroMQ socket
+        # with its own context unless one is given, or the caller's (tests: in memory).
+        self._link = link or (lambda: Transport(address, key, context=context, curve=curve))
+        self.transport: Link = self._link()
         try:
             self.info = self.handshake(connect_timeout)
         except BaseException:
@@ -106,6 +109,8 @@ class Connection:
     def socket(self) -> zmq.Socket[bytes]:
         """The socket, to poll it together with others (the fleet's status, the IDE
         forwarder); read from it only with :meth:`recv`."""
+        if not isinstance(self.transport, Transport):
+            raise ConfigurationError("only a ZeroMQ transport has a socket to poll")
         return self.transport._socket()
 
     @property
@@ -201,11 +206,8 @@ class Connection:
 
     def reset(self) -> None:
         """A fresh socket and handshake, after an interrupt may have split a message."""
-        context, own = self.transport.context, self.transport.owns_context
-        self.transport.close(term=own)
-        self.transport = Transport(
-            self.address, self._key, context=None if own else context, curve=self.curve
-        )
+        self.transport.close()
+        self.transport = self._link()
         self.last_heard = float("-inf")
         self.handshake(10.0)
 

@@ -38,6 +38,7 @@ from jupyter_client.session import Session
 
 from worker_kernel.protocol import messages as m
 from worker_kernel.protocol.errors import Lan2GPUError, ProtocolError
+from worker_kernel.protocol.outcomes import UNKNOWN_CLIENT
 from worker_kernel.protocol.units import parse_size
 
 from .client import Client
@@ -151,7 +152,7 @@ class Forwarder:
         return True
 
     def _handle(self, sock: zmq.Socket[bytes]) -> int | None:
-        if sock is self.client.connection.transport.sock:
+        if sock is self.client.connection.socket:
             return self._from_worker()
         frames = sock.recv_multipart(copy=False)
         if log.isEnabledFor(logging.DEBUG):
@@ -200,6 +201,16 @@ class Forwarder:
         self.stall_logged = False
         if msg.kind == m.KERNEL_FRAMES and msg.content.get("kernel") == self.kernel:
             self._from_kernel(msg)
+            return None
+        if msg.kind == m.ERROR and msg.content.get("code") == UNKNOWN_CLIENT:
+            # The worker let this connection go (a network cut): say hello again; the
+            # kernel is ours by our client id, which the handshake gives again.
+            log.warning("worker %s asked this connection to shake hands again", self.client.name)
+            try:
+                self.client.connection.handshake(10.0)
+            except Lan2GPUError as exc:
+                log.error("the worker did not shake hands again: %s", exc)
+                return 1
             return None
         if msg.kind == m.KERNEL_EVENT and msg.content.get("event") == "died":
             code = msg.content.get("returncode")

@@ -11,6 +11,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Protocol
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -52,6 +53,27 @@ _HANDSHAKE_FAILED = (
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
 )
+
+
+class Link(Protocol):
+    """What a :class:`~.connection.Connection` needs of its transport: verified
+    messages in and out, and whether the connection is up. :class:`Transport` is the
+    one over ZeroMQ; the tests have one in memory (``tests/memory_link.py``)."""
+
+    refused: bool  # the worker refused our handshake (other keys)
+
+    @property
+    def closed(self) -> bool: ...
+
+    def send(self, msg: Message, timeout: float = SEND_TIMEOUT) -> None: ...
+
+    def recv(self, timeout: float) -> Message | None: ...
+
+    def link_up(self) -> bool: ...
+
+    def handshake_error(self) -> AuthenticationError: ...
+
+    def close(self) -> None: ...
 
 
 class Transport:

@@ -20,6 +20,7 @@ from lan2gpu_magic.errors import MessageRejected
 from worker_kernel.protocol import messages as m
 from worker_kernel.protocol.messages import PROTOCOL_VERSION, Message
 from worker_kernel.protocol.serialize import Payload, dumps
+from worker_kernel.protocol.versions import local_versions
 from worker_kernel.protocol.wire import Wire
 
 from ..conftest import key_holder
@@ -100,6 +101,10 @@ def test_ten_thousand_fuzzed_messages_are_rejected_unpickled(instrumented):
     key_holder(sock, worker.key_file)
     sock.connect(worker.address)
     try:
+        # A key holder that shook hands: its valid messages would be served.
+        hello = Message(kind=m.HELLO, content={"client": "fuzzer", "versions": local_versions()})
+        sock.send_multipart(Wire(worker.key).encode(hello))
+        assert sock.poll(30_000) and sock.recv_multipart()[2] == b"welcome"
         base = [_valid(worker, rng) for _ in range(20)]
         sent = 0
         while sent < 10_000:

@@ -54,6 +54,13 @@ class RawPeer:
     def send(self, frames: list) -> None:
         self.sock.send_multipart([bytes(f) for f in frames])
 
+    def hello(self, worker) -> None:
+        """Shake hands as a client does (the worker answers nothing else before it)."""
+        hello = Message(kind=m.HELLO, content={"client": "raw", "versions": local_versions()})
+        self.send(Wire(worker.key).encode(hello))
+        reply = self.recv()
+        assert reply is not None and json.loads(reply[3])["kind"] == m.WELCOME, reply
+
     def recv(self, timeout: float = 10.0) -> list[bytes] | None:
         if not self.sock.poll(int(timeout * 1000)):
             return None
@@ -114,6 +121,7 @@ def test_a_flipped_bit_in_every_frame_is_rejected_unpickled(shared_worker, peer,
     assert "rejected a message" in shared_worker.log()
     assert_still_serving(shared_worker)
     # The tripwire works: the same message untampered is unpickled (and runs).
+    peer.hello(shared_worker)
     peer.send(execute_frames(shared_worker, marker))
     deadline = time.monotonic() + 30
     while not marker.exists() and time.monotonic() < deadline:
@@ -122,6 +130,7 @@ def test_a_flipped_bit_in_every_frame_is_rejected_unpickled(shared_worker, peer,
 
 
 def test_replayed_message_runs_once(shared_worker, peer, tmp_path):
+    peer.hello(shared_worker)
     msg = Message(kind=m.PING, to=shared_worker.instance)
     frames = [bytes(f) for f in Wire(shared_worker.key).encode(msg)]
     peer.send(frames)
@@ -156,6 +165,20 @@ def test_message_for_another_worker_with_the_same_key_is_refused(worker_factory,
     time.sleep(0.5)
     assert not marker.exists()
     assert_still_serving(b)
+
+
+def test_a_signed_request_before_the_handshake_is_refused_unrun(shared_worker, peer, tmp_path):
+    # Answers to a connection that never said hello would be addressed to nobody.
+    marker = tmp_path / "unpickled"
+    peer.send(execute_frames(shared_worker, marker))
+    reply = peer.recv()
+    assert reply is not None
+    header = json.loads(reply[3])
+    assert header["kind"] == m.ERROR and header["content"]["code"] == "unknown-client"
+    assert "shake hands again" in header["content"]["reason"]
+    time.sleep(0.5)
+    assert not marker.exists()
+    assert_still_serving(shared_worker)
 
 
 @pytest.mark.parametrize("version", [b"0", str(PROTOCOL_VERSION + 1).encode()])
