@@ -20,6 +20,8 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import zmq
+
 from worker_kernel.protocol.contents import Queue, StatusDocument
 from worker_kernel.protocol.errors import Lan2GPUError, NoWorkerAvailable, WorkerUnreachable
 
@@ -178,6 +180,9 @@ class WorkerPool:
         self._lent: set[Client] = set()
         self._lock = threading.Lock()
         self._closed = False  # lent clients are closed by their thread on give_back
+        # One ZeroMQ context (its I/O thread) for every connection of the pool, made
+        # when the first is, ended when the pool is closed and the last is given back.
+        self._zmq: zmq.Context[zmq.Socket[bytes]] | None = None
         for address in addresses:
             entry = _Entry(address, key_file, CONFIGURED, self.server_keys.get(address))
             entry.plaintext = plaintext
@@ -223,7 +228,24 @@ class WorkerPool:
             connect_timeout=timeout or self.connect_timeout,
             server_key=entry.server_key,
             plaintext=entry.plaintext,
+            context=self._context(),
         )
+
+    def _context(self) -> zmq.Context[zmq.Socket[bytes]]:
+        with self._lock:
+            if self._zmq is None:
+                self._zmq = zmq.Context()
+            return self._zmq
+
+    def _end_context(self) -> None:
+        """End the context once the pool is closed and no connection is lent out (its
+        sockets are all closed by then; destroy() also closes any left behind)."""
+        with self._lock:
+            ctx = self._zmq if self._closed and not self._lent else None
+            if ctx is not None:
+                self._zmq = None
+        if ctx is not None:
+            ctx.destroy(linger=0)
 
     def disconnect(self, address: str) -> bool:
         entry = self._entries.pop(address, None)
@@ -388,7 +410,12 @@ class WorkerPool:
         self.embedded = EmbeddedWorker()
         try:
             address = self.embedded.start()
-            client = Client(address, key_file=self.embedded.key_file, connect_timeout=60.0)
+            client = Client(
+                address,
+                key_file=self.embedded.key_file,
+                connect_timeout=60.0,
+                context=self._context(),
+            )
         except BaseException:
             self.embedded.close()
             self.embedded = None
@@ -493,6 +520,7 @@ class WorkerPool:
                 server_key=server_key,
                 connect_timeout=self.connect_timeout,
                 plaintext=plaintext,
+                context=self._context(),
             )
         with self._lock:
             self._lent.add(client)
@@ -514,6 +542,7 @@ class WorkerPool:
                 spare.append(client)
                 return
         client.close()
+        self._end_context()  # the pool was closed while it was lent: the last one
 
     def slots(
         self, req: Requirements, count: int | None, session: str | None = None
@@ -590,6 +619,7 @@ class WorkerPool:
         if self.embedded is not None:
             self.embedded.close()
             self.embedded = None
+        self._end_context()
 
 
 def workers_from_env() -> list[str]:

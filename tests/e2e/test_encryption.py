@@ -22,6 +22,8 @@ from lan2gpu_magic import connect
 from lan2gpu_magic.errors import AuthenticationError
 from worker_kernel.protocol.curve import CLIENT, ensure_keypair
 
+from ..waiting import wait_until
+
 pytestmark = pytest.mark.faults
 
 
@@ -200,9 +202,7 @@ def test_with_per_user_keys_the_queue_is_fair_per_user_and_shows_whose_cells_wai
     threads.append(threading.Thread(target=run, args=(bob_dir / "client.key_secret", "bob", cell)))
     with client(alice_key) as watcher:
         threads[0].start()
-        deadline = time.monotonic() + 60
-        while not watcher.status()["running"] and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_until(lambda: watcher.status()["running"], 60, "the first cell to start")
         for thread in threads[1:]:
             thread.start()
             time.sleep(0.3)  # in this order

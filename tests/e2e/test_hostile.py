@@ -26,6 +26,8 @@ from lan2gpu_magic.errors import ConfigurationError
 from worker_kernel.protocol.curve import CLIENT, ensure_keypair, key_dir, load_keypair
 from worker_kernel.protocol.messages import PROTOCOL_VERSION
 
+from ..waiting import wait_until
+
 VERSION = str(PROTOCOL_VERSION).encode()
 
 pytestmark = pytest.mark.faults
@@ -148,10 +150,9 @@ def test_idle_connections_are_dropped_and_do_not_lock_clients_out(guarded):
             assert c.run("ok = 1", {}).outputs == {"ok": 1}
         assert time.monotonic() - t0 < 20
         # None of them finished a handshake: dropped after --handshake-timeout (2 s).
-        deadline = time.monotonic() + 30
-        while _open_fds(lan_worker.pid) > before + 50 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert _open_fds(lan_worker.pid) <= before + 50
+        wait_until(
+            lambda: _open_fds(lan_worker.pid) <= before + 50, 30, "the idle peers to be dropped"
+        )
     finally:
         for s in idle:
             s.close()
@@ -178,12 +179,8 @@ def test_hosted_kernels_listen_on_no_network_port(lan_worker):
         kernel = c.start_kernel(secrets.token_hex(16))
         try:
             pid = next(k["pid"] for k in c.status(detail=True)["kernels"] if k["id"] == kernel)
-            deadline = time.monotonic() + 30
-            sockets: set[str] = set()
-            while len(sockets) < 5 and time.monotonic() < deadline:
-                sockets = _unix_listening(pid)
-                time.sleep(0.2)
-            assert len(sockets) >= 5, sockets
+            wait_until(lambda: len(_unix_listening(pid)) >= 5, 30, "the kernel's five channels")
+            sockets = _unix_listening(pid)
             # No channel on TCP; ipykernel's own pipe for its subprocesses' output (one
             # port) is on loopback, as before.
             assert len(_listening(pid)) <= 1

@@ -267,9 +267,12 @@ def test_a_kernel_whose_frontend_crashed_is_stopped(lan_kernel, tmp_path):
         if frontend.stdout is not None:
             frontend.stdout.close()
     try:
-        deadline = time.monotonic() + 30
-        while not (process_gone(forwarder) and not _hosted(worker)) and time.monotonic() < deadline:
-            time.sleep(0.3)
+        wait_until(
+            lambda: process_gone(forwarder) and not _hosted(worker),
+            30,
+            "the forwarder and its remote kernel to go with the frontend",
+            every=0.3,
+        )
         assert process_gone(forwarder), "the forwarder outlived the frontend that started it"
         assert _hosted(worker) == []  # and it took its remote kernel with it
     finally:

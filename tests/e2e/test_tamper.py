@@ -25,6 +25,7 @@ from worker_kernel.protocol.versions import local_versions
 from worker_kernel.protocol.wire import Wire, _mac
 
 from ..conftest import key_holder
+from ..waiting import wait_until
 
 VERSION = str(PROTOCOL_VERSION).encode()
 
@@ -123,10 +124,7 @@ def test_a_flipped_bit_in_every_frame_is_rejected_unpickled(shared_worker, peer,
     # The tripwire works: the same message untampered is unpickled (and runs).
     peer.hello(shared_worker)
     peer.send(execute_frames(shared_worker, marker))
-    deadline = time.monotonic() + 30
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert marker.exists()
+    wait_until(marker.exists, 30, "the untampered message to run")
 
 
 def test_replayed_message_runs_once(shared_worker, peer, tmp_path):
