@@ -8,7 +8,10 @@ not end well. Each message says what happened and what to do.
 
 from __future__ import annotations
 
+from typing import cast
+
 from worker_kernel.protocol import messages as m
+from worker_kernel.protocol.contents import ResultContent
 from worker_kernel.protocol.errors import (
     AuthenticationError,
     ExecutionCancelled,
@@ -71,7 +74,7 @@ def _notice(notice: Message, address: str) -> ProtocolError:
 
 
 def _cell_error(msg: Message, worker: str, timeout: float | None) -> Lan2GPUError:
-    c = msg.content
+    c = cast(ResultContent, msg.content)  # read defensively: a peer's JSON
     status = str(c.get("status"))
     lost = bool(c.get("session_lost"))
     state = (

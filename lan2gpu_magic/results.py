@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from worker_kernel.protocol import rebuild
+from worker_kernel.protocol.contents import ResultContent
 from worker_kernel.protocol.errors import (
     Lan2GPUError,
     SerializationError,
@@ -61,7 +62,7 @@ def parse_result(
     their globals. A cell that produced nothing (cancelled, executor died) raises
     at once.
     """
-    c = msg.content
+    c = cast(ResultContent, msg.content)  # read defensively: a peer's JSON
     worker = str(c.get("worker", "?"))
     status = c.get("status")
     error: Lan2GPUError | None = None

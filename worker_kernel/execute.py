@@ -39,7 +39,7 @@ from . import health
 from .array_cache import ArrayCache
 from .display import mimebundle
 from .protocol import compress, refs
-from .protocol.contents import ExecuteContent
+from .protocol.contents import ExecuteContent, ResultContent
 from .protocol.errors import RemoteFrame, RemoteTraceback, SerializationError
 from .protocol.messages import DISPLAY, RESULT, STREAM, TRANSFER, Buffer, Message
 from .protocol.outcomes import CellStatus
@@ -55,7 +55,7 @@ TRANSFER_NOTICE_BYTES = 1 << 20
 _MUTABLE = (np.ndarray, list, dict, set, bytearray)
 
 
-def _serialization_error(content: dict[str, Any], name: str, message: str) -> dict[str, Any]:
+def _serialization_error(content: ResultContent, name: str, message: str) -> ResultContent:
     content["status"] = CellStatus.ERROR
     content["error"] = RemoteTraceback(ename="SerializationError", evalue=message).to_json()
     content["serialization_error"] = name
@@ -275,13 +275,15 @@ class CellRunner:
         """Answer a cell that this runner could not finish (a malformed request, a
         result that cannot be encoded): an error for the client; the session goes on."""
         reason = f"the worker could not finish this cell: {type(exc).__name__}: {exc}"
-        content = {
+        content: ResultContent = {
             "status": CellStatus.ERROR,
             "worker": self.worker,
             "error": RemoteTraceback(ename="WorkerError", evalue=reason).to_json(),
         }
         parent = str(msg.content.get("request") or msg.id)
-        reply = Message(kind=RESULT, content=content, session=msg.session, parent=parent, to=client)
+        reply = Message(
+            kind=RESULT, content=dict(content), session=msg.session, parent=parent, to=client
+        )
         self.send(reply)
 
     def run(self, msg: Message, client: str) -> dict[str, Any]:
@@ -290,8 +292,12 @@ class CellRunner:
         frames, digests, missing = refs.join(msg.buffers, msg.digests, req.refs, self.cache.get)
         if missing:
             # Evicted, or changed in place: the client sends these again, no harm done.
-            miss = {"status": CellStatus.CACHE_MISS, "worker": self.worker, "missing": missing}
-            self.send(self._reply(req, RESULT, miss))
+            miss: ResultContent = {
+                "status": CellStatus.CACHE_MISS,
+                "worker": self.worker,
+                "missing": missing,
+            }
+            self.send(self._reply(req, RESULT, dict(miss)))
             return {"status": CellStatus.CACHE_MISS}
         for frame, checksum in zip(frames, digests, strict=True):
             self.cache.put(checksum, frame)
@@ -318,7 +324,7 @@ class CellRunner:
             "cached_in": len(req.refs),
             "cached_out": len(out_refs),
         }
-        reply = self._reply(req, RESULT, content, sent)
+        reply = self._reply(req, RESULT, dict(content), sent)
         reply.digests = sent_digests
         reply.codecs = compress.choose(sent, req.bandwidth, req.compress)
         self.send(reply)
@@ -415,8 +421,8 @@ class CellRunner:
 
         return send
 
-    def _result(self, req: CellRequest, outcome: Outcome) -> tuple[dict[str, Any], list[Buffer]]:
-        content: dict[str, Any] = {"status": outcome.status, "worker": self.worker}
+    def _result(self, req: CellRequest, outcome: Outcome) -> tuple[ResultContent, list[Buffer]]:
+        content: ResultContent = {"status": outcome.status, "worker": self.worker}
         if outcome.error is not None:
             content["error"] = outcome.error.to_json()
         if outcome.poisoned:

@@ -67,6 +67,29 @@ class ExecuteContent(TypedDict):
     request: str  # the request's id: a resent request is run at most once
 
 
+class ResultContent(TypedDict, total=False):
+    """``result``: how a cell ended and what it bound, as the message's buffers.
+
+    ``status`` and ``worker`` always come; the rest when the cell ran (or as the
+    status needs: ``error`` for an error, ``missing`` for a cache miss)."""
+
+    status: str  # a CellStatus
+    worker: str
+    error: dict[str, Any]  # a RemoteTraceback, as JSON
+    serialization_error: str  # the output that could not be pickled
+    reason: str  # why it was stopped or failed, for people
+    poisoned: bool  # it left its GPU context unusable: the executor is replaced
+    session_lost: bool  # the session's namespace on the worker is gone
+    outputs: list[dict[str, Any]]  # an Entry per output, in buffer order
+    skipped: dict[str, str]  # outputs that could not travel back, and why
+    deleted: list[str]
+    value: dict[str, int]  # the last expression's value: {"nframes": n}, after the outputs
+    value_repr: dict[str, Any]  # its MIME bundle, when it cannot be pickled
+    refs: dict[str, str]  # output frames sent by reference: index -> digest
+    stats: dict[str, Any]  # seconds, bytes in and out, cache hits
+    missing: list[str]  # for a cache miss: the digests to send again
+
+
 class Queue(TypedDict, total=False):
     """One resource's queue (``gpu0``, ``gpu1``, ..., ``cpu``)."""
 
@@ -137,6 +160,7 @@ __all__ = [
     "Link",
     "Load",
     "Queue",
+    "ResultContent",
     "StatusDocument",
     "Welcome",
 ]
