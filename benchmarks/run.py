@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: import as the packa
     sys.path[0] = str(_ROOT)
     __package__ = "benchmarks"  # lets the relative imports below resolve
 
-from . import crowd, lan, limits, memory, sections
+from . import crowd, faults, lan, limits, memory, sections
 from .measure import MiB, parse_size, size_label
 from .report import Table, machine, short_error
 from .sections import Failed
@@ -36,6 +36,7 @@ from .targets import Results, targets
 
 DEFAULT_SIZES = "1M,64M,512M"
 LIMITS_BYTES = 256 * MiB  # the largest buffer the limits section copies and hashes
+FAULT_BYTES = 64 * MiB  # the round trip the page-fault table explains
 
 
 @dataclass(frozen=True)
@@ -175,6 +176,16 @@ def run_system(
         results.roundtrip[system.label] = sections.measure_roundtrip(
             system.roundtrip, data, plan.repeat
         )
+        processes = getattr(system, "processes", None)
+        if processes is not None:
+            size = fault_size(plan.sizes)
+            progress(f"{name}: page faults and CPU per process at {size_label(size)}")
+            try:
+                results.faults[system.label] = faults.measure_faults(
+                    system.roundtrip, processes, data[size], min(plan.repeat, 5)
+                )
+            except Exception as exc:  # shown in the table
+                results.faults[system.label] = f"error ({short_error(exc)})"
         if type(system) is Lan2GPUApi:  # the lan2gpu-only sections, once
             progress(f"{name}: the same cell twice")
             results.second = sections.measure_second_run(system, data, plan.repeat)
@@ -188,6 +199,11 @@ def run_system(
             system.close()
         except Exception as exc:  # report, then go on with the next system
             progress(f"{name}: error while stopping: {short_error(exc)}")
+
+
+def fault_size(sizes: Sequence[int]) -> int:
+    """The round trip size the page-fault table is for: 64 MiB, or the nearest."""
+    return min(sizes, key=lambda n: abs(n - FAULT_BYTES))
 
 
 def run(plan: Plan, work: Path, client: ClientOptions) -> list[Table]:
@@ -230,6 +246,8 @@ def run(plan: Plan, work: Path, client: ClientOptions) -> list[Table]:
 def tables(plan: Plan, r: Results, client_note: str) -> list[Table]:
     out = [sections.table_trivial(r.trivial), sections.table_roundtrip(r.roundtrip, plan.sizes)]
     out[-1].notes.append(f"lan2gpu options: {client_note}")
+    if r.faults:
+        out.append(faults.table_faults(r.faults))
     if r.second is not None:
         out.append(sections.table_second_run(r.second))
     if r.kernel is not None:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .crowd import Crowd
+from .faults import PerProcess
 from .lan import LanResult
 from .measure import MiB, Stats, rate, size_label
 from .memory import Peak
@@ -29,6 +30,7 @@ class Results:
     memory: list[Peak] | BaseException | None = None
     lan: list[LanResult] | BaseException | str | None = None  # str: why it was skipped
     crowd: list[Crowd | str] | None = None  # str: a row that failed
+    faults: dict[str, PerProcess | str] = field(default_factory=dict)  # str: why not
 
 
 def _median(stats: object) -> float | None:

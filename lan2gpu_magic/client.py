@@ -29,7 +29,9 @@ from typing import Any
 
 import zmq
 
+from worker_kernel.protocol import buffer_pool
 from worker_kernel.protocol import messages as m
+from worker_kernel.protocol.buffer_pool import pool_memory_from_env
 from worker_kernel.protocol.errors import (
     ConfigurationError,
     ConnectionClosed,
@@ -151,6 +153,8 @@ class Client:
         self.id = self.connection.id
         self.session = f"{socket.gethostname()}:{os.getpid()}:{self.id[:8]}"
         self.uploads = Uploads(self.connection, cache=cache, compress=compress)
+        # Results land in pre-faulted memory, reused cell after cell (buffer_pool.py).
+        buffer_pool.install(pool_memory_from_env())
 
     def __enter__(self) -> Client:
         return self

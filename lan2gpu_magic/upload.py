@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from worker_kernel.protocol import compress, refs
 from worker_kernel.protocol import messages as m
-from worker_kernel.protocol.contents import ExecuteContent
+from worker_kernel.protocol.contents import RECEIVED_MAX, ExecuteContent
 from worker_kernel.protocol.errors import ProtocolError
 from worker_kernel.protocol.messages import Message
 from worker_kernel.protocol.serialize import Payload
@@ -41,6 +41,7 @@ class Uploads:
         self.held = HeldArrays()
         self.link_bandwidth: float | None = None
         self._unloadable: dict[str, set[str]] = {}  # per session: kept on the worker
+        self._arrived: list[str] = []  # results not yet acknowledged to the worker
 
     def local(
         self, request: ExecuteRequest, payload: Payload, digests: list[str]
@@ -86,7 +87,10 @@ class Uploads:
             "have": sorted(local),
             "link": {"bandwidth": bandwidth, "compress": mode},
             "request": "",
+            # Results that arrived: the worker need not keep them for a refetch.
+            "received": self._arrived[:RECEIVED_MAX],
         }
+        del self._arrived[:RECEIVED_MAX]
         msg = self.connection.message(
             m.EXECUTE, dict(content), buffers=frames, session=request.session
         )
@@ -110,6 +114,7 @@ class Uploads:
     ) -> None:
         """Fill in the result's references to local arrays (copies), and learn what
         the session holds now."""
+        self._arrived.append(reply.parent)
         full, full_digests, missing = refs.join(
             reply.buffers, reply.digests, dict(reply.content.get("refs", {})), cache.copy_of(local)
         )

@@ -24,6 +24,10 @@ from worker_kernel.protocol.keys import generate_key_file, load_key
 
 START_DEADLINE = 60.0
 
+# Each executor and this process would fault in 5% of RAM for received arrays: the
+# suite starts dozens of executors on a small machine, and its arrays are small.
+os.environ.setdefault("LAN2GPU_POOL_MEMORY", "64M")
+
 
 def key_holder(sock: object, key_file: Path) -> None:
     """Give a raw zmq socket the CurveZMQ keys every holder of ``key_file`` derives:
@@ -33,6 +37,14 @@ def key_holder(sock: object, key_file: Path) -> None:
     public, secret = derived_keypair(key, CLIENT)
     sock.curve_publickey = public  # type: ignore[attr-defined]
     sock.curve_secretkey = secret  # type: ignore[attr-defined]
+
+
+def proc_rss(pid: int) -> int:
+    """Resident memory of process ``pid``, in bytes (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
 
 
 def process_gone(pid: int) -> bool:

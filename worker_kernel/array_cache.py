@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from .protocol.buffer_pool import BufferPool
 from .protocol.messages import Buffer
 from .protocol.refs import MIN_BYTES
 from .protocol.wire import digest
@@ -55,6 +56,15 @@ class ArrayCache:
             self._bytes -= memoryview(buf).nbytes
         self.misses += 1
         return None
+
+    def shed(self, pool: BufferPool, nbytes: int) -> None:
+        """Let go of the entries held in ``pool``, least recently used first, until it
+        has ``nbytes`` free in one piece: a new input needs the room more than an old
+        one that may never come back (the client sends it again if it does)."""
+        for checksum in [c for c, buf in self._entries.items() if pool.holds(buf)]:
+            if pool.largest_free() >= nbytes:
+                return
+            self._bytes -= memoryview(self._entries.pop(checksum)).nbytes
 
     def clear(self) -> None:
         self._entries.clear()

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from .protocol.errors import ConfigurationError
-from .protocol.units import parse_size
+from .protocol.units import memory_size
 
 FAULTS = {
     "drop-first-result": "the first result is not sent (the client must fetch it again)",
@@ -44,6 +43,8 @@ class WorkerConfig:
     memory_limit: int = 0  # all executors together, bytes; 0: none
     session_memory: int = 0  # at most this per session's executor; 0: up to memory_limit
     cache_memory: int = 0  # per executor: arrays kept by digest; 0: no cache
+    pool_memory: int = 0  # per executor: kept memory arrays are received into
+    pool_prefault: bool = False  # fault it in when the executor starts
     max_kernels: int = 8  # whole Jupyter kernels hosted for IDEs
     max_executors: int = 16  # session executors kept; the longest idle goes first
     kernel_grace: float = 30.0  # a kernel outlives its silent forwarder this long
@@ -55,17 +56,8 @@ class WorkerConfig:
 
 
 def memory_limit(text: str) -> int:
-    text = text.strip().lower()
-    if text in ("none", "0", "off"):
-        return 0
-    if text.endswith("%"):
-        try:
-            share = float(text[:-1]) / 100
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a percentage") from None
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * share)
     try:
-        return parse_size(text)
+        return memory_size(text)
     except ConfigurationError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -123,6 +115,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         memory_limit=args.memory_limit,
         session_memory=args.session_memory,
         cache_memory=args.cache_memory,
+        pool_memory=args.pool_memory,
+        pool_prefault=args.pool_prefault,
         max_kernels=args.max_kernels,
         max_executors=args.max_executors,
         kernel_grace=args.kernel_grace,

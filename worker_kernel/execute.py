@@ -38,7 +38,7 @@ import numpy as np
 from . import health
 from .array_cache import ArrayCache
 from .display import mimebundle
-from .protocol import compress, refs
+from .protocol import buffer_pool, compress, refs
 from .protocol.contents import ExecuteContent, ResultContent
 from .protocol.errors import RemoteFrame, RemoteTraceback, SerializationError
 from .protocol.messages import DISPLAY, RESULT, STREAM, TRANSFER, Buffer, Message
@@ -231,6 +231,8 @@ class CellRunner:
         self.memory_limit = memory_limit  # the worker's budget, shared by its sessions
         self.session_memory = session_memory
         self.cache = ArrayCache(cache_budget)
+        pool = buffer_pool.current()
+        pool.reclaimers.append(lambda nbytes: self.cache.shed(pool, nbytes))
         self.channel = channel
         self.send = send
         self.armed = False  # True while user code runs: interrupts may raise

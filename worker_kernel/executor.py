@@ -29,6 +29,8 @@ import zmq
 
 from . import health, reaper
 from .execute import CellRunner, TimeoutInterrupt
+from .protocol import buffer_pool, heap
+from .protocol.buffer_pool import pool_size
 from .protocol.messages import Message
 from .protocol.receive import drain, recv_message
 from .protocol.wire import Wire
@@ -152,6 +154,8 @@ class Executor:
             except Exception as exc:  # not the cell's own error: those are its result
                 log.exception("cannot finish cell %s", msg.id[:8])
                 self.runner.fail(msg, str(control["client"]), exc)
+            del msg
+            heap.release_above(buffer_pool.current().budget)
 
     def close(self) -> None:
         self.channel.close()
@@ -169,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-budget", type=int, default=0)  # the worker's, shared
     parser.add_argument("--session-memory", type=int, default=0)
     parser.add_argument("--cache-memory", type=int, default=0)
+    parser.add_argument("--pool-memory", type=int, default=0)
+    parser.add_argument("--pool-prefault", action="store_true")
     parser.add_argument("--fault", action="append", default=[])
     args = parser.parse_args(argv)
     key = bytes.fromhex(sys.stdin.readline().strip())
@@ -179,6 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     _warm_imports()
     if args.memory_limit:
         health.apply_memory_limit(args.memory_limit)
+    # The heap keeps what cells free, up to the pool's size, for the next cell's arrays;
+    # --pool-prefault: the pool is faulted in now, on a thread, while the first cell comes.
+    budget = pool_size(args.pool_memory, args.memory_limit)
+    buffer_pool.install(budget, prefault=args.pool_prefault, large=True)
     if "poison-hook" in args.fault:
         builtins.lan2gpu_poison_context = health.poison_hook  # type: ignore[attr-defined]
     executor = Executor(

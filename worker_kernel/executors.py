@@ -77,6 +77,8 @@ class ExecutorPool:
         session_memory: int = 0,
         faults: tuple[str, ...] = (),
         cache_memory: int = 0,
+        pool_memory: int = 0,
+        pool_prefault: bool = False,
         max_executors: int = 0,
     ) -> None:
         self.max_executors = max_executors  # 0: no limit
@@ -99,6 +101,8 @@ class ExecutorPool:
             f"--memory-budget={memory_limit}",
             f"--session-memory={session_memory}",
             f"--cache-memory={cache_memory}",
+            f"--pool-memory={pool_memory}",
+            *(["--pool-prefault"] if pool_prefault else []),
             *(f"--fault={f}" for f in faults),
         ]
         self._by_id: dict[str, ExecutorHandle] = {}

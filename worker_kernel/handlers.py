@@ -20,7 +20,7 @@ from .clients import ClientState
 from .gate import BadRequest, number, zap_user
 from .kernels import KernelError
 from .protocol import messages as m
-from .protocol.contents import Welcome
+from .protocol.contents import RECEIVED_MAX, Welcome
 from .protocol.errors import VersionMismatch
 from .protocol.messages import Message
 from .protocol.outcomes import UNKNOWN_CELL, UNKNOWN_CLIENT, WRONG_RECIPIENT, CellStatus
@@ -264,6 +264,9 @@ class Handlers:
             raise BadRequest("request id must be a string of 8 to 64 characters")
         if await self._resume(rid, client, msg, request):
             return  # a retry of a request already seen: exactly once
+        arrived = msg.content.get("received", [])
+        if isinstance(arrived, list):  # their results need no keeping for a refetch
+            self.s.results.forget(str(cell_id) for cell_id in arrived[:RECEIVED_MAX])
         resources = self._resources(msg.content)
         if isinstance(resources, str):
             error = {"ename": "ValueError", "evalue": f"worker {self.s.config.name}: {resources}"}

@@ -16,11 +16,11 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from . import reaper
+from .protocol import heap
 from .protocol import messages as m
 from .protocol.messages import Message
 from .protocol.outcomes import CellStatus
 from .protocol.pids import alive
-from .protocol.receive import release_memory
 
 if TYPE_CHECKING:
     from .service import WorkerService
@@ -93,10 +93,11 @@ class Housekeeping:
     def trim(self, now: float) -> None:
         if self.s.dispatcher.relayed_big or now >= self._next_trim:
             # Freed frames of large cells, and buffers libzmq filled for handshakes
-            # that never finished (keyless peers): back to the system.
+            # that never finished (keyless peers): back to the system, past what is
+            # kept for the next large cell (heap.py).
             self.s.dispatcher.relayed_big = False
             self._next_trim = now + _TRIM_EVERY
-            release_memory()
+            heap.release_above(self.s.config.pool_memory)
 
     def stop_orphaned_kernels(self, now: float) -> None:
         seen = self.s.clients.silent_for(now)

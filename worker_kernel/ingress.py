@@ -19,10 +19,10 @@ import zmq.asyncio
 
 from .gate import RejectionLog, peer_address
 from .outbox import Outbox
+from .protocol import heap
 from .protocol import messages as m
 from .protocol.errors import ProtocolError
 from .protocol.messages import Message
-from .protocol.receive import release_memory
 from .protocol.wire import Wire, peek
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class Ingress:
                     # them until the collector runs (measured: often until the next
                     # message): collect now, then give the pages back.
                     gc.collect()
-                    release_memory()
+                    heap.release()
                 continue
             if not verified.authenticated:
                 continue  # an unsigned notice is only ever shown, and clients send none

@@ -139,6 +139,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("--cache-memory", "memory each session may use to keep arrays by content, so an "
            "unchanged array is not sent again (e.g. 4G, 25%, or none)",
            "LAN2GPU_CACHE_MEMORY", "25%", parse=memory_limit, metavar="SIZE"),
+    Option("--pool-memory", "memory each session's executor receives arrays into and "
+           "keeps, reused cell after cell so large arrays do not land in fresh pages (at "
+           "most a quarter of what the session may hold; e.g. 2G, 5%, or none)",
+           "LAN2GPU_POOL_MEMORY", "5%", parse=memory_limit, metavar="SIZE"),
+    Option("--pool-prefault", "fault each executor's pool in when it starts, so its first "
+           "cell does not (the pool then counts as held from the start)",
+           "LAN2GPU_POOL_PREFAULT", "0", shown="off", kind="flag"),
     Option("--max-executors", "most session executors kept at once (each holds its "
            "namespace, arrays and GPU memory). To start another, the one idle longest is "
            "stopped, but never one that is busy, was used in the last 5 s, or whose session "

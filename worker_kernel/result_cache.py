@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -46,6 +46,11 @@ class ResultCache:
         self._expire()
         entry = self._entries.get(cell_id)
         return entry[2] if entry is not None else None
+
+    def forget(self, cell_ids: Iterable[str]) -> None:
+        """The client has these results: their memory can go."""
+        for cell_id in cell_ids:
+            self._drop(cell_id)
 
     def _drop(self, cell_id: str) -> None:
         entry = self._entries.pop(cell_id, None)

@@ -50,6 +50,7 @@ from .housekeeping import Housekeeping
 from .ingress import Ingress
 from .kernels import KernelHost
 from .outbox import Outbox
+from .protocol import heap
 from .protocol import messages as m
 from .protocol.contents import Load, StatusDocument
 from .protocol.curve import PER_USER, PLAINTEXT, SHARED_KEY
@@ -70,6 +71,8 @@ class WorkerService:
 
     def __init__(self, config: WorkerConfig, key: bytes, capabilities: Capabilities) -> None:
         self.config = config
+        # Frames of large cells: the heap keeps them for the next one (heap.py).
+        heap.keep_freed(config.pool_memory)
         self.capabilities = capabilities
         self.monitor = GpuMonitor()
         self.history = GpuHistory()  # recent GPU samples, for dashboards
@@ -105,6 +108,8 @@ class WorkerService:
             session_memory=config.session_memory,
             faults=config.faults,
             cache_memory=config.cache_memory,
+            pool_memory=config.pool_memory,
+            pool_prefault=config.pool_prefault,
             max_executors=config.max_executors,
         )
         self.dispatcher = Dispatcher(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import operator
+import os
 from typing import Any
 
 import numpy as np
@@ -51,6 +52,10 @@ class Dask:
     def roundtrip(self, a: np.ndarray) -> np.ndarray:
         b: np.ndarray = self.client.submit(operator.neg, a, pure=False).result()
         return b
+
+    def processes(self) -> dict[str, int]:
+        pids = list(self.client.run(os.getpid).values())  # one worker
+        return {"client + scheduler": os.getpid(), "worker": pids[0]}
 
     def close(self) -> None:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import os
 import signal
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
@@ -91,6 +92,9 @@ class Lan2GPUApi:
         b: np.ndarray = ns["b"]
         return b
 
+    def processes(self) -> dict[str, int]:
+        return worker_processes(self.worker)
+
     def close(self) -> None:
         try:
             self.client.close()
@@ -108,6 +112,17 @@ class Lan2GPUPlaintext(Lan2GPUApi):
     def __init__(self, worker: Child, options: Options) -> None:
         plain = Options(options.work, {**options.client, "plaintext": True}, options.cell_flags)
         super().__init__(worker, plain)
+
+
+def worker_processes(worker: Child) -> dict[str, int]:
+    """This process (the client), the worker's service and its executors, by role."""
+    from ..faults import descendants
+
+    executors = descendants(worker.pid)
+    roles = {"client": os.getpid(), "service": worker.pid}
+    for i, pid in enumerate(executors):
+        roles["executor" if len(executors) == 1 else f"executor {i}"] = pid
+    return roles
 
 
 def _on_a_worker(
@@ -184,6 +199,9 @@ class Lan2GPUMagic:
         b: np.ndarray = self.shell.user_ns.pop("b")
         del self.shell.user_ns["a"]
         return b
+
+    def processes(self) -> dict[str, int]:
+        return worker_processes(self.worker)
 
     def close(self) -> None:
         try:

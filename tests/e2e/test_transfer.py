@@ -7,6 +7,9 @@ import pytest
 
 from lan2gpu_magic import connect
 from lan2gpu_magic.client import Client
+from worker_kernel.protocol import buffer_pool
+
+from ..conftest import proc_rss
 
 MB = 1 << 20
 
@@ -104,3 +107,66 @@ def test_results_of_any_size_come_back(client: Client, what):
         assert len(ns["d"]) == 30_000 and list(ns["d"][29_999]) == [29_999, 30_000, 30_001]
     else:
         assert ns[check] == 7
+
+
+_IN_POOL = """
+from worker_kernel.protocol import buffer_pool
+pool = buffer_pool.current()
+b = -a
+where = (pool.budget, pool.holds(a))
+"""
+
+
+def test_large_arrays_land_in_each_sides_pool_and_it_is_reused(client: Client):
+    """The worker's executor receives `a` into its pool, this process receives `b`
+    into its own, and pieces come back to the pools cell after cell (buffer_pool.py)."""
+    pool = buffer_pool.current()
+    a = np.random.default_rng(4).random(3 * MB // 8)
+    for i in range(6):  # six times the data, in a 64 MiB pool on either side
+        a += i
+        ns = {"a": a}
+        client.run(_IN_POOL, ns)
+        budget, executor_pooled = ns["where"]
+        assert budget > 0 and executor_pooled
+        assert pool.holds(ns["b"]) and np.array_equal(ns["b"], -a)
+    del ns
+    assert pool.leased == 0
+
+
+def test_results_the_client_has_are_not_kept_by_the_worker(shared_worker, client: Client):
+    """A result stays on the worker only until the client says it has it (the next
+    request says so): 8 results of 32 MiB do not pile up in the worker's service."""
+    before = proc_rss(shared_worker.pid)
+    for i in range(8):
+        ns: dict[str, object] = {}
+        client.run(f"import numpy as np\nb = np.full({32 * MB // 4}, {i}, np.float32)", ns)
+    client.run("pass", {})  # says the last one arrived
+    grown = proc_rss(shared_worker.pid) - before
+    # The last result, and freed frames the heap keeps for the next large cell
+    # (LAN2GPU_POOL_MEMORY=64M in the suite); all eight would be 256 MiB.
+    assert grown < 160 * MB, f"the worker's service grew by {grown / MB:.0f} MiB"
+
+
+_RESIDENT = """
+import re
+from worker_kernel.protocol import buffer_pool
+pool = buffer_pool.current()
+pool.faulted.wait(60)
+status = open("/proc/self/status").read()
+resident = int(re.search(r"RssAnon:\\s+(\\d+) kB", status).group(1)) << 10
+budget = pool.budget
+"""
+
+
+@pytest.mark.parametrize("prefault", [False, True])
+def test_an_executors_pool_is_faulted_in_at_start_only_when_asked(worker_factory, prefault):
+    flags = ["--pool-memory", "256M", *(["--pool-prefault"] if prefault else [])]
+    worker = worker_factory("pool", *flags)
+    with connect(worker.address, key_file=worker.key_file) as c:
+        ns: dict[str, int] = {}
+        c.run(_RESIDENT, ns)
+    assert ns["budget"] == 256 * MB
+    if prefault:
+        assert ns["resident"] > 256 * MB
+    else:  # a session that moves no large array does not hold the pool
+        assert ns["resident"] < 200 * MB

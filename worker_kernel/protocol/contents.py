@@ -8,7 +8,7 @@ too, and treat a missing or mistyped key of a peer as the peer's error.
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, Final, TypedDict
 
 
 class Hello(TypedDict):
@@ -45,6 +45,9 @@ class Entry(TypedDict):
     nframes: int
 
 
+RECEIVED_MAX: Final = 256  # result ids one execute acknowledges, at most
+
+
 class ExecuteContent(TypedDict):
     """``execute``: one cell, with its inputs as the message's buffers."""
 
@@ -65,6 +68,7 @@ class ExecuteContent(TypedDict):
     have: list[str]  # digests the client can supply for outputs
     link: Link
     request: str  # the request's id: a resent request is run at most once
+    received: list[str]  # cells whose results arrived since: the worker forgets them
 
 
 class ResultContent(TypedDict, total=False):

@@ -11,11 +11,11 @@ this way; this takes a socket someone else owns and opens none.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 from typing import Any
 
 import zmq
 
+from . import buffer_pool, heap
 from .errors import MessageRejected
 from .messages import Message
 from .wire import Wire
@@ -43,7 +43,10 @@ def recv_message(sock: zmq.Socket[Any], wire: Wire, *, trusted_hop: bool = False
             if sock.getsockopt(zmq.RCVMORE):
                 raise MessageRejected("an unsigned notice with buffer frames")
             return incoming
-        trim = _TRIM_EVERY if incoming.nbytes >= _TRIM_FROM else 0
+        # Without a pool, frames are given back as they are copied (see below); with
+        # one, the heap keeps them for the next message (buffer_pool.install).
+        pooled = buffer_pool.current().budget > 0
+        trim = _TRIM_EVERY if incoming.nbytes >= _TRIM_FROM and not pooled else 0
         for n, target in enumerate(incoming.targets(), 1):
             if not sock.getsockopt(zmq.RCVMORE):
                 break  # finish() says how many were missing
@@ -54,7 +57,7 @@ def recv_message(sock: zmq.Socket[Any], wire: Wire, *, trusted_hop: bool = False
             if trim and n % trim == 0:
                 # libzmq's frames, freed as they are copied, may stay in the heap:
                 # give them back as we go, or the receiver peaks at twice the data.
-                release_memory()
+                heap.release()
         if sock.getsockopt(zmq.RCVMORE):
             raise MessageRejected("more buffer frames than the header declares")
         return incoming.finish()
@@ -62,12 +65,6 @@ def recv_message(sock: zmq.Socket[Any], wire: Wire, *, trusted_hop: bool = False
         with contextlib.suppress(zmq.ZMQError):  # e.g. the socket itself failed
             drain(sock)
         raise
-
-
-def release_memory() -> None:
-    """Return freed heap pages to the system (glibc keeps them otherwise)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def drain(sock: zmq.Socket[Any]) -> None:

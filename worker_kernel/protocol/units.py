@@ -4,6 +4,7 @@ MiB): the magic, the worker's log and the dashboard all say GiB for the same mem
 
 from __future__ import annotations
 
+import os
 import re
 
 from .errors import ConfigurationError
@@ -32,3 +33,18 @@ def parse_size(text: str) -> int:
         raise ConfigurationError(f"{text!r} is not a size; write e.g. 512M, 4G or 1.5GiB")
     number, unit = match.groups()
     return int(float(number) * 1024 ** "_kmgt".index(unit.lower() or "_"))
+
+
+def memory_size(text: str) -> int:
+    """A memory setting: a size (``4G``), a share of this machine's RAM (``25%``), or
+    ``none``/``0``/``off`` (0)."""
+    text = text.strip().lower()
+    if text in ("none", "0", "off"):
+        return 0
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1]) / 100
+        except ValueError:
+            raise ConfigurationError(f"{text!r} is not a percentage; write e.g. 25%") from None
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * share)
+    return parse_size(text)

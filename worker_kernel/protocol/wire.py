@@ -41,7 +41,7 @@ from typing import Any, Final
 
 import blake3
 
-from . import compress
+from . import buffer_pool, compress
 from .errors import AuthenticationError, MessageRejected, ProtocolError, VersionMismatch
 from .messages import CANCEL, HEARTBEAT, KINDS, MAGIC, PROTOCOL_VERSION, REJECT, Buffer, Message
 
@@ -539,7 +539,7 @@ class Incoming:
                 raise MessageRejected(f"buffer {i} uses an unknown codec {codec!r}")
             if count != max(1, math.ceil(nbytes / CHUNK)):
                 raise MessageRejected(f"buffer {i} does not match the {nbytes} bytes declared")
-            memory = fresh_memory(nbytes)  # writable, so arrays built on it are
+            memory = receive_buffer(nbytes)  # writable, so arrays built on it are
             self._buffers.append(memory)
             view = memoryview(memory)
             self._targets += [view[k : k + CHUNK] for k in range(0, nbytes, CHUNK)] or [view]
@@ -616,13 +616,20 @@ def _inflate(chunks: Sequence[Buffer], nbytes: int, index: int) -> list[Buffer]:
 
 def _join(chunks: Sequence[memoryview], nbytes: int) -> Buffer:
     # One copy into writable memory, so arrays built on it are writable.
-    out = fresh_memory(nbytes)
+    out = receive_buffer(nbytes)
     view = memoryview(out)
     pos = 0
     for chunk in chunks:
         view[pos : pos + chunk.nbytes] = chunk
         pos += chunk.nbytes
     return out
+
+
+def receive_buffer(nbytes: int) -> Buffer:
+    """Writable memory for a received buffer: from this process's pool of
+    pre-faulted memory (:mod:`.buffer_pool`) when it has room, else fresh."""
+    pooled = buffer_pool.take(nbytes)
+    return pooled if pooled is not None else fresh_memory(nbytes)
 
 
 def fresh_memory(nbytes: int) -> Buffer:
