@@ -37,6 +37,7 @@ from .protocol.wire import Wire
 from .streams import OutputChannel
 
 EXIT_ORPHANED = 70
+IDLE_RELEASE = 60.0  # seconds without a cell before an executor gives back kept memory
 log = logging.getLogger(__name__)  # unconfigured: warnings and errors go to stderr
 
 
@@ -139,6 +140,11 @@ class Executor:
         with self.lock:
             self.sock.send_multipart([b"ready", json.dumps({"pid": os.getpid()}).encode()])
         while True:
+            if not self.sock.poll(int(IDLE_RELEASE * 1000)):
+                # Idle: the pool's free pieces and the freed heap go back to the system.
+                buffer_pool.current().release_free()
+                heap.release()
+                continue
             tag = self.sock.recv()
             if tag == b"stop":
                 drain(self.sock)
@@ -183,12 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     if reaper.become_subreaper():  # what its cells start and orphan stays its own
         reaper.reap_adopted_zombies()
     _warm_imports()
-    if args.memory_limit:
-        health.apply_memory_limit(args.memory_limit)
-    # The heap keeps what cells free, up to the pool's size, for the next cell's arrays;
     # --pool-prefault: the pool is faulted in now, on a thread, while the first cell comes.
-    budget = pool_size(args.pool_memory, args.memory_limit)
-    buffer_pool.install(budget, prefault=args.pool_prefault, large=True)
+    pool = buffer_pool.install(
+        pool_size(args.pool_memory, args.memory_limit), prefault=args.pool_prefault
+    )
+    if args.memory_limit:
+        # The pool's mapping counts in RLIMIT_DATA: it comes on top of the session's cap.
+        health.apply_memory_limit(args.memory_limit + pool.budget)
+    # What cells free is kept for the next cell's arrays, up to the pool's size.
+    heap.keep_freed(pool.budget, large=True)
+    heap.watch(pool.budget)
     if "poison-hook" in args.fault:
         builtins.lan2gpu_poison_context = health.poison_hook  # type: ignore[attr-defined]
     executor = Executor(

@@ -233,7 +233,7 @@ class Handlers:
     async def _resume(self, rid: bytes, client: ClientState, msg: Message, cell_id: str) -> bool:
         """Answer a repeated request for a cell without running it again: resend its
         result if it is recent, or route its output here if it is still going."""
-        cached = self.s.results.get(cell_id)
+        cached = self.s.results.get(cell_id, client.client)
         if cached is not None:
             await self.s.outbox.deliver(rid, cached, m.RESULT, cell_id, client.client)
             return True
@@ -266,7 +266,8 @@ class Handlers:
             return  # a retry of a request already seen: exactly once
         arrived = msg.content.get("received", [])
         if isinstance(arrived, list):  # their results need no keeping for a refetch
-            self.s.results.forget(str(cell_id) for cell_id in arrived[:RECEIVED_MAX])
+            ids = [str(cell_id) for cell_id in arrived[:RECEIVED_MAX]]
+            self.s.results.forget(ids, client.client)
         resources = self._resources(msg.content)
         if isinstance(resources, str):
             error = {"ename": "ValueError", "evalue": f"worker {self.s.config.name}: {resources}"}

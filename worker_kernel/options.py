@@ -141,7 +141,8 @@ OPTIONS: tuple[Option, ...] = (
            "LAN2GPU_CACHE_MEMORY", "25%", parse=memory_limit, metavar="SIZE"),
     Option("--pool-memory", "memory each session's executor receives arrays into and "
            "keeps, reused cell after cell so large arrays do not land in fresh pages (at "
-           "most a quarter of what the session may hold; e.g. 2G, 5%, or none)",
+           "most a quarter of what the session may hold, and --memory-limit divided by "
+           "--max-executors; given back after 60 s idle; e.g. 2G, 5%, or none)",
            "LAN2GPU_POOL_MEMORY", "5%", parse=memory_limit, metavar="SIZE"),
     Option("--pool-prefault", "fault each executor's pool in when it starts, so its first "
            "cell does not (the pool then counts as held from the start)",

@@ -51,7 +51,7 @@ class Relay:
             kind = peek(body).kind
             is_result = kind == m.RESULT
             if is_result:
-                s.results.put(cell.id, body)
+                s.results.put(cell.id, body, cell.client)
             if is_result and "drop-first-result" in s.config.faults and not self._dropped:
                 self._dropped = True  # test hook: pretend the network lost it
                 log.warning("fault injection: dropped the result of cell %s", cell.id[:8])

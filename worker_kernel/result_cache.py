@@ -25,32 +25,37 @@ class ResultCache:
         self.ttl = ttl
         self.max_bytes = max_bytes
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, int, list[Any]]] = OrderedDict()
+        # cell id -> (expires, bytes, frames, owner)
+        self._entries: OrderedDict[str, tuple[float, int, list[Any], str]] = OrderedDict()
         self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, cell_id: str, frames: list[Any]) -> None:
+    def put(self, cell_id: str, frames: list[Any], owner: str) -> None:
+        """Keep the result of ``cell_id`` for the client ``owner``."""
         size = sum(memoryview(f).nbytes for f in frames)
         if size > self.max_bytes:
             return
         self._drop(cell_id)
-        self._entries[cell_id] = (self._clock() + self.ttl, size, frames)
+        self._entries[cell_id] = (self._clock() + self.ttl, size, frames, owner)
         self._bytes += size
         self._expire()
         while self._bytes > self.max_bytes:
             self._drop(next(iter(self._entries)))
 
-    def get(self, cell_id: str) -> list[Any] | None:
+    def get(self, cell_id: str, owner: str) -> list[Any] | None:
+        """The result of ``cell_id`` if it is ``owner``'s."""
         self._expire()
         entry = self._entries.get(cell_id)
-        return entry[2] if entry is not None else None
+        return entry[2] if entry is not None and entry[3] == owner else None
 
-    def forget(self, cell_ids: Iterable[str]) -> None:
-        """The client has these results: their memory can go."""
+    def forget(self, cell_ids: Iterable[str], owner: str) -> None:
+        """The client ``owner`` has these results: their memory can go."""
         for cell_id in cell_ids:
-            self._drop(cell_id)
+            entry = self._entries.get(cell_id)
+            if entry is not None and entry[3] == owner:
+                self._drop(cell_id)
 
     def _drop(self, cell_id: str) -> None:
         entry = self._entries.pop(cell_id, None)
@@ -60,7 +65,7 @@ class ResultCache:
     def _expire(self) -> None:
         now = self._clock()
         while self._entries:
-            cell_id, (expires, _, _) = next(iter(self._entries.items()))
+            cell_id, (expires, *_) = next(iter(self._entries.items()))
             if expires > now:
                 break
             self._drop(cell_id)

@@ -66,13 +66,21 @@ _SLOW_KINDS = frozenset({m.START_KERNEL, m.STOP_KERNEL, m.CLOSE_SESSION})  # run
 _CLIENT_LIVENESS = 5  # heartbeat intervals before a silent client's cells are cancelled
 
 
+def executor_pool(config: WorkerConfig) -> int:
+    """Each executor's pool: ``--pool-memory``, and no more than the memory budget's
+    share per executor, so that all pools together stay within the budget."""
+    if not config.memory_limit:
+        return config.pool_memory
+    return min(config.pool_memory, config.memory_limit // max(1, config.max_executors))
+
+
 class WorkerService:
     """Serve cells to clients until :meth:`stop` (or SIGTERM/SIGINT)."""
 
     def __init__(self, config: WorkerConfig, key: bytes, capabilities: Capabilities) -> None:
         self.config = config
         # Frames of large cells: the heap keeps them for the next one (heap.py).
-        heap.keep_freed(config.pool_memory)
+        heap.keep_freed(config.pool_memory, one_arena=True)
         self.capabilities = capabilities
         self.monitor = GpuMonitor()
         self.history = GpuHistory()  # recent GPU samples, for dashboards
@@ -108,7 +116,7 @@ class WorkerService:
             session_memory=config.session_memory,
             faults=config.faults,
             cache_memory=config.cache_memory,
-            pool_memory=config.pool_memory,
+            pool_memory=executor_pool(config),
             pool_prefault=config.pool_prefault,
             max_executors=config.max_executors,
         )
@@ -259,7 +267,7 @@ class WorkerService:
         """Sign ``msg`` and send it to the connection ``rid`` (held if it reads slowly)."""
         frames = self.wire.encode(msg)
         if msg.kind == m.RESULT:
-            self.results.put(msg.parent, frames)
+            self.results.put(msg.parent, frames, msg.to)
         await self.outbox.deliver(rid, frames, msg.kind, msg.parent, msg.to)
 
     async def reply(self, req: Message, rid: bytes, kind: str, content: dict[str, Any]) -> None:

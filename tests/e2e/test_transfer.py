@@ -121,8 +121,8 @@ def test_large_arrays_land_in_each_sides_pool_and_it_is_reused(client: Client):
     """The worker's executor receives `a` into its pool, this process receives `b`
     into its own, and pieces come back to the pools cell after cell (buffer_pool.py)."""
     pool = buffer_pool.current()
-    a = np.random.default_rng(4).random(3 * MB // 8)
-    for i in range(6):  # six times the data, in a 64 MiB pool on either side
+    a = np.random.default_rng(4).random(24 * MB // 8)
+    for i in range(6):  # 144 MiB in all through a 64 MiB pool on either side: reused
         a += i
         ns = {"a": a}
         client.run(_IN_POOL, ns)

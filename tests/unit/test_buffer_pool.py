@@ -16,7 +16,11 @@ from worker_kernel.array_cache import ArrayCache
 from worker_kernel.protocol import buffer_pool
 from worker_kernel.protocol import messages as m
 from worker_kernel.protocol.buffer_pool import BufferPool, pool_memory_from_env, pool_size
-from worker_kernel.protocol.errors import AuthenticationError, ConfigurationError
+from worker_kernel.protocol.errors import (
+    AuthenticationError,
+    ConfigurationError,
+    MessageRejected,
+)
 from worker_kernel.protocol.messages import Message
 from worker_kernel.protocol.receive import recv_message
 from worker_kernel.protocol.wire import CHUNK, Wire, digest
@@ -57,12 +61,42 @@ def test_freed_pieces_merge_whatever_the_order() -> None:
 
 def test_a_piece_is_never_handed_out_twice() -> None:
     pool = BufferPool(16 * MiB, prefault=False)
-    views = [pool.take(n * MiB + 5) for n in (1, 3, 2, 4)]
-    arrays = [np.frombuffer(v, dtype=np.uint8) for v in views if v is not None]
-    assert len(arrays) == 4
-    for i, a in enumerate(arrays):
-        a[:] = i
-    assert [int(a.min()) == int(a.max()) == i for i, a in enumerate(arrays)] == [True] * 4
+    rng = np.random.default_rng(5)
+    live: dict[int, np.ndarray] = {}  # value written -> the array holding it
+    for step in range(200):  # takes and drops in random order, sizes that do not align
+        if live and (len(live) > 4 or rng.random() < 0.4):
+            del live[int(rng.choice(list(live)))]
+            continue
+        view = pool.take(int(rng.integers(1, 5 * MiB)))
+        if view is not None:
+            live[step] = np.frombuffer(view, dtype=np.uint8)
+            live[step][:] = step % 251
+        for value, array in live.items():  # no other piece overlapped it
+            assert int(array.min()) == int(array.max()) == value % 251
+    del view, array
+    live.clear()
+    assert pool.leased == 0 and pool.largest_free() == 16 * MiB
+
+
+def test_views_of_an_array_keep_its_piece() -> None:
+    pool = BufferPool(4 * MiB, prefault=False)
+    view = pool.take(2 * MiB)
+    assert view is not None
+    part = np.frombuffer(view, dtype=np.uint8)[100:200].view(np.int16)[::2]
+    del view
+    gc.collect()
+    assert pool.leased == 2 * MiB
+    assert pool.take(3 * MiB) is None  # the piece is still in use
+    del part
+    assert pool.leased == 0
+
+
+def test_an_idle_pool_gives_its_free_pages_back() -> None:
+    pool = BufferPool(64 * MiB, prefault=True)
+    assert pool.faulted.wait(30)
+    before = _resident_anon()
+    assert pool.release_free() == 64 * MiB
+    assert before - _resident_anon() > 48 * MiB
 
 
 def test_what_does_not_fit_is_refused_not_squeezed() -> None:
@@ -86,14 +120,15 @@ def test_a_reclaimer_makes_room_when_the_pool_is_full() -> None:
 
 def test_the_pool_is_resident_once_faulted_in() -> None:
     before = _resident_anon()
-    pool = BufferPool(64 * MiB)
+    pool = BufferPool(64 * MiB, prefault=True)
     assert pool.faulted.wait(30)
     assert _resident_anon() - before > 48 * MiB
 
 
-def test_sizes_and_settings() -> None:
+def test_sizes_and_settings(monkeypatch) -> None:
     assert pool_size(4 << 30, 8 << 30) == 2 << 30  # a quarter of the session's cap
     assert pool_size(1 << 30, 0) == 1 << 30
+    monkeypatch.delenv("LAN2GPU_POOL_MEMORY", raising=False)
     assert pool_memory_from_env() > 0
 
 
@@ -138,6 +173,18 @@ def test_received_arrays_land_in_the_pool_and_give_it_back(pooled, pair) -> None
         assert pooled.holds(msg.buffers[0])
         del msg
         assert pooled.leased == 0
+
+
+def test_a_message_cut_short_is_refused_and_its_piece_comes_back(pooled, pair) -> None:
+    sender, receiver = pair
+    frames = _frames(np.random.default_rng(2).bytes(3 * CHUNK))
+    sender.send_multipart([*frames[:-2], frames[-1][:1000]])  # a frame missing, one short
+    with pytest.raises(MessageRejected):
+        recv_message(receiver, Wire(KEY))
+    gc.collect()
+    assert pooled.leased == 0
+    sender.send_multipart(frames)  # the socket is in step: the next one arrives whole
+    assert pooled.holds(recv_message(receiver, Wire(KEY)).buffers[0])
 
 
 def test_a_tampered_chunk_is_refused_and_its_piece_comes_back(pooled, pair) -> None:

@@ -34,6 +34,7 @@ import mmap
 import os
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Final
 
@@ -48,8 +49,8 @@ log = logging.getLogger(__name__)
 
 POOLED_FROM: Final = 1 << 20  # smaller buffers are cheap to allocate: bytearray
 _ALIGN: Final = 1 << 12  # pieces start on page boundaries
-_MADV_POPULATE_WRITE: Final = 23  # Linux 5.14; older kernels: touch each page instead
-_PAGE: Final = mmap.PAGESIZE
+_MADV_POPULATE_WRITE: Final = 23  # Linux 5.14
+_MADV_DONTNEED: Final = 4
 
 
 def _round(n: int) -> int:
@@ -58,20 +59,22 @@ def _round(n: int) -> int:
 
 class BufferPool:
     """An arena of ``budget`` bytes, cut into pieces on demand (first fit, merged
-    again when freed). Thread-safe: leases are returned from whichever thread drops
-    the last array."""
+    again when freed). Thread-safe: leases come back from whichever thread drops the
+    last array, through a queue, so a finalizer never waits for the lock (one may run
+    inside a garbage collection that started while the lock was held)."""
 
-    def __init__(self, budget: int, *, prefault: bool = True) -> None:
+    def __init__(self, budget: int, *, prefault: bool = False) -> None:
         self.budget = _round(max(0, budget))
         self._lock = threading.Lock()
         self._free: list[tuple[int, int]] = [(0, self.budget)] if self.budget else []
-        self.leased = 0  # bytes handed out and not yet back
+        self._returned: deque[tuple[int, int]] = deque()  # appended by finalizers only
+        self._leased = 0
         # Called with the bytes wanted when the pool has no room: each may let go of
         # pieces it keeps (the executor's array cache), and the pool tries again.
         self.reclaimers: list[Callable[[int], None]] = []
         self.faulted = threading.Event()
         self._arena: mmap.mmap | None = None
-        self._array: np.ndarray | None = None
+        self._base = 0  # the arena's address
         if not self.budget:
             self.faulted.set()
             return
@@ -84,7 +87,7 @@ class BufferPool:
             return
         with contextlib.suppress(OSError, AttributeError):
             self._arena.madvise(mmap.MADV_HUGEPAGE)  # fewer, cheaper faults where allowed
-        self._array = np.frombuffer(self._arena, dtype=np.uint8)
+        self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._arena))
         if prefault:
             threading.Thread(target=self._fault_in, name="lan2gpu-pool", daemon=True).start()
         else:
@@ -92,25 +95,25 @@ class BufferPool:
 
     def _fault_in(self) -> None:
         """Make every page of the arena resident now, off the caller's thread (ctypes
-        releases the GIL for the system call)."""
-        if self._array is None:
-            return
+        releases the GIL for the system call). A kernel without
+        ``MADV_POPULATE_WRITE`` (before 5.14) faults the pages on first use instead:
+        writing them here could overwrite a piece already handed out."""
         try:
-            address = self._array.ctypes.data
-            libc = ctypes.CDLL(None, use_errno=True)
-            madvise = libc.madvise
-            madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            if madvise(address, self.budget, _MADV_POPULATE_WRITE) != 0:
-                # An old kernel: write one byte per page (NumPy releases the GIL here).
-                self._array[::_PAGE] = 0
-        except Exception as exc:  # the pool still works, it just faults on first use
-            log.debug("could not fault the buffer pool in: %s", exc)
+            if _madvise(self._base, self.budget, _MADV_POPULATE_WRITE) != 0:
+                log.debug("cannot fault the buffer pool in ahead (errno %d)", ctypes.get_errno())
         finally:
             self.faulted.set()
 
+    @property
+    def leased(self) -> int:
+        """Bytes handed out and not back yet."""
+        with self._lock:
+            self._take_returned()
+            return self._leased
+
     def take(self, nbytes: int) -> memoryview | None:
         """A writable piece of ``nbytes`` from the pool, or None if none is free."""
-        if self._array is None or nbytes <= 0:
+        if self._arena is None or nbytes <= 0:
             return None
         size = _round(nbytes)
         if size > self.budget:
@@ -123,13 +126,15 @@ class BufferPool:
             start = self._carve(size)
         if start is None:
             return None
-        lease = self._array[start : start + nbytes]
-        # The lease object lives as long as any view or array built on it.
-        weakref.finalize(lease, self._give_back, start, size).atexit = False
-        return memoryview(lease.data)
+        # A ctypes array as the lease: NumPy arrays and memoryviews built on it, and
+        # their views, all keep it (not the arena) as their base.
+        lease = (ctypes.c_char * nbytes).from_buffer(self._arena, start)
+        weakref.finalize(lease, self._returned.append, (start, size)).atexit = False
+        return memoryview(lease).cast("B")
 
     def _carve(self, size: int) -> int | None:
         with self._lock:
+            self._take_returned()
             # First fit: the lowest free piece that is large enough.
             i = next((i for i, (_, length) in enumerate(self._free) if length >= size), -1)
             if i < 0:
@@ -139,23 +144,14 @@ class BufferPool:
                 del self._free[i]
             else:
                 self._free[i] = (start + size, length - size)
-            self.leased += size
+            self._leased += size
             return start
 
-    def holds(self, buf: Buffer) -> bool:
-        """Whether ``buf``'s memory is a piece of this pool."""
-        if self._array is None:
-            return False
-        try:
-            address = np.frombuffer(buf, dtype=np.uint8).ctypes.data
-        except (TypeError, ValueError):
-            return False
-        base = self._array.ctypes.data
-        return base <= address < base + self.budget
-
-    def _give_back(self, start: int, size: int) -> None:
-        with self._lock:
-            self.leased -= size
+    def _take_returned(self) -> None:
+        """Put the pieces finalizers queued back in the free list (lock held)."""
+        while self._returned:
+            start, size = self._returned.popleft()
+            self._leased -= size
             i = bisect.bisect(self._free, (start, size))
             # Merge with the free neighbours on either side.
             if i < len(self._free) and self._free[i][0] == start + size:
@@ -166,33 +162,64 @@ class BufferPool:
                 del self._free[i]
             self._free.insert(i, (start, size))
 
+    def holds(self, buf: Buffer) -> bool:
+        """Whether ``buf``'s memory is a piece of this pool."""
+        if self._arena is None:
+            return False
+        try:
+            address = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+        except (TypeError, ValueError):
+            return False
+        return self._base <= address < self._base + self.budget
+
     def largest_free(self) -> int:
         """The largest buffer :meth:`take` can give now."""
         with self._lock:
+            self._take_returned()
             return max((length for _, length in self._free), default=0)
+
+    def release_free(self) -> int:
+        """Give the pages of every free piece back to the system (an idle process);
+        they fault in again when next used. The bytes released."""
+        with self._lock:
+            self._take_returned()
+            released = 0
+            for start, length in self._free:
+                if _madvise(self._base + start, length, _MADV_DONTNEED) == 0:
+                    released += length
+            return released
+
+
+def _madvise(address: int, length: int, advice: int) -> int:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.madvise
+    except (OSError, AttributeError):
+        return -1
+    call.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return int(call(address, length, advice))
 
 
 class _Installed:
     pool = BufferPool(0)  # until install(): no pool, fresh memory
 
 
-def install(budget: int, *, prefault: bool = False, large: bool = False) -> BufferPool:
+def install(budget: int, *, prefault: bool = False) -> BufferPool:
     """Give this process a pool of ``budget`` bytes (once; later calls return it).
 
-    Also asks the C heap to keep what is freed, up to the budget: libzmq receives
+    Also asks the C heap to keep up to the budget of what is freed: libzmq receives
     every frame into memory of its own before it is copied into the pool, and glibc
-    would give those pages back to the system after each message (``malloc_trim``
-    thresholds), to fault them in again for the next one. ``large``: see
-    :func:`.heap.keep_freed` (the executor, whose cells allocate arrays)."""
+    would give those pages back to the system after each message, to fault them in
+    again for the next one (:mod:`.heap`)."""
     if not _Installed.pool.budget and budget > 0:
         _Installed.pool = BufferPool(budget, prefault=prefault)
-        heap.keep_freed(budget, large=large)
+        heap.keep_freed(budget)
     return _Installed.pool
 
 
 def pool_size(wanted: int, cap: int) -> int:
     """The pool a process with a memory ``cap`` (0: none) gets when ``wanted``: at most
-    a quarter of the cap, so the pool never crowds out what its cells allocate."""
+    a quarter of the cap."""
     return min(wanted, cap // 4) if cap else wanted
 
 

@@ -4,8 +4,9 @@ libzmq receives every frame into memory it gets from ``malloc``. glibc hands fre
 memory back to the system as soon as enough of it is free at once (its trim
 threshold) and then faults fresh pages in for the next message: in a VM that costs
 more than the copy. A process that moves large arrays message after message keeps
-freed memory up to a budget (:func:`keep_freed`) and gives back only what is above
-it (:func:`release_above`); after a rejected message, everything (:func:`release`).
+freed memory up to a budget (:func:`keep_freed`); once more than the budget is free,
+:func:`release_above` gives all of it back, and after a rejected message, or when
+the process is idle, :func:`release` does.
 Not glibc (macOS, musl): nothing to tune, every call is a no-op.
 """
 
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import threading
+import time
 from typing import Final
 
 # glibc's mallopt parameters
@@ -40,24 +43,43 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def keep_freed(nbytes: int, *, large: bool = False) -> None:
-    """Let glibc keep up to ``nbytes`` of freed memory instead of trimming it.
+def keep_freed(nbytes: int, *, one_arena: bool = False, large: bool = False) -> None:
+    """Let glibc keep up to ``nbytes`` of freed memory instead of trimming it, and
+    serve libzmq's frames (1 MiB) from the heap.
+
+    ``one_arena``: every thread allocates from the main heap (the service): libzmq's
+    I/O thread would otherwise get an arena of its own, whose heaps (64 MiB each) are
+    unmapped when they empty, whatever the threshold.
 
     ``large``: large allocations too (a cell's arrays: NumPy asks ``malloc``), which
-    glibc otherwise maps afresh each time and unmaps when freed. The process should
-    then call :func:`release_above` now and then (the executor does after each
-    cell): freed memory between live allocations is not trimmed by itself."""
+    glibc otherwise maps afresh each time and unmaps when freed. Freed memory between
+    live allocations is then not trimmed by itself: the process must call
+    :func:`release_above` often (:func:`watch`)."""
     libc = _libc()
     with contextlib.suppress(AttributeError):
-        if libc is not None:
+        if libc is not None and nbytes > 0:
             if large:
                 libc.mallopt(_M_MMAP_MAX, 0)  # glibc still maps when the heap cannot grow
             else:
                 libc.mallopt(_M_MMAP_THRESHOLD, _FRAMES_UP_TO)
             libc.mallopt(_M_TRIM_THRESHOLD, min(nbytes, 2**31 - 1))
-            # One arena: libzmq's I/O thread would otherwise get its own, whose
-            # heaps (64 MiB each) are unmapped when they empty, whatever the threshold.
-            libc.mallopt(_M_ARENA_MAX, 1)
+            if one_arena:
+                libc.mallopt(_M_ARENA_MAX, 1)
+
+
+def watch(keep: int, every: float = 1.0) -> threading.Thread:
+    """A daemon thread that gives freed memory back whenever more than ``keep`` is
+    free, checked every ``every`` seconds: a cell that frees 20 GB halfway does not
+    hold them for the rest of its run."""
+
+    def run() -> None:
+        while True:
+            time.sleep(every)
+            release_above(keep)
+
+    thread = threading.Thread(target=run, name="lan2gpu-heap", daemon=True)
+    thread.start()
+    return thread
 
 
 def free_bytes() -> int | None:
@@ -82,7 +104,8 @@ def release() -> None:
 
 
 def release_above(keep: int) -> bool:
-    """Return freed heap pages if more than ``keep`` bytes are free; whether it did."""
+    """If more than ``keep`` bytes of the heap are free, return all freed pages to the
+    system (glibc cannot keep a part); whether it did."""
     free = free_bytes()
     if free is not None and free <= keep:
         return False

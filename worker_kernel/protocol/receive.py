@@ -43,10 +43,10 @@ def recv_message(sock: zmq.Socket[Any], wire: Wire, *, trusted_hop: bool = False
             if sock.getsockopt(zmq.RCVMORE):
                 raise MessageRejected("an unsigned notice with buffer frames")
             return incoming
-        # Without a pool, frames are given back as they are copied (see below); with
-        # one, the heap keeps them for the next message (buffer_pool.install).
-        pooled = buffer_pool.current().budget > 0
-        trim = _TRIM_EVERY if incoming.nbytes >= _TRIM_FROM and not pooled else 0
+        # Frames are given back as they are copied (see below), unless the message
+        # fits the pool: then the heap keeps them for the next one (buffer_pool.py).
+        fits = incoming.nbytes <= buffer_pool.current().budget
+        trim = _TRIM_EVERY if incoming.nbytes >= _TRIM_FROM and not fits else 0
         for n, target in enumerate(incoming.targets(), 1):
             if not sock.getsockopt(zmq.RCVMORE):
                 break  # finish() says how many were missing
