@@ -10,8 +10,8 @@ and completes a result whose outputs refer to arrays this client has.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from worker_kernel.protocol import compress, refs
 from worker_kernel.protocol import messages as m
@@ -128,7 +128,7 @@ class Uploads:
             self.held.learn(session, payload.frames, digests)
             self.held.learn(session, full, full_digests)
 
-    def kept(self, session: str, inputs: Any, result: RunResult) -> None:
+    def kept(self, session: str, inputs: Iterable[str], result: RunResult) -> None:
         """Remember what the worker keeps for the session (loaded nowhere here)."""
         kept = self._unloadable.setdefault(session, set())
         kept.difference_update(inputs)

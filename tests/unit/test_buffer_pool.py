@@ -5,12 +5,10 @@ from __future__ import annotations
 import gc
 import re
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import zmq
 
 from worker_kernel.array_cache import ArrayCache
 from worker_kernel.protocol import buffer_pool
@@ -145,18 +143,6 @@ def pooled(monkeypatch) -> BufferPool:
     pool = BufferPool(16 * MiB, prefault=False)
     monkeypatch.setattr(buffer_pool._Installed, "pool", pool)
     return pool
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[zmq.Socket[bytes], zmq.Socket[bytes]]]:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-    a.bind("inproc://pool-test")
-    b.connect("inproc://pool-test")
-    yield a, b
-    a.close(linger=0)
-    b.close(linger=0)
-    ctx.term()
 
 
 def _frames(data: bytes) -> list[bytes]:

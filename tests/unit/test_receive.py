@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -19,18 +18,6 @@ from worker_kernel.protocol.receive import recv_message
 from worker_kernel.protocol.wire import CHUNK, Limits, Wire
 
 KEY = secrets.token_bytes(32)
-
-
-@pytest.fixture
-def pair() -> Iterator[tuple[zmq.Socket[bytes], zmq.Socket[bytes]]]:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-    a.bind("inproc://receive-test")
-    b.connect("inproc://receive-test")
-    yield a, b
-    a.close(linger=0)
-    b.close(linger=0)
-    ctx.term()
 
 
 def _message(*buffers: bytes | memoryview, codecs: list[str] | None = None) -> list[bytes]:
