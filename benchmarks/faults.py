@@ -42,22 +42,6 @@ def usage(pid: int) -> Usage | None:
     return Usage(int(fields[7]), (int(fields[11]) + int(fields[12])) / _TICK)
 
 
-def descendants(pid: int) -> list[int]:
-    """``pid``'s children, their children, ... (from /proc/PID/task/*/children)."""
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            try:
-                kids = [int(k) for k in (task / "children").read_text().split()]
-            except OSError:
-                continue
-            out += kids
-            todo += kids
-    return out
-
-
 @dataclass(frozen=True)
 class PerProcess:
     """Faults and CPU seconds per round trip, by process role."""

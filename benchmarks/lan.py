@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from .faults import usage
 from .measure import Kind, Stats, check_negated, payload, rate, refresh, size_label, timed
 from .procs import keygen, run_client, spawn, start_worker
 from .report import Table, ratio, short_error, spread
@@ -367,10 +368,12 @@ def _tcp_seconds(address: tuple[str, int], mode: bytes, n: int) -> float:
         return time.perf_counter() - t0
 
 
-def minflt(pid: int | str) -> int:
+def minflt(pid: int) -> int:
     """Minor page faults of a process so far (first touches of fresh pages)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rpartition(")")[2].split()[7])
+    used = usage(pid)
+    if used is None:
+        raise ProcessLookupError(f"process {pid} is gone")
+    return used.faults
 
 
 def _executor_pid(worker: Any) -> int | None:

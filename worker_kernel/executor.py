@@ -30,7 +30,6 @@ import zmq
 from . import health, reaper
 from .execute import CellRunner, TimeoutInterrupt
 from .protocol import buffer_pool, heap
-from .protocol.buffer_pool import pool_size
 from .protocol.messages import Message
 from .protocol.receive import drain, recv_message
 from .protocol.wire import Wire
@@ -160,8 +159,7 @@ class Executor:
             except Exception as exc:  # not the cell's own error: those are its result
                 log.exception("cannot finish cell %s", msg.id[:8])
                 self.runner.fail(msg, str(control["client"]), exc)
-            del msg
-            heap.release_above(buffer_pool.current().budget)
+            del msg  # its buffers go back to the pool while the executor waits
 
     def close(self) -> None:
         self.channel.close()
@@ -190,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         reaper.reap_adopted_zombies()
     _warm_imports()
     # --pool-prefault: the pool is faulted in now, on a thread, while the first cell comes.
-    pool = buffer_pool.install(
-        pool_size(args.pool_memory, args.memory_limit), prefault=args.pool_prefault
-    )
+    pool = buffer_pool.install(args.pool_memory, prefault=args.pool_prefault)
     if args.memory_limit:
         # The pool's mapping counts in RLIMIT_DATA: it comes on top of the session's cap.
         health.apply_memory_limit(args.memory_limit + pool.budget)

@@ -67,11 +67,16 @@ _CLIENT_LIVENESS = 5  # heartbeat intervals before a silent client's cells are c
 
 
 def executor_pool(config: WorkerConfig) -> int:
-    """Each executor's pool: ``--pool-memory``, and no more than the memory budget's
-    share per executor, so that all pools together stay within the budget."""
-    if not config.memory_limit:
-        return config.pool_memory
-    return min(config.pool_memory, config.memory_limit // max(1, config.max_executors))
+    """Each executor's pool: ``--pool-memory``, at most a quarter of what its session
+    may hold, and no more than the memory budget's share per executor, so that all
+    pools together stay within the budget."""
+    pool = config.pool_memory
+    cap = config.session_memory or config.memory_limit  # an executor's first cap
+    if cap:
+        pool = min(pool, cap // 4)
+    if config.memory_limit:
+        pool = min(pool, config.memory_limit // max(1, config.max_executors))
+    return pool
 
 
 class WorkerService:

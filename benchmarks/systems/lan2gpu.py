@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..procs import Child, keygen, start_worker
+from ..procs import Child, children, keygen, start_worker
 from . import Options
 
 T = TypeVar("T")
@@ -116,9 +116,7 @@ class Lan2GPUPlaintext(Lan2GPUApi):
 
 def worker_processes(worker: Child) -> dict[str, int]:
     """This process (the client), the worker's service and its executors, by role."""
-    from ..faults import descendants
-
-    executors = descendants(worker.pid)
+    executors = children(worker.pid)  # the service starts executors itself
     roles = {"client": os.getpid(), "service": worker.pid}
     for i, pid in enumerate(executors):
         roles["executor" if len(executors) == 1 else f"executor {i}"] = pid

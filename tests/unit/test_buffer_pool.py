@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from worker_kernel.array_cache import ArrayCache
+from worker_kernel.config import WorkerConfig
 from worker_kernel.protocol import buffer_pool
 from worker_kernel.protocol import messages as m
-from worker_kernel.protocol.buffer_pool import BufferPool, pool_memory_from_env, pool_size
+from worker_kernel.protocol.buffer_pool import BufferPool, pool_memory_from_env
 from worker_kernel.protocol.errors import (
     AuthenticationError,
     ConfigurationError,
@@ -22,6 +23,7 @@ from worker_kernel.protocol.errors import (
 from worker_kernel.protocol.messages import Message
 from worker_kernel.protocol.receive import recv_message
 from worker_kernel.protocol.wire import CHUNK, Wire, digest
+from worker_kernel.service import executor_pool
 
 MiB = 1 << 20
 KEY = secrets.token_bytes(32)
@@ -124,8 +126,14 @@ def test_the_pool_is_resident_once_faulted_in() -> None:
 
 
 def test_sizes_and_settings(monkeypatch) -> None:
-    assert pool_size(4 << 30, 8 << 30) == 2 << 30  # a quarter of the session's cap
-    assert pool_size(1 << 30, 0) == 1 << 30
+    def pool(**kw: int) -> int:
+        return executor_pool(WorkerConfig("tcp://127.0.0.1:0", Path("key"), "w", **kw))
+
+    # A quarter of the session's cap, and the budget's share per executor.
+    assert pool(pool_memory=4 << 30, session_memory=8 << 30) == 2 << 30
+    assert pool(pool_memory=4 << 30, memory_limit=8 << 30, max_executors=1) == 2 << 30
+    assert pool(pool_memory=4 << 30, memory_limit=64 << 30, max_executors=32) == 2 << 30
+    assert pool(pool_memory=1 << 30, memory_limit=0) == 1 << 30
     monkeypatch.delenv("LAN2GPU_POOL_MEMORY", raising=False)
     assert pool_memory_from_env() > 0
 

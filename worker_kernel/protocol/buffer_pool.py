@@ -191,13 +191,8 @@ class BufferPool:
 
 
 def _madvise(address: int, length: int, advice: int) -> int:
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        call = libc.madvise
-    except (OSError, AttributeError):
-        return -1
-    call.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return int(call(address, length, advice))
+    lib = heap.libc()
+    return -1 if lib is None else int(lib.madvise(address, length, advice))
 
 
 class _Installed:
@@ -215,12 +210,6 @@ def install(budget: int, *, prefault: bool = False) -> BufferPool:
         _Installed.pool = BufferPool(budget, prefault=prefault)
         heap.keep_freed(budget)
     return _Installed.pool
-
-
-def pool_size(wanted: int, cap: int) -> int:
-    """The pool a process with a memory ``cap`` (0: none) gets when ``wanted``: at most
-    a quarter of the cap."""
-    return min(wanted, cap // 4) if cap else wanted
 
 
 def pool_memory_from_env(default: str = "5%") -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import threading
 import time
 from typing import Final
@@ -36,11 +37,17 @@ class _Mallinfo2(ctypes.Structure):
     ]  # fmt: skip
 
 
-def _libc() -> ctypes.CDLL | None:
+@functools.cache
+def libc() -> ctypes.CDLL | None:
+    """The C library (glibc), loaded once with its prototypes set; None elsewhere."""
     try:
-        return ctypes.CDLL("libc.so.6")
+        lib = ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
         return None
+    lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    with contextlib.suppress(AttributeError):  # glibc before 2.33
+        lib.mallinfo2.restype = _Mallinfo2
+    return lib
 
 
 def keep_freed(nbytes: int, *, one_arena: bool = False, large: bool = False) -> None:
@@ -55,16 +62,16 @@ def keep_freed(nbytes: int, *, one_arena: bool = False, large: bool = False) -> 
     glibc otherwise maps afresh each time and unmaps when freed. Freed memory between
     live allocations is then not trimmed by itself: the process must call
     :func:`release_above` often (:func:`watch`)."""
-    libc = _libc()
+    lib = libc()
     with contextlib.suppress(AttributeError):
-        if libc is not None and nbytes > 0:
+        if lib is not None and nbytes > 0:
             if large:
-                libc.mallopt(_M_MMAP_MAX, 0)  # glibc still maps when the heap cannot grow
+                lib.mallopt(_M_MMAP_MAX, 0)  # glibc still maps when the heap cannot grow
             else:
-                libc.mallopt(_M_MMAP_THRESHOLD, _FRAMES_UP_TO)
-            libc.mallopt(_M_TRIM_THRESHOLD, min(nbytes, 2**31 - 1))
+                lib.mallopt(_M_MMAP_THRESHOLD, _FRAMES_UP_TO)
+            lib.mallopt(_M_TRIM_THRESHOLD, min(nbytes, 2**31 - 1))
             if one_arena:
-                libc.mallopt(_M_ARENA_MAX, 1)
+                lib.mallopt(_M_ARENA_MAX, 1)
 
 
 def watch(keep: int, every: float = 1.0) -> threading.Thread:
@@ -84,23 +91,22 @@ def watch(keep: int, every: float = 1.0) -> threading.Thread:
 
 def free_bytes() -> int | None:
     """Freed memory the heap holds (``mallinfo2().fordblks``), or None if unknown."""
-    libc = _libc()
+    lib = libc()
     try:
-        mallinfo2 = libc.mallinfo2 if libc is not None else None
+        mallinfo2 = lib.mallinfo2 if lib is not None else None
     except AttributeError:  # glibc before 2.33
         return None
     if mallinfo2 is None:
         return None
-    mallinfo2.restype = _Mallinfo2
     return int(mallinfo2().fordblks)
 
 
 def release() -> None:
     """Return all freed heap pages to the system."""
-    libc = _libc()
+    lib = libc()
     with contextlib.suppress(AttributeError):
-        if libc is not None:
-            libc.malloc_trim(0)
+        if lib is not None:
+            lib.malloc_trim(0)
 
 
 def release_above(keep: int) -> bool:
