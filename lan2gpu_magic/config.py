@@ -21,6 +21,10 @@ class Lan2GPU(Configurable):
         Unicode(),
         help="Worker addresses (tcp://HOST:PORT). Default: $LAN2GPU_WORKERS, comma-separated.",
     ).tag(config=True)
+    cluster = Unicode(
+        help="A Dask cluster to run cells on instead of LAN workers: dask://HOST:8786, "
+        "dask+tls://HOST:8786 or a scheduler file (.json). Default: $LAN2GPU_CLUSTER."
+    ).tag(config=True)
     key_file = Unicode(
         help="Shared key file. Default: $LAN2GPU_KEY_FILE, else ~/.config/lan2gpu/key."
     ).tag(config=True)
@@ -61,6 +65,10 @@ class Lan2GPU(Configurable):
     @default("workers")
     def _default_workers(self) -> list[str]:
         return workers_from_env()
+
+    @default("cluster")
+    def _default_cluster(self) -> str:
+        return os.environ.get("LAN2GPU_CLUSTER", "")
 
     @default("insecure_plaintext")
     def _insecure_plaintext_default(self) -> bool:

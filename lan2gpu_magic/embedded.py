@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 from worker_kernel.protocol.errors import WorkerUnreachable
@@ -51,11 +52,21 @@ class EmbeddedWorker:
         self,
         *,
         name: str = "local",
-        simulate: str = "auto",
-        simulated_gpus: int = 1,
+        simulate: str | None = "auto",
+        simulated_gpus: int | None = 1,
         start_timeout: float = 120.0,
+        bind: str = "tcp://127.0.0.1:*",
+        extra: Sequence[str] = (),
+        parent: int | None = None,
     ) -> None:
+        """``simulate=None`` and ``simulated_gpus=None`` leave them to the worker's
+        ``LAN2GPU_*`` environment; ``bind="ipc"``: an ``ipc://`` socket in the worker's
+        own 0700 directory (only this user reaches it); ``extra``: more worker flags;
+        ``parent``: the process the worker watches (default this one)."""
         self.name = name
+        self._bind = bind
+        self._extra = list(extra)
+        self._parent = os.getpid() if parent is None else parent
         self._simulate = simulate
         self._simulated_gpus = simulated_gpus
         self._start_timeout = start_timeout
@@ -72,18 +83,23 @@ class EmbeddedWorker:
         self._dir = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-"))
         self.key_file = generate_key_file(self._dir / "key")
         ready = self._dir / "ready.json"
+        bind = f"ipc://{self._dir / 'service'}" if self._bind == "ipc" else self._bind
+        gpus = (
+            [] if self._simulated_gpus is None else ["--simulated-gpus", str(self._simulated_gpus)]
+        )
         argv = worker_argv(
             key_file=self.key_file,
             name=self.name,
             ready_file=ready,
+            bind=bind,
             simulate=self._simulate,
             extra=[
-                "--simulated-gpus",
-                str(self._simulated_gpus),
+                *gpus,
                 "--parent-pid",
-                str(os.getpid()),
+                str(self._parent),
                 "--cleanup-dir",  # even if this process is killed before close()
                 str(self._dir),
+                *self._extra,
             ],
         )
         try:

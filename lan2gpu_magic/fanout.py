@@ -30,8 +30,8 @@ from worker_kernel.protocol.errors import (
 from worker_kernel.protocol.serialize import Payload
 
 from . import pipeline
+from .backend import Backend
 from .placement import Placement
-from .pool import WorkerPool
 from .request import OutputHandlers
 from .results import RunResult
 
@@ -95,7 +95,7 @@ class FanOut:
 
     def __init__(
         self,
-        pool: WorkerPool,
+        pool: Backend,
         slots: Sequence[Placement],
         chunks: Sequence[Chunk],
         cell: pipeline.Cell,

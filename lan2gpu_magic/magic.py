@@ -20,9 +20,11 @@ from worker_kernel.protocol.errors import ProtocolError, TransportError, WorkerL
 from worker_kernel.protocol.serialize import Payload
 
 from . import fanout, hints, options, pipeline, results, split_cell, tables
+from .backend import Backend
 from .background import BackgroundCells
 from .client import Interrupted
 from .config import Lan2GPU
+from .dask_backend import DaskCluster, is_cluster_address
 from .jobs import Job
 from .placement import Placement, Requirements
 from .pool import WorkerPool
@@ -47,7 +49,17 @@ class Lan2GPUMagics(Magics):
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         self.settings = Lan2GPU(parent=shell)
-        self.pool = WorkerPool(
+        # LAN workers by default; a Dask cluster once connected to one (dask://...).
+        self.pool: Backend = self._lan_pool()
+        self.cluster = ""  # the Dask cluster's address, when self.pool is one
+        self.jobs = BackgroundCells(self._assign)  # --async cells, by handle name
+        self._speeds: dict[str, float] = {}  # rows/s per slot, measured by split cells
+        self._cell_args = options.cell_parser()
+        self._line_args = options.line_parser()
+        atexit.register(self.close)
+
+    def _lan_pool(self) -> WorkerPool:
+        return WorkerPool(
             addresses=self.settings.workers,
             key_file=self.settings.key_file or None,
             embedded=self.settings.embedded_worker,
@@ -58,11 +70,6 @@ class Lan2GPUMagics(Magics):
             server_keys=self.settings.server_keys,
             plaintext=self.settings.insecure_plaintext,
         )
-        self.jobs = BackgroundCells(self._assign)  # --async cells, by handle name
-        self._speeds: dict[str, float] = {}  # rows/s per slot, measured by split cells
-        self._cell_args = options.cell_parser()
-        self._line_args = options.line_parser()
-        atexit.register(self.close)
 
     def _shell(self) -> InteractiveShell:
         if self.shell is None:
@@ -74,12 +81,28 @@ class Lan2GPUMagics(Magics):
 
     def _sync_settings(self) -> None:
         # `%config Lan2GPU.x = ...` changes the settings object; apply it each call.
+        if self.settings.cluster and not self.cluster:
+            self._use_cluster(self.settings.cluster)
+        if not isinstance(self.pool, WorkerPool):
+            return
         self.pool.connect_timeout = self.settings.connect_timeout
         self.pool.key_file = self.settings.key_file or None
         self.pool.plaintext = self.settings.insecure_plaintext
         self.pool.allow_embedded = self.settings.embedded_worker
         self.pool.discovery = self.settings.discovery
         self.pool.discovery_wait = self.settings.discovery_wait
+
+    def _use_cluster(self, address: str, timeout: float | None = None) -> DaskCluster:
+        """Run cells on the Dask cluster at ``address`` from now on (instead of the
+        LAN's workers, or another cluster)."""
+        cluster = DaskCluster(
+            address, connect_timeout=timeout or max(self.settings.connect_timeout, 30.0)
+        )
+        self.jobs.close()  # background cells run on the backend they started on
+        self.pool.close()
+        self.pool, self.cluster = cluster, address
+        self.settings.cluster = address
+        return cluster
 
     def close(self) -> None:
         self.jobs.close()
@@ -286,7 +309,18 @@ class Lan2GPUMagics(Magics):
 
     def _line(self, line: str) -> Any:
         args = self._line_args.parse_args(shlex.split(line))
-        if args.command == "connect":
+        if args.command == "connect" and is_cluster_address(args.address):
+            cluster = self._use_cluster(args.address, args.timeout)
+            rows = cluster.rows(max_age=0)
+            ready = sum(r.view is not None for r in rows)
+            self._say(
+                f"lan2gpu: connected to the Dask cluster at {args.address}: {len(rows)} "
+                f"worker(s), {ready} with lan2gpu; dashboard {cluster.dashboard_link()}"
+            )
+        elif args.command == "connect":
+            if not isinstance(self.pool, WorkerPool):
+                self._leave_cluster()
+            assert isinstance(self.pool, WorkerPool)  # noqa: S101 - narrowing for mypy
             connected = self.pool.connect(
                 args.address,
                 args.key_file,
@@ -297,8 +331,10 @@ class Lan2GPUMagics(Magics):
             self._say(f"lan2gpu: connected to {connected.info.describe()}")
             for warning in connected.info.warnings:
                 self._warn(f"lan2gpu: warning: {warning}")
+        elif args.command == "disconnect" and self.cluster and args.address == self.cluster:
+            self._leave_cluster()
         elif args.command == "disconnect":
-            if not self.pool.disconnect(args.address):
+            if not isinstance(self.pool, WorkerPool) or not self.pool.disconnect(args.address):
                 raise UsageError(f"not connected to {args.address}")
         elif args.command == "workers":
             self._print_workers()
@@ -315,6 +351,13 @@ class Lan2GPUMagics(Magics):
         else:
             print(self._line_args.format_help())
         return None
+
+    def _leave_cluster(self) -> None:
+        """Back to the LAN's workers."""
+        self.jobs.close()
+        self.pool.close()
+        self.pool, self.cluster = self._lan_pool(), ""
+        self.settings.cluster = ""
 
     def _print_status(self) -> None:
         self.pool.wait_for_probes()
@@ -345,6 +388,8 @@ class Lan2GPUMagics(Magics):
             )
             return
         publish({"text/plain": tables.as_text(rows), "text/html": tables.as_html(rows)}, {})
+        if isinstance(self.pool, DaskCluster):
+            print(f"Dask cluster {self.cluster}; dashboard: {self.pool.dashboard_link()}")
 
 
 def _cell_number(shell: InteractiveShell) -> int:

@@ -32,7 +32,7 @@ from .request import ExecuteRequest, OutputHandlers
 from .results import RunResult
 
 if TYPE_CHECKING:
-    from .client import Client
+    from .backend import Runner
 
 
 @dataclass(frozen=True)
@@ -116,9 +116,9 @@ def serialize(
     return payload
 
 
-# Where a try of the cell runs: given the workers already lost, a client and the
-# placement on it (None: the worker picks its GPU).
-Place: TypeAlias = "Callable[[set[str]], tuple[Client, Placement | None]]"
+# Where a try of the cell runs: given the workers already lost, a runner (a LAN client,
+# a Dask worker's) and the placement on it (None: the worker picks its GPU).
+Place: TypeAlias = "Callable[[set[str]], tuple[Runner, Placement | None]]"
 
 
 def execute(
@@ -127,7 +127,7 @@ def execute(
     place: Place,
     handlers: Callable[[Placement | None], OutputHandlers],
     *,
-    session: Callable[[Client], str] | None = None,
+    session: Callable[[Runner], str] | None = None,
     local: Mapping[str, Any] | None = None,
     cancel: threading.Event | None = None,
     retry: int = 0,

@@ -25,6 +25,7 @@ import zmq
 from worker_kernel.protocol.contents import Queue, StatusDocument
 from worker_kernel.protocol.errors import Lan2GPUError, NoWorkerAvailable, WorkerUnreachable
 
+from .backend import Runner
 from .client import Client
 from .discovery import Browser
 from .embedded import EmbeddedWorker
@@ -526,9 +527,11 @@ class WorkerPool:
             self._lent.add(client)
         return client
 
-    def give_back(self, client: Client, healthy: bool = True) -> None:
+    def give_back(self, client: Runner, healthy: bool = True) -> None:
         """Return a leased client: kept for the next lease, or closed if the run
         left it in doubt (``healthy=False``) or its worker was forgotten."""
+        if not isinstance(client, Client):
+            raise TypeError(f"{client!r} was not leased from this pool")
         with self._lock:
             self._lent.discard(client)
             spare = self._spare.setdefault(client.address, [])

@@ -14,11 +14,11 @@ from typing import Any
 
 from worker_kernel.protocol.serialize import Payload, dump_values
 
+from .backend import Backend
 from .errors import ConfigurationError
 from .fanout import Chunk, FanOut, slot_key
 from .pipeline import Cell
 from .placement import Requirements
-from .pool import WorkerPool
 from .results import RunResult
 from .split import (
     RANK,
@@ -85,7 +85,7 @@ class SplitCell:
 
 
 def prepare(
-    pool: WorkerPool,
+    pool: Backend,
     cell: Cell,
     spec: SplitOptions,
     namespace: dict[str, Any],

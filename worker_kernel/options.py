@@ -66,6 +66,14 @@ def _truthy(text: str) -> bool:
     return text.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _simulate_mode(text: str) -> str:
+    """on/off/auto; ``LAN2GPU_SIMULATE=1`` (or true, yes) means on, 0 (false, no) off."""
+    text = text.strip().lower()
+    if text in ("1", "true", "yes"):
+        return "on"
+    return "off" if text in ("0", "false", "no") else text
+
+
 def _hostname() -> str:
     return socket.gethostname()
 
@@ -83,7 +91,7 @@ OPTIONS: tuple[Option, ...] = (
            _hostname, shown="this host's name"),
     Option("--simulate", "run CUDA kernels in Numba's CUDA simulator (for tests and demos; "
            "auto: only when no GPU is found; --simulate alone: on)", "LAN2GPU_SIMULATE",
-           "off", choices=("on", "off", "auto")),
+           "off", parse=_simulate_mode, choices=("on", "off", "auto")),
     Option("--gpus", "serve only these GPUs, e.g. 0,2 (nvidia-smi numbering)", "LAN2GPU_GPUS",
            "", shown="all", parse=gpu_list, metavar="LIST"),
     Option("--simulated-gpus", "with --simulate, how many GPUs to pretend to have (each runs "

@@ -318,5 +318,7 @@ class WorkerService:
 
 
 def _loopback(address: str) -> bool:
+    if address.startswith("ipc://"):  # a socket file: this host only
+        return True
     host = urlsplit(address).hostname or ""
     return host == "localhost" or host.startswith("127.") or host == "::1"

@@ -57,6 +57,17 @@ def test_notebook_runs(path, monkeypatch):
         ]
         assert len(images) == 1
         assert "deeper image: (90, 180) iterations up to 60" in text
+    if path.name == "04-dask-cluster.ipynb":
+        assert "connected to the Dask cluster at dask://127.0.0.1:" in text
+        assert "2 worker(s), 2 with lan2gpu" in text
+        assert text.count("dask-worker-") >= 2 and "dashboard: http://127.0.0.1:" in text
+        assert "computed on the worker: [1. 3. 5. 7.]" in text
+        assert "ndarray 127.0 True" in text
+        assert "step 0\nstep 1\nstep 2" in text
+        assert "the session remembers [0, 1, 2] and runs where it did: True" in text
+        assert sorted(re.findall(r"\[\d\] rows \d+", text)) == ["[0] rows 32", "[1] rows 32"]
+        assert "pieces joined: (64,) total 2080.0 equal: True" in text
+        assert "RemoteExecutionError: KeyError" in text
     if path.name == "02-choosing-workers.ipynb":
         assert "lan2gpu: ran on small-box GPU0" in text
         assert "two GPUs of one host: 0,1" in text

@@ -29,7 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # Options of other programs that messages mention on purpose.
 EXTERNAL = {"--kernel": "jupyter console --kernel NAME", "--allow-root": "jupyter server",
             # argv of the worker's own executor subprocess (worker_kernel/executor.py)
-            "--connect": "executor", "--identity": "executor", "--memory-budget": "executor"}  # fmt: skip
+            "--connect": "executor", "--identity": "executor", "--memory-budget": "executor",
+            # Dask's own command lines (dask worker, dask scheduler)
+            "--preload": "dask worker", "--scheduler-file": "dask scheduler"}  # fmt: skip
 # Placeholders in hints, and a value that parses where they stand.
 PLACEHOLDERS = {"ADDRESS": "tcp://10.0.0.7:7340", "S": "30", "N": "2", "NAME": "x", "X": "x",
                 "PATH": "/tmp/key", "SECONDS": "30"}  # fmt: skip

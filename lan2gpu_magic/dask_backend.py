@@ -1,0 +1,569 @@
+"""The same cells on a Dask cluster: ``%lan2gpu connect dask://SCHEDULER:8786``.
+
+A lab whose GPUs sit in a Slurm or Kubernetes cluster already runs Dask there
+(dask-jobqueue, the Dask Kubernetes operator, dask-cuda). This backend rides it: the
+engine does deployment, membership, queueing on ``resources`` and transport (TLS with
+``dask+tls://``); lan2gpu keeps capture, serialization, results, placement and its
+session executors, which run on every Dask worker started with
+``--preload worker_kernel.dask_plugin`` (see that module).
+
+A cell is one Dask task (:func:`worker_kernel.dask_plugin.run_cell`), pinned to the
+worker placement chose (``workers=[...]``, never elsewhere, ``retries=0``), asking
+``resources={"GPU": n}`` where workers declare GPUs, so Dask queues it behind the
+cells already using them. Its request is built here exactly as for a LAN worker
+(:class:`~.upload.Uploads`: arrays the session holds go as digests); its live output
+comes back as Dask events on this notebook's own topic; its result's frames are
+unpickled here.
+
+Placement reads each worker's ``lan2gpu`` metric (the service's status, sent with
+Dask's heartbeats) through one ``identity`` call at most every ``status_ttl``. A worker
+that leaves while it runs a cell (the scheduler's ``remove-worker`` event) fails the
+cell with :class:`WorkerLost` at once (Dask would leave such a task pending forever),
+so ``--retry`` places it again elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Collection, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker_kernel.protocol import messages as m
+from worker_kernel.protocol.errors import (
+    ConfigurationError,
+    NoWorkerAvailable,
+    ProtocolError,
+    WorkerLost,
+    WorkerUnreachable,
+)
+from worker_kernel.protocol.messages import Message
+from worker_kernel.protocol.outcomes import CellStatus
+from worker_kernel.protocol.serialize import Payload
+from worker_kernel.protocol.wire import digest
+
+from . import pipeline, results
+from .backend import Runner
+from .client import Interrupted, InterruptFlag
+from .connection import WorkerInfo
+from .placement import Placement, Requirements, WorkerView, choose_slots, choose_worker
+from .pool import WorkerRow, view_from_status
+from .request import ExecuteRequest, OutputHandlers
+from .results import RunResult
+from .tracebacks import register_source
+from .upload import Uploads
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("dask://", "dask+tcp://", "dask+tls://")
+DASK = "dask"  # the origin column of `%lan2gpu workers`
+_METRIC = "lan2gpu"  # worker_kernel.dask_plugin.PLUGIN (the notebook side does not import it)
+_POLL = 0.05  # seconds between looks at a running cell's task and output
+_OUTPUT_GRACE = 5.0  # seconds to wait for output still in flight after the result
+_SCATTER_BYTES = 1 << 20  # inputs this large go as scattered data, not in the task
+_CANCEL_GRACE = 10.0  # seconds a cancelled cell gets to confirm before we stop waiting
+_SETTLING = 30.0  # seconds after a worker joined or left in which placement waits for more
+
+
+def is_cluster_address(address: str) -> bool:
+    """Whether ``address`` names a Dask cluster (``dask://``, ``dask+tls://``, or a
+    scheduler file ``*.json`` written by ``dask scheduler --scheduler-file``)."""
+    return address.startswith(SCHEMES) or address.endswith(".json")
+
+
+def client_arguments(address: str) -> dict[str, Any]:
+    """``distributed.Client`` arguments for a cluster address."""
+    if address.endswith(".json") and "://" not in address:
+        path = os.path.expanduser(address)
+        if not os.path.exists(path):
+            raise ConfigurationError(
+                f"scheduler file {address!r} does not exist; dask-jobqueue and `dask scheduler "
+                "--scheduler-file PATH` write it once the scheduler runs"
+            )
+        return {"scheduler_file": path}
+    for scheme, dask_scheme in (("dask+tls://", "tls://"), ("dask+tcp://", "tcp://")):
+        if address.startswith(scheme):
+            return {"address": dask_scheme + address.removeprefix(scheme)}
+    if address.startswith("dask://"):
+        return {"address": "tcp://" + address.removeprefix("dask://")}
+    raise ConfigurationError(
+        f"{address!r} is not a Dask cluster address: use dask://HOST:8786, "
+        "dask+tls://HOST:8786 or a scheduler file (.json)"
+    )
+
+
+def worker_info(address: str, name: str, status: dict[str, Any]) -> WorkerInfo:
+    """Who a Dask worker's lan2gpu service is, as a LAN handshake would say."""
+    return WorkerInfo(
+        name=name,
+        address=address,
+        instance="",
+        versions=dict(status.get("versions", {})),
+        capabilities=dict(status.get("capabilities", {})),
+        heartbeat=1.0,
+    )
+
+
+class _Requests:
+    """What :class:`~.upload.Uploads` needs of a connection, for a Dask worker: it makes
+    messages (signed on the worker, by its relay) and never measures the link (Dask's
+    own transport compresses where that pays)."""
+
+    def __init__(self, info: WorkerInfo) -> None:
+        self.info = info
+
+    def message(self, kind: str, content: dict[str, Any] | None = None, **kw: Any) -> Message:
+        return Message(kind, content or {}, **kw)
+
+    def ping(self, timeout: float = 5.0, expect_bytes: int = 0) -> float:
+        return 0.0
+
+    def request(self, msg: Message, reply_kinds: set[str], timeout: float) -> Message:
+        raise ProtocolError("a Dask worker is not asked directly")
+
+    def clock(self) -> float:
+        return time.monotonic()
+
+
+@dataclass
+class _Output:
+    """A running cell's live output, as the event handler hands it over."""
+
+    events: queue.SimpleQueue[tuple[str, list[Any]]] = field(default_factory=queue.SimpleQueue)
+
+
+class DaskRunner:
+    """Runs cells on one Dask worker, for one thread at a time (as a LAN
+    :class:`~.client.Client` does for one worker)."""
+
+    def __init__(self, cluster: DaskCluster, address: str, name: str, session: str) -> None:
+        self.cluster = cluster
+        self.address = address
+        self.session = session
+        self.info = worker_info(address, name, {})
+        self.uploads = Uploads(_Requests(self.info), cache=True, compress="off")  # type: ignore[arg-type]
+        self.uploads.link_bandwidth = float("inf")  # never worth compressing here
+        self._used_default_session = False
+        self.closed = False
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    def __repr__(self) -> str:
+        return f"<lan2gpu DaskRunner {self.name} {self.address}>"
+
+    def adopt_session(self) -> str:
+        self._used_default_session = True
+        return self.session
+
+    def close_session(self, session: str | None = None, timeout: float = 10.0) -> int:
+        """Stop the session's executors on this Dask worker (frees their GPU memory)."""
+        from worker_kernel.protocol.dask_tasks import close_session
+
+        done = self.cluster.dask.run(
+            close_session, session or self.session, workers=[self.address]
+        )  # fmt: skip
+        return int(done.get(self.address, 0))
+
+    def execute(
+        self, request: ExecuteRequest, payload: Payload, handlers: OutputHandlers | None = None
+    ) -> RunResult:
+        """As :meth:`.client.Client.execute`, over Dask."""
+        handlers = handlers or OutputHandlers()
+        session = request.session
+        self._used_default_session |= session == self.session
+        digests = [digest(f) for f in payload.frames]
+        local = self.uploads.local(request, payload, digests)
+        for _ in range(3):  # a cache miss costs one more round, with the data
+            msg = self.uploads.message(request, payload, digests, local)
+            reply = self._run(msg, request, handlers)
+            if reply.content.get("status") != CellStatus.CACHE_MISS:
+                break
+            self.uploads.missed(session, reply)
+        else:
+            raise ProtocolError(f"worker {self.name} keeps missing cached arrays")
+        self.uploads.received(reply, session, payload, digests, local)
+        result = results.parse_result(reply, request.plan, request.timeout, request.namespace)
+        self.uploads.kept(session, request.plan.inputs, result)
+        return result
+
+    def _run(self, msg: Message, request: ExecuteRequest, handlers: OutputHandlers) -> Message:
+        from worker_kernel.protocol.dask_tasks import cancel_cell, run_cell
+
+        cluster = self.cluster
+        spec = {
+            "kind": msg.kind,
+            "content": msg.content,
+            "session": msg.session,
+            "digests": list(msg.digests),
+            "codecs": list(msg.codecs),
+            "cell": msg.id,
+            "topic": cluster.topic,
+            "notebook": cluster.id,
+        }
+        output = cluster.listen(msg.id)
+        shown = 0
+        cancel_asked: float | None = None
+        future: Any = None  # distributed.Future (distributed is not typed)
+        data: Any = list(msg.buffers)
+        try:
+            if msg.nbytes >= _SCATTER_BYTES:
+                # Large inputs straight to the worker as data, not inside the task (the
+                # scheduler warns about large graphs, and would hold a copy).
+                data = cluster.dask.scatter([data], workers=[self.address], hash=False)[0]
+            future = cluster.dask.submit(
+                run_cell, spec, data,
+                key=f"lan2gpu-cell-{msg.id}",
+                workers=[self.address],
+                allow_other_workers=False,
+                resources=cluster.resources(self.address, request),
+                pure=False,
+                retries=0,
+            )  # fmt: skip
+            with InterruptFlag(request.cancel) as flag:
+                while not future.done():
+                    shown += _show(output, handlers, _POLL)
+                    if cluster.lost(self.address):
+                        raise WorkerLost(
+                            f"Dask worker {self.name} ({self.address}) left the cluster while "
+                            "it ran the cell; its session's variables there are lost",
+                            gone=True,
+                        )
+                    now = time.monotonic()
+                    if flag.requested() and cancel_asked is None:
+                        cancel_asked = now
+                        cluster.dask.run(cancel_cell, msg.id, workers=[self.address])
+                    elif cancel_asked is not None and now - cancel_asked > _CANCEL_GRACE:
+                        raise KeyboardInterrupt  # stop waiting; the finally cancels the task
+                by_event = flag.by_event
+            header, buffers = future.result()
+            deadline = time.monotonic() + _OUTPUT_GRACE
+            while shown < int(header.get("events", 0)) and time.monotonic() < deadline:
+                shown += _show(output, handlers, _POLL)
+            shown += _show(output, handlers, 0.0)
+        finally:
+            cluster.forget(msg.id)
+            if future is not None and not future.done():
+                future.cancel()
+            data = future = None  # the worker may forget the inputs and the result
+        reply = Message(
+            str(header["kind"]),
+            dict(header.get("content", {})),
+            buffers=list(buffers),
+            session=msg.session,
+            parent=str(header.get("parent", msg.id)),
+            digests=list(header.get("digests", [])),
+        )
+        if cancel_asked is not None and not by_event:
+            raise Interrupted(bool(reply.content.get("session_lost")))
+        return reply
+
+    def close(self) -> None:
+        """Stop this notebook's default session on the worker (named sessions stay
+        until they are idle). Idempotent."""
+        if self._used_default_session and not self.closed:
+            self._used_default_session = False
+            with contextlib.suppress(Exception):
+                self.close_session(self.session, timeout=2.0)
+        self.closed = True
+
+
+def _show(output: _Output, handlers: OutputHandlers, wait: float) -> int:
+    """Show what arrived of the cell's output (waiting up to ``wait`` for the first)."""
+    n = 0
+    try:
+        kind, args = output.events.get(timeout=wait) if wait else output.events.get_nowait()
+    except queue.Empty:
+        return 0
+    while True:
+        n += 1
+        if kind == m.STREAM:
+            handlers.stream(str(args[0]), str(args[1]))
+        elif kind == m.DISPLAY:
+            handlers.display(dict(args[0]), dict(args[1]))
+        else:
+            handlers.status(str(args[0]), dict(args[1]))
+        try:
+            kind, args = output.events.get_nowait()
+        except queue.Empty:
+            return n
+
+
+class DaskCluster:
+    """The workers of one Dask cluster, as the magic, split cells and async jobs use
+    them (the same calls as :class:`~.pool.WorkerPool`)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        connect_timeout: float = 30.0,
+        status_ttl: float = 0.5,
+        worker_wait: float = 60.0,
+    ) -> None:
+        try:
+            import distributed
+        except ImportError:
+            raise ConfigurationError(
+                "connecting to a Dask cluster needs dask distributed: pip install 'lan2gpu[dask]'"
+            ) from None
+        self.address = address
+        self.status_ttl = status_ttl
+        try:
+            # distributed is not typed: its client is Any here.
+            self.dask: Any = getattr(distributed, "Client")(  # noqa: B009
+                **client_arguments(address),
+                timeout=connect_timeout,
+                set_as_default=False,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise WorkerUnreachable(
+                f"cannot reach the Dask scheduler at {address}: {exc}. Is it running, and "
+                "is the address right (dask://HOST:8786)?"
+            ) from None
+        self.id = uuid.uuid4().hex
+        self.topic = f"lan2gpu-output-{self.id}"
+        self._outputs: dict[str, _Output] = {}
+        self._gone: set[str] = set()  # workers that left since we connected
+        self._changed_at = float("-inf")  # when a worker last joined or left
+        self.worker_wait = worker_wait
+        self._lock = threading.Lock()
+        self._info: dict[str, Any] = {}
+        self._info_at = float("-inf")
+        self._runners: dict[str, DaskRunner] = {}
+        self._cells = 0
+        self._spare: dict[str, list[DaskRunner]] = {}
+        self.real_gpu_workers: set[str] = set()
+        self._session_prefix = f"{socket.gethostname()}:{os.getpid()}:{self.id[:8]}"
+        self.dask.subscribe_topic(self.topic, self._on_output)
+        self.dask.subscribe_topic("all", self._on_cluster_event)
+
+    # -- events (on Dask's event loop thread) ----------------------------------------
+
+    def _on_output(self, event: tuple[float, dict[str, Any]]) -> None:
+        msg = event[1]
+        with self._lock:
+            output = self._outputs.get(str(msg.get("cell")))
+        if output is not None:
+            output.events.put((str(msg.get("kind")), list(msg.get("args", []))))
+
+    def _on_cluster_event(self, event: tuple[float, dict[str, Any]]) -> None:
+        msg = event[1]
+        if msg.get("action") == "remove-worker":
+            with self._lock:
+                self._gone.add(str(msg.get("worker")))
+                self._changed_at = time.monotonic()
+            self._info_at = float("-inf")
+        elif msg.get("action") == "add-worker":
+            with self._lock:
+                self._gone.discard(str(msg.get("worker")))
+                self._changed_at = time.monotonic()
+            self._info_at = float("-inf")
+
+    def listen(self, cell: str) -> _Output:
+        with self._lock:
+            output = self._outputs[cell] = _Output()
+        return output
+
+    def forget(self, cell: str) -> None:
+        with self._lock:
+            self._outputs.pop(cell, None)
+
+    def lost(self, address: str) -> bool:
+        with self._lock:
+            return address in self._gone
+
+    # -- workers -----------------------------------------------------------------------
+
+    def _workers(self, max_age: float | None = None) -> dict[str, Any]:
+        """The scheduler's view of its workers (one ``identity`` call when stale)."""
+        max_age = self.status_ttl if max_age is None else max_age
+        now = time.monotonic()
+        if now - self._info_at > max_age:
+            self._info = dict(self.dask.scheduler_info(n_workers=-1).get("workers", {}))
+            self._info_at = now
+        return self._info
+
+    def resources(self, address: str, request: ExecuteRequest) -> dict[str, float] | None:
+        """What the cell's task asks of Dask: its GPUs, where the worker declares a
+        ``GPU`` resource (``dask worker --resources GPU=1``)."""
+        declared = self._workers().get(address, {}).get("resources", {})
+        if request.cpu or "GPU" not in declared:
+            return None
+        return {"GPU": float(max(1, len(request.gpus)))}
+
+    def rows(
+        self, session: str | None = None, detail: bool = False, max_age: float | None = None
+    ) -> list[WorkerRow]:
+        """Every Dask worker with its lan2gpu status, or why it cannot run cells."""
+        rows = []
+        for address, info in sorted(self._workers(max_age).items()):
+            metric = dict(info.get("metrics", {}).get(_METRIC) or {})
+            status = metric.get("status")
+            if not status:
+                problem = metric.get("problem") or (
+                    "no lan2gpu plugin: start the worker with --preload worker_kernel.dask_plugin"
+                )
+                rows.append(WorkerRow(address, DASK, None, None, str(problem), "no plugin"))
+                continue
+            mine = session or self.runner(address, str(status.get("worker", address))).session
+            view = view_from_status(address, status, 0.0, mine)
+            if not view.simulator and view.gpus:
+                self.real_gpu_workers.add(address)
+            rows.append(WorkerRow(address, DASK, view, status))
+        return rows
+
+    def runner(self, address: str, name: str = "") -> DaskRunner:
+        """The runner of ``address`` for this thread's cells (one per worker)."""
+        runner = self._runners.get(address)
+        if runner is None:
+            session = f"{self._session_prefix}:{len(self._runners)}"
+            runner = self._runners[address] = DaskRunner(self, address, name or address, session)
+        elif name and name != runner.name:
+            runner.info = worker_info(address, name, {})
+        return runner
+
+    def _place(
+        self,
+        policy: Callable[[list[WorkerView], bool], Placement | list[Placement]],
+        exclude: Collection[str],
+        session: str | None,
+    ) -> list[Placement]:
+        deadline = time.monotonic() + self.worker_wait
+        while True:
+            rows = self.rows(session)
+            views = [r.view for r in rows if r.view is not None and r.address not in exclude]
+            with self._lock:
+                views = [v for v in views if v.address not in self._gone]
+                changing = time.monotonic() - self._changed_at < _SETTLING
+            try:
+                chosen = policy(views, bool(self.real_gpu_workers))
+                return chosen if isinstance(chosen, list) else [chosen]
+            except NoWorkerAvailable as exc:
+                # Workers still coming (a nanny restarting one, a service starting, a
+                # cluster scaling up) are waited for, a while; a cluster that is up
+                # but lacks what was asked answers at once.
+                starting = not views or any(r.view is None for r in rows) or changing
+                if starting and time.monotonic() < deadline:
+                    time.sleep(_POLL * 5)
+                    self._info_at = float("-inf")
+                    continue
+                problems = [f"{r.address}: {r.problem}" for r in rows if r.view is None]
+                if not rows:
+                    problems.append(f"the cluster at {self.address} has no workers yet")
+                if not problems:
+                    raise
+                listed = "\n  ".join(problems)
+                raise NoWorkerAvailable(f"{exc}\nUnusable workers:\n  {listed}") from None
+
+    def choose(
+        self, req: Requirements, exclude: Collection[str] = (), session: str | None = None
+    ) -> tuple[DaskRunner, Placement]:
+        """The runner of the best Dask worker for ``req``, and where on it to run."""
+        placement = self._place(
+            lambda views, real: choose_worker(req, views, real_gpus_known=real), exclude, session
+        )[0]
+        return self.runner(placement.worker.address, placement.worker.name), placement
+
+    def slots(
+        self, req: Requirements, count: int | None, session: str | None = None
+    ) -> list[Placement]:
+        return self._place(
+            lambda views, real: choose_slots(req, views, count, real_gpus_known=real),
+            (),
+            session,
+        )
+
+    def session_for(self, address: str) -> str:
+        return self.runner(address).adopt_session()
+
+    def lease(self, address: str) -> DaskRunner:
+        """A runner for one run in another thread (split chunks, async cells)."""
+        main = self.runner(address)
+        with self._lock:
+            spare = self._spare.get(address, [])
+            if spare:
+                return spare.pop()
+        return DaskRunner(self, address, main.name, main.session)
+
+    def give_back(self, runner: Runner, healthy: bool = True) -> None:
+        if not isinstance(runner, DaskRunner):
+            raise TypeError(f"{runner!r} was not leased from this cluster")
+        with self._lock:
+            if healthy:
+                self._spare.setdefault(runner.address, []).append(runner)
+
+    def run(
+        self,
+        code: str,
+        namespace: MutableMapping[str, Any] | None = None,
+        *,
+        session: str | None = None,
+        timeout: float | None = None,
+        requirements: Requirements | None = None,
+        handlers: OutputHandlers | None = None,
+        retry: int = 0,
+    ) -> RunResult:
+        """Run ``code`` on the best worker for ``requirements`` as if it ran locally in
+        ``namespace`` (:meth:`.client.Client.run`, on the cluster)."""
+        ns: MutableMapping[str, Any] = {} if namespace is None else namespace
+        self._cells += 1
+        filename = f"<lan2gpu-cell-{self.id[:6]}-{self._cells}>"
+        plan = pipeline.plan(code, ns, filename=filename)
+        globals_ = ns if isinstance(ns, dict) else None
+        cell = pipeline.Cell(
+            code=code,
+            plan=plan,
+            filename=filename,
+            session=session,
+            timeout=timeout,
+            namespace=globals_,
+            keep_namespace=session is not None or namespace is None,
+        )
+        payload = pipeline.serialize(plan.inputs, ns, globals_=globals_)
+        register_source(filename, code)
+        req = requirements or Requirements()
+        result = pipeline.execute(
+            cell,
+            payload,
+            lambda lost: self.choose(req, exclude=lost, session=session),
+            lambda _: handlers or OutputHandlers(),
+            local=ns,
+            retry=retry,
+        )
+        results.apply(result, ns, warn=print)
+        return result
+
+    def __enter__(self) -> DaskCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def wait_for_probes(self, timeout: float = 0.0) -> None:
+        """Nothing to wait for: Dask's workers are known to the scheduler."""
+
+    def dashboard_link(self) -> str:
+        return str(self.dask.dashboard_link)
+
+    def close(self) -> None:
+        """Close this notebook's default sessions and the Dask client. Idempotent."""
+        if self.dask.status == "closed":
+            return
+        for runner in self._runners.values():
+            runner.close()
+        with contextlib.suppress(Exception):
+            self.dask.unsubscribe_topic(self.topic)
+            self.dask.unsubscribe_topic("all")
+        self.dask.close()
+
+
+__all__ = ["DaskCluster", "DaskRunner", "client_arguments", "is_cluster_address"]

@@ -1,0 +1,299 @@
+"""``dask worker ... --preload worker_kernel.dask_plugin``: lan2gpu cells on a Dask cluster.
+
+On a Slurm or Kubernetes cluster the engine is Dask: it deploys the workers, knows who is
+up, queues work on ``resources`` (``--resources GPU=1``) and carries the bytes over its
+own transport (TLS where the cluster is configured for it). lan2gpu adds only what is
+its own. On every Dask worker this preload starts:
+
+- **a lan2gpu service of its own** (``python -m worker_kernel``) as a child process. It
+  listens on an ``ipc://`` socket in a 0700 directory, so only this user on this host
+  can reach it, and uses a throwaway key. It probes the GPUs, runs each session's cells
+  in lan2gpu's executor subprocesses (crash, ``--timeout`` and CUDA-error isolation as
+  on the LAN), enforces the memory budget and keeps compiled kernels. The Dask worker
+  process never touches CUDA. Its settings come from the same ``LAN2GPU_*`` environment
+  variables as ``python -m worker_kernel``; ``--preload-argv`` adds flags.
+- **its status as a worker metric** (``lan2gpu``), refreshed every half second and sent
+  with Dask's own heartbeats, which is how notebooks see GPUs, queues and sessions.
+- **the task a cell runs as** (:func:`run_cell`): it hands the cell's request, exactly as
+  the notebook built it, to the local service, forwards the live output to the
+  notebook's event topic (``Worker.log_event``) and returns the result's frames. The
+  notebook unpickles them (:mod:`lan2gpu_magic.dask_backend`).
+
+Who may submit tasks to a Dask cluster may run code on it: its security is Dask's
+(``dask+tls://`` and Dask's TLS configuration). The local service's signed protocol
+still guards the hop between the Dask worker and the service.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import click
+
+if TYPE_CHECKING:
+    from distributed import Worker
+
+    from lan2gpu_magic.client import Client
+    from lan2gpu_magic.embedded import EmbeddedWorker
+
+log = logging.getLogger(__name__)
+
+PLUGIN = "lan2gpu"  # the attribute on the Dask worker, and the metric's name
+STATUS_EVERY = 0.5  # seconds between status refreshes (the metric)
+_SPARE = 4  # idle relay connections kept per notebook
+
+
+class Lan2GPUWorker:
+    """What the preload adds to one Dask worker: the local service and its relays."""
+
+    def __init__(self, worker: Worker, argv: Sequence[str] = ()) -> None:
+        self.worker = worker
+        self.argv = list(argv)
+        self.service: EmbeddedWorker | None = None
+        self.status: dict[str, Any] = {}  # the service's last status document
+        self.problem = ""  # why there is no service (shown in the notebook's table)
+        self._relays: dict[str, list[Client]] = {}  # per notebook client: idle connections
+        self._cancels: dict[str, threading.Event] = {}  # cells running here
+        self._cancelled: dict[str, float] = {}  # cancelled before they started
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    # -- life ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the service and the status poller (blocking: run it off the event loop)."""
+        from lan2gpu_magic.embedded import EmbeddedWorker
+
+        name = str(self.worker.name)
+        if name == self.worker.address or not name:
+            name = self.worker.address.split("://", 1)[-1]  # host:port
+        elif name.isdigit():  # LocalCluster numbers its workers
+            name = f"dask-worker-{name}"
+        self.service = EmbeddedWorker(
+            name=name,
+            simulate=None,
+            simulated_gpus=None,
+            bind="ipc",
+            # ipc:// in a 0700 directory: only this user reaches it; nothing to encrypt.
+            extra=["--insecure-plaintext", *self.argv],
+            parent=os.getpid(),
+        )
+        try:
+            self.service.start()
+        except Exception as exc:
+            self.problem = f"the lan2gpu service did not start: {exc}"
+            log.error("%s", self.problem)
+            self.service.close()
+            self.service = None
+            return
+        self._refresh(self._connect())
+        self._poller = threading.Thread(target=self._poll, name="lan2gpu-status", daemon=True)
+        self._poller.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._poller is not None:
+            self._poller.join(5.0)
+        with self._lock:
+            relays = [c for idle in self._relays.values() for c in idle]
+            self._relays.clear()
+        for client in relays:
+            client.close()
+        if self.service is not None:
+            self.service.close()
+            self.service = None
+
+    def _connect(self) -> Client:
+        from lan2gpu_magic.client import Client
+
+        if self.service is None or self.service.key_file is None:
+            raise RuntimeError(self.problem or "the lan2gpu service is not running")
+        return Client(
+            self.service.address,
+            key_file=self.service.key_file,
+            plaintext=True,  # ipc:// in a 0700 directory: only this user reaches it
+            connect_timeout=30.0,
+            compress="off",
+        )
+
+    # -- status -------------------------------------------------------------------
+
+    def metric(self, worker: Worker) -> dict[str, Any]:
+        """The ``lan2gpu`` worker metric: the service's status, or why there is none."""
+        return {"status": self.status, "problem": self.problem, "at": time.time()}
+
+    def _refresh(self, client: Client) -> None:
+        try:
+            self.status = dict(client.status(timeout=5.0))
+            self.problem = ""
+        except Exception as exc:  # the service died or hangs: say so in the metric
+            self.problem = f"the lan2gpu service does not answer: {exc}"
+
+    def _poll(self) -> None:
+        client = self._connect()
+        try:
+            while not self._stop.wait(STATUS_EVERY):
+                self._refresh(client)
+        finally:
+            client.close()
+
+    # -- cells --------------------------------------------------------------------
+
+    def lease(self, notebook: str) -> Client:
+        with self._lock:
+            idle = self._relays.get(notebook, [])
+            if idle:
+                return idle.pop()
+        return self._connect()
+
+    def give_back(self, notebook: str, client: Client, healthy: bool) -> None:
+        with self._lock:
+            idle = self._relays.setdefault(notebook, [])
+            if healthy and not self._stop.is_set() and len(idle) < _SPARE:
+                idle.append(client)
+                return
+        client.close()
+
+    def cancel(self, cell: str) -> bool:
+        """Cancel a cell: running here, or not started yet (it then does not run)."""
+        with self._lock:
+            event = self._cancels.get(cell)
+            if event is None:
+                now = time.monotonic()
+                self._cancelled = {c: t for c, t in self._cancelled.items() if now - t < 600}
+                self._cancelled[cell] = now
+                return False
+        event.set()
+        return True
+
+    def close_session(self, session: str) -> int:
+        client = self._connect()
+        try:
+            return client.close_session(session)
+        finally:
+            client.close()
+
+    def begin(self, cell: str) -> threading.Event:
+        event = threading.Event()
+        with self._lock:
+            if self._cancelled.pop(cell, None) is not None:
+                event.set()
+            self._cancels[cell] = event
+        return event
+
+    def end(self, cell: str) -> None:
+        with self._lock:
+            self._cancels.pop(cell, None)
+
+
+def plugin_of(worker: Worker) -> Lan2GPUWorker:
+    """The plugin of a Dask worker, or an error that says how to add it."""
+    plugin: Lan2GPUWorker | None = getattr(worker, PLUGIN, None)
+    if plugin is None:
+        raise RuntimeError(
+            f"Dask worker {worker.address} has no lan2gpu plugin: start it with "
+            "--preload worker_kernel.dask_plugin"
+        )
+    return plugin
+
+
+def run_cell(spec: dict[str, Any], buffers: list[Any]) -> tuple[dict[str, Any], list[Any]]:
+    """The Dask task of one ``%%lan2gpu`` cell (submitted by the notebook's backend).
+
+    ``spec`` is the ``execute`` request as the notebook built it (kind, content,
+    session, digests, codecs), plus where its live output goes (``topic``, ``cell``).
+    Returns the reply's header and its frames, or a ``cancelled`` header when the cell
+    was cancelled before it started.
+    """
+    from distributed import get_worker
+
+    from lan2gpu_magic.request import OutputHandlers
+    from worker_kernel.protocol import messages as m
+    from worker_kernel.protocol.errors import Lan2GPUError
+
+    worker = get_worker()
+    plugin = plugin_of(worker)
+    cell, topic = str(spec["cell"]), str(spec["topic"])
+    sent = [0]
+
+    def forward(kind: str) -> Callable[..., None]:
+        def send(*args: Any) -> None:
+            sent[0] += 1
+            worker.log_event(topic, {"cell": cell, "kind": kind, "args": list(args)})
+
+        return send
+
+    cancel = plugin.begin(cell)
+    try:
+        if cancel.is_set():  # cancelled while Dask still queued it: it never ran
+            name = plugin.status.get("worker", worker.address)
+            content = {"status": "cancelled", "worker": name, "reason": "before it started"}
+            return {"kind": m.RESULT, "content": content, "events": 0}, []
+        notebook = str(spec["notebook"])
+        client = plugin.lease(notebook)
+        healthy = False
+        try:
+            conn = client.connection
+            msg = conn.message(
+                str(spec["kind"]), dict(spec["content"]), buffers=list(buffers),
+                session=str(spec["session"]),
+            )  # fmt: skip
+            msg.digests = list(spec["digests"])
+            msg.codecs = list(spec["codecs"])
+            msg.content["request"] = msg.id  # idempotent: the service runs it once
+            conn.send(msg)
+            handlers = OutputHandlers(
+                stream=forward(m.STREAM), display=forward(m.DISPLAY), status=forward("status")
+            )
+            reply = client.wait(msg, handlers, spec["content"].get("timeout"), cancel)
+            healthy = True
+        except Lan2GPUError:
+            raise
+        finally:
+            plugin.give_back(notebook, client, healthy)
+        header = {
+            "kind": reply.kind,
+            "content": reply.content,
+            "parent": reply.parent,
+            "digests": list(reply.digests),
+            "events": sent[0],
+        }
+        return header, [memoryview(b) for b in reply.buffers]
+    finally:
+        plugin.end(cell)
+
+
+async def _setup(worker: Worker, argv: Sequence[str]) -> None:
+    import asyncio
+
+    plugin = Lan2GPUWorker(worker, argv)
+    setattr(worker, PLUGIN, plugin)
+    worker.metrics[PLUGIN] = plugin.metric
+    await asyncio.to_thread(plugin.start)
+
+
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
+def dask_setup(worker: Worker, argv: Sequence[str] = ()) -> Any:
+    """Dask's preload hook: ``--preload-argv`` flags go to the lan2gpu service."""
+    return _setup(worker, argv)
+
+
+async def dask_teardown(worker: Worker) -> None:
+    import asyncio
+
+    plugin: Lan2GPUWorker | None = getattr(worker, PLUGIN, None)
+    worker.metrics.pop(PLUGIN, None)
+    if plugin is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.to_thread(plugin.close)
+
+
+__all__ = ["PLUGIN", "Lan2GPUWorker", "dask_setup", "dask_teardown", "plugin_of", "run_cell"]
