@@ -15,8 +15,9 @@ cells already using them. Its request is built here exactly as for a LAN worker
 comes back as Dask events on this notebook's own topic; its result's frames are
 unpickled here.
 
-Placement reads each worker's ``lan2gpu`` metric (the service's status, sent with
-Dask's heartbeats) through one ``identity`` call at most every ``status_ttl``. A worker
+Placement reads each worker's lan2gpu status: once from the scheduler when connecting
+(the ``lan2gpu`` worker metric), then as the plugins publish changes (``lan2gpu-status``
+events: a few per cell, however many workers there are), so placing a cell asks nobody. A worker
 that leaves while it runs a cell (the scheduler's ``remove-worker`` event) fails the
 cell with :class:`WorkerLost` at once (Dask would leave such a task pending forever),
 so ``--retry`` places it again elsewhere.
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from worker_kernel.protocol import messages as m
+from worker_kernel.protocol.dask_tasks import STATUS_TOPIC
 from worker_kernel.protocol.errors import (
     ConfigurationError,
     NoWorkerAvailable,
@@ -306,7 +308,6 @@ class DaskCluster:
         address: str,
         *,
         connect_timeout: float = 30.0,
-        status_ttl: float = 0.5,
         worker_wait: float = 60.0,
     ) -> None:
         try:
@@ -316,7 +317,6 @@ class DaskCluster:
                 "connecting to a Dask cluster needs dask distributed: pip install 'lan2gpu[dask]'"
             ) from None
         self.address = address
-        self.status_ttl = status_ttl
         try:
             # distributed is not typed: its client is Any here.
             self.dask: Any = getattr(distributed, "Client")(  # noqa: B009
@@ -343,13 +343,34 @@ class DaskCluster:
         self._spare: dict[str, list[DaskRunner]] = {}
         self.real_gpu_workers: set[str] = set()
         self._session_prefix = f"{socket.gethostname()}:{os.getpid()}:{self.id[:8]}"
-        self.dask.subscribe_topic(self.topic, self._on_output)
+        self.identity_calls = 0  # scheduler_info calls made (placement makes none)
+        self.status_events = 0  # status events received
+        self._subscribed = threading.Event()
         self.dask.subscribe_topic("all", self._on_cluster_event)
+        self.dask.subscribe_topic(STATUS_TOPIC, self._on_status)
+        self.dask.subscribe_topic(self.topic, self._on_output)
+        self._await_subscriptions(connect_timeout)
 
     # -- events (on Dask's event loop thread) ----------------------------------------
 
+    def _await_subscriptions(self, timeout: float) -> None:
+        """Wait until the scheduler has our subscriptions, before the first read of the
+        workers, so that no change falls between. They travel on Dask's batched stream,
+        behind RPCs: an event of our own coming back on the last one proves them."""
+        deadline = time.monotonic() + timeout
+        while not self._subscribed.wait(0.05):
+            if time.monotonic() > deadline:
+                raise WorkerUnreachable(
+                    f"the Dask scheduler at {self.address} did not take our event "
+                    f"subscriptions within {timeout:g} s"
+                )
+            self.dask.log_event(self.topic, {"cell": "", "kind": "subscribed"})
+
     def _on_output(self, event: tuple[float, dict[str, Any]]) -> None:
         msg = event[1]
+        if msg.get("kind") == "subscribed":
+            self._subscribed.set()
+            return
         with self._lock:
             output = self._outputs.get(str(msg.get("cell")))
         if output is not None:
@@ -357,16 +378,29 @@ class DaskCluster:
 
     def _on_cluster_event(self, event: tuple[float, dict[str, Any]]) -> None:
         msg = event[1]
+        address = str(msg.get("worker"))
         if msg.get("action") == "remove-worker":
             with self._lock:
-                self._gone.add(str(msg.get("worker")))
+                self._gone.add(address)
+                self._info.pop(address, None)
                 self._changed_at = time.monotonic()
-            self._info_at = float("-inf")
         elif msg.get("action") == "add-worker":
-            with self._lock:
-                self._gone.discard(str(msg.get("worker")))
+            with self._lock:  # its plugin publishes its status once its service is up
+                self._gone.discard(address)
+                self._info.setdefault(address, {})
                 self._changed_at = time.monotonic()
-            self._info_at = float("-inf")
+
+    def _on_status(self, event: tuple[float, dict[str, Any]]) -> None:
+        msg = event[1]
+        address = str(msg.get("worker", ""))
+        metric = {"status": msg.get("status") or {}, "problem": str(msg.get("problem", ""))}
+        with self._lock:
+            self.status_events += 1
+            if address in self._gone:
+                return  # a late event from a worker that left
+            info = self._info.setdefault(address, {})
+            info["metrics"] = {**info.get("metrics", {}), _METRIC: metric}
+            info["resources"] = dict(msg.get("resources") or {})
 
     def listen(self, cell: str) -> _Output:
         with self._lock:
@@ -384,13 +418,18 @@ class DaskCluster:
     # -- workers -----------------------------------------------------------------------
 
     def _workers(self, max_age: float | None = None) -> dict[str, Any]:
-        """The scheduler's view of its workers (one ``identity`` call when stale)."""
-        max_age = self.status_ttl if max_age is None else max_age
+        """The workers as this notebook knows them: read from the scheduler once (and
+        when ``max_age`` is 0, or placement waits for workers), then kept by the
+        plugins' status events and the scheduler's membership events."""
         now = time.monotonic()
-        if now - self._info_at > max_age:
-            self._info = dict(self.dask.scheduler_info(n_workers=-1).get("workers", {}))
-            self._info_at = now
-        return self._info
+        if max_age == 0 or self._info_at == float("-inf"):
+            fetched = dict(self.dask.scheduler_info(n_workers=-1).get("workers", {}))
+            self.identity_calls += 1
+            with self._lock:
+                self._info = fetched
+                self._info_at = now
+        with self._lock:
+            return dict(self._info)
 
     def resources(self, address: str, request: ExecuteRequest) -> dict[str, float] | None:
         """What the cell's task asks of Dask: its GPUs, where the worker declares a
@@ -410,7 +449,8 @@ class DaskCluster:
             status = metric.get("status")
             if not status:
                 problem = metric.get("problem") or (
-                    "no lan2gpu plugin: start the worker with --preload worker_kernel.dask_plugin"
+                    "no lan2gpu status (yet): is the worker started with --preload "
+                    "worker_kernel.dask_plugin?"
                 )
                 rows.append(WorkerRow(address, DASK, None, None, str(problem), "no plugin"))
                 continue
@@ -454,7 +494,8 @@ class DaskCluster:
                 starting = not views or any(r.view is None for r in rows) or changing
                 if starting and time.monotonic() < deadline:
                     time.sleep(_POLL * 5)
-                    self._info_at = float("-inf")
+                    if not rows:  # nothing heard of at all: ask the scheduler again
+                        self._info_at = float("-inf")
                     continue
                 problems = [f"{r.address}: {r.problem}" for r in rows if r.view is None]
                 if not rows:
@@ -563,6 +604,7 @@ class DaskCluster:
         with contextlib.suppress(Exception):
             self.dask.unsubscribe_topic(self.topic)
             self.dask.unsubscribe_topic("all")
+            self.dask.unsubscribe_topic(STATUS_TOPIC)
         self.dask.close()
 
 

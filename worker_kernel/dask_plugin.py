@@ -12,8 +12,11 @@ its own. On every Dask worker this preload starts:
   on the LAN), enforces the memory budget and keeps compiled kernels. The Dask worker
   process never touches CUDA. Its settings come from the same ``LAN2GPU_*`` environment
   variables as ``python -m worker_kernel``; ``--preload-argv`` adds flags.
-- **its status as a worker metric** (``lan2gpu``), refreshed every half second and sent
-  with Dask's own heartbeats, which is how notebooks see GPUs, queues and sessions.
+- **its status**, refreshed every half second: as a worker metric (``lan2gpu``, sent
+  with Dask's heartbeats; a notebook reads them all once, when it connects), and as an
+  event on ``lan2gpu-status`` whenever something placement looks at changes. Notebooks
+  keep their view of the GPUs, queues and sessions by these events, so a cell costs no
+  status request however many workers there are.
 - **the task a cell runs as** (:func:`run_cell`): it hands the cell's request, exactly as
   the notebook built it, to the local service, forwards the live output to the
   notebook's event topic (``Worker.log_event``) and returns the result's frames. The
@@ -35,6 +38,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
+
+from .protocol.dask_tasks import STATUS_TOPIC, placement_key
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -64,6 +69,7 @@ class Lan2GPUWorker:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self._published = ""  # placement_key of the status last published
 
     # -- life ---------------------------------------------------------------------
 
@@ -135,6 +141,18 @@ class Lan2GPUWorker:
             self.problem = ""
         except Exception as exc:  # the service died or hangs: say so in the metric
             self.problem = f"the lan2gpu service does not answer: {exc}"
+        key = self.problem or placement_key(self.status)
+        if key != self._published:  # notebooks keep their views by these events
+            self._published = key
+            self.worker.log_event(STATUS_TOPIC, self.event())
+
+    def event(self) -> dict[str, Any]:
+        """This worker's status as published on :data:`STATUS_TOPIC`."""
+        return {
+            **self.metric(self.worker),
+            "worker": self.worker.address,
+            "resources": dict(self.worker.state.total_resources),
+        }
 
     def _poll(self) -> None:
         client = self._connect()

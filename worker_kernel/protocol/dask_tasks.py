@@ -10,8 +10,47 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+# The Dask event topic where every worker's plugin publishes its lan2gpu status when
+# something placement looks at changes (a cell started or ended, a session came or went,
+# free GPU memory moved by 1%): a cell costs O(1) events, however many workers there are.
+STATUS_TOPIC = "lan2gpu-status"
+
 if TYPE_CHECKING:
     from distributed import Worker
+
+
+def placement_key(status: dict[str, Any]) -> str:
+    """What of a status document placement depends on; a change is published."""
+    import json
+
+    caps = status.get("capabilities", {})
+    load = status.get("load", {})
+    gpus = []
+    for gpu in load.get("gpus") or caps.get("gpus", []):
+        total = next(
+            (
+                int(g.get("memory_total", 0))
+                for g in caps.get("gpus", [])
+                if g.get("index") == gpu.get("index")
+            ),
+            0,
+        )
+        free = int(gpu.get("memory_free", 0))
+        gpus.append(
+            (
+                gpu.get("index"),
+                free * 100 // total if total else free,
+                int((gpu.get("utilization") or 0) // 10),
+            )
+        )
+    executors = sorted(
+        (str(e.get("session")), tuple(e.get("resources", []))) for e in status.get("executors", [])
+    )
+    return json.dumps(
+        [load.get("queues", {}), gpus, executors, status.get("sessions", [])],
+        sort_keys=True,
+        default=str,
+    )
 
 
 def run_cell(spec: dict[str, Any], buffers: list[Any]) -> tuple[dict[str, Any], list[Any]]:
@@ -35,4 +74,4 @@ def close_session(session: str, dask_worker: Worker) -> int:
     return dask_plugin.plugin_of(dask_worker).close_session(session)
 
 
-__all__ = ["cancel_cell", "close_session", "run_cell"]
+__all__ = ["STATUS_TOPIC", "cancel_cell", "close_session", "placement_key", "run_cell"]

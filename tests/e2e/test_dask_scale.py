@@ -1,0 +1,103 @@
+"""Placement over a cluster of 200 GPU workers, without 200 workers: a real Dask
+scheduler, and the status events 200 plugins would publish, sent through it.
+
+What is checked is the traffic: after the first read of the workers, placing a cell
+asks the scheduler nothing, and one worker's change costs one event. (Placement's time
+over these views is a benchmark figure: ``python -m benchmarks.run``.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from lan2gpu_magic.dask_backend import DaskCluster
+from lan2gpu_magic.placement import Requirements
+from worker_kernel.protocol.dask_tasks import STATUS_TOPIC
+
+from ..waiting import wait_until
+
+GIB = 1 << 30
+MODELS = [("NVIDIA A100-SXM4-80GB", 80, (8, 0)), ("Tesla V100-SXM2-16GB", 16, (7, 0)),
+          ("Tesla T4", 16, (7, 5)), ("NVIDIA GeForce RTX 4090", 24, (8, 9))]  # fmt: skip
+
+
+def fake_event(i: int, queue: int | None = None) -> dict:
+    """The event worker ``i``'s plugin would publish: mixed models, loads, free memory."""
+    name, total, cc = MODELS[i % len(MODELS)]
+    free = total * GIB * (10 + (i * 37) % 90) // 100
+    running = (i * 7) % 4 if queue is None else queue
+    status = {
+        "worker": f"gpu-node-{i:03d}",
+        "capabilities": {
+            "gpus": [{"index": 0, "name": name, "compute_capability": list(cc),
+                      "memory_total": total * GIB, "memory_free": free, "utilization": 50.0}],
+            "cpu_count": 16, "load_average": 1.0, "simulator": False,
+        },
+        "load": {"queues": {"gpu0": {"running": running, "waiting": 0}}},
+        "executors": [], "sessions": [], "running": [], "queued": [],
+    }  # fmt: skip
+    address = f"tcp://10.1.{i // 250}.{i % 250 + 1}:40000"
+    return {"worker": address, "status": status, "problem": "", "resources": {"GPU": 1}}
+
+
+@pytest.fixture(scope="module")
+def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    file = tmp_path_factory.mktemp("sched") / "scheduler.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+         "--port", "0", "--dashboard-address", "127.0.0.1:0", "--scheduler-file", str(file)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: file.exists() and file.stat().st_size > 0, 60, "the scheduler file")
+        yield str(file)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_placement_over_200_workers_asks_the_scheduler_nothing(scheduler: str) -> None:
+    with DaskCluster(scheduler) as cluster:
+        assert cluster.rows() == []  # the one read of the workers: none are real
+        assert cluster.identity_calls == 1
+        for i in range(200):
+            cluster.dask.log_event(STATUS_TOPIC, fake_event(i))
+        wait_until(lambda: cluster.status_events >= 200, 60, "200 status events")
+        rows = cluster.rows()
+        assert len(rows) == 200 and all(r.view is not None for r in rows)
+
+        req = Requirements(gpu="A100", min_memory=40 * GIB)
+        fits = [r.view for r in rows if r.view and "A100" in r.view.gpus[0].name
+                and r.view.gpus[0].memory_free >= 40 * GIB]  # fmt: skip
+        shortest = min(v.gpus[0].queue for v in fits)
+        chosen = set()
+        for _ in range(50):
+            _, placement = cluster.choose(req)
+            gpu = placement.gpus[0]
+            assert "A100" in gpu.name and gpu.memory_free >= 40 * GIB
+            assert gpu.queue == shortest
+            chosen.add(placement.worker.address)
+        assert cluster.identity_calls == 1  # 50 placements, no status request
+        (best,) = chosen  # stable: the same worker every time
+
+        # That worker gets busy: one event, and the next cell goes elsewhere.
+        events = cluster.status_events
+        busy = next(i for i in range(200) if fake_event(i)["worker"] == best)
+        cluster.dask.log_event(STATUS_TOPIC, fake_event(busy, queue=9))
+        wait_until(lambda: cluster.status_events == events + 1, 30, "the one event")
+        _, placement = cluster.choose(req)
+        assert placement.worker.address != best and placement.gpus[0].queue == shortest
+        assert cluster.identity_calls == 1
+
+
+def test_a_listing_reads_the_workers_afresh(scheduler: str) -> None:
+    with DaskCluster(scheduler) as cluster:
+        cluster.rows(max_age=0)
+        cluster.rows(max_age=0)
+        assert cluster.identity_calls == 2
+        assert json.dumps(cluster.rows()) == "[]"
