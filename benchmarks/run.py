@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: import as the packa
     sys.path[0] = str(_ROOT)
     __package__ = "benchmarks"  # lets the relative imports below resolve
 
-from . import crowd, faults, lan, limits, memory, sections
+from . import crowd, faults, lan, limits, memory, placement, sections
 from .measure import MiB, parse_size, size_label
 from .report import Table, machine, short_error
 from .sections import Failed
@@ -216,6 +216,9 @@ def run(plan: Plan, work: Path, client: ClientOptions) -> list[Table]:
     for name in plan.systems:
         run_system(name, plan, options, data, results)
     del data
+    if "lan2gpu-dask" in plan.systems:
+        progress(f"placement over {placement.WORKERS} Dask workers' views")
+        results.placement = placement.measure_placement(20 if plan.repeat <= 2 else 500)
     if "lan2gpu" in plan.systems:
         progress(f"peak memory with {size_label(plan.memory_bytes)}, fresh worker and client")
         try:
@@ -248,6 +251,8 @@ def tables(plan: Plan, r: Results, client_note: str) -> list[Table]:
     out[-1].notes.append(f"lan2gpu options: {client_note}")
     if r.faults:
         out.append(faults.table_faults(r.faults))
+    if r.placement is not None:
+        out.append(placement.table_placement(r.placement))
     if r.second is not None:
         out.append(sections.table_second_run(r.second))
     if r.kernel is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .crowd import Crowd
 from .faults import PerProcess
@@ -31,6 +32,7 @@ class Results:
     lan: list[LanResult] | BaseException | str | None = None  # str: why it was skipped
     crowd: list[Crowd | str] | None = None  # str: a row that failed
     faults: dict[str, PerProcess | str] = field(default_factory=dict)  # str: why not
+    placement: dict[str, Any] | Failed | None = None  # the Dask backend's, over 200 views
 
 
 def _median(stats: object) -> float | None:

@@ -68,8 +68,10 @@ SCHEMES = ("dask://", "dask+tcp://", "dask+tls://")
 DASK = "dask"  # the origin column of `%lan2gpu workers`
 _METRIC = "lan2gpu"  # worker_kernel.dask_plugin.PLUGIN (the notebook side does not import it)
 _POLL = 0.05  # seconds between looks at a running cell's task and output
+_MAX_VIEWS = 10_000  # cached worker rows (per worker and session), then start over
+_DONE = "lan2gpu-task-done"  # put in a cell's output queue when its task ends
 _OUTPUT_GRACE = 5.0  # seconds to wait for output still in flight after the result
-_SCATTER_BYTES = 1 << 20  # inputs this large go as scattered data, not in the task
+_SCATTER_BYTES = 8 << 20  # inputs this large are scattered (below Dask's large-graph warning)
 _CANCEL_GRACE = 10.0  # seconds a cancelled cell gets to confirm before we stop waiting
 _SETTLING = 30.0  # seconds after a worker joined or left in which placement waits for more
 
@@ -230,6 +232,8 @@ class DaskRunner:
                 pure=False,
                 retries=0,
             )  # fmt: skip
+            # Wakes the wait below the moment the task ends (no polling delay).
+            future.add_done_callback(lambda _: output.events.put((_DONE, [])))
             with InterruptFlag(request.cancel) as flag:
                 while not future.done():
                     shown += _show(output, handlers, _POLL)
@@ -286,8 +290,10 @@ def _show(output: _Output, handlers: OutputHandlers, wait: float) -> int:
     except queue.Empty:
         return 0
     while True:
-        n += 1
-        if kind == m.STREAM:
+        n += kind != _DONE
+        if kind == _DONE:
+            pass
+        elif kind == m.STREAM:
             handlers.stream(str(args[0]), str(args[1]))
         elif kind == m.DISPLAY:
             handlers.display(dict(args[0]), dict(args[1]))
@@ -339,6 +345,10 @@ class DaskCluster:
         self._info: dict[str, Any] = {}
         self._info_at = float("-inf")
         self._runners: dict[str, DaskRunner] = {}
+        # (worker, session) -> (the metric it was made from, the row)
+        self._row_cache: dict[tuple[str, str | None], tuple[Any, WorkerRow]] = {}
+        self._version = 0  # counts changes to what this notebook knows of the workers
+        self._rows: tuple[int, str | None, list[WorkerRow]] | None = None
         self._cells = 0
         self._spare: dict[str, list[DaskRunner]] = {}
         self.real_gpu_workers: set[str] = set()
@@ -384,11 +394,13 @@ class DaskCluster:
                 self._gone.add(address)
                 self._info.pop(address, None)
                 self._changed_at = time.monotonic()
+                self._version += 1
         elif msg.get("action") == "add-worker":
             with self._lock:  # its plugin publishes its status once its service is up
                 self._gone.discard(address)
                 self._info.setdefault(address, {})
                 self._changed_at = time.monotonic()
+                self._version += 1
 
     def _on_status(self, event: tuple[float, dict[str, Any]]) -> None:
         msg = event[1]
@@ -401,6 +413,7 @@ class DaskCluster:
             info = self._info.setdefault(address, {})
             info["metrics"] = {**info.get("metrics", {}), _METRIC: metric}
             info["resources"] = dict(msg.get("resources") or {})
+            self._version += 1
 
     def listen(self, cell: str) -> _Output:
         with self._lock:
@@ -428,6 +441,7 @@ class DaskCluster:
             with self._lock:
                 self._info = fetched
                 self._info_at = now
+                self._version += 1
         with self._lock:
             return dict(self._info)
 
@@ -443,23 +457,41 @@ class DaskCluster:
         self, session: str | None = None, detail: bool = False, max_age: float | None = None
     ) -> list[WorkerRow]:
         """Every Dask worker with its lan2gpu status, or why it cannot run cells."""
-        rows = []
-        for address, info in sorted(self._workers(max_age).items()):
-            metric = dict(info.get("metrics", {}).get(_METRIC) or {})
-            status = metric.get("status")
-            if not status:
-                problem = metric.get("problem") or (
-                    "no lan2gpu status (yet): is the worker started with --preload "
-                    "worker_kernel.dask_plugin?"
-                )
-                rows.append(WorkerRow(address, DASK, None, None, str(problem), "no plugin"))
-                continue
+        workers = self._workers(max_age)
+        with self._lock:
+            version = self._version
+        last = self._rows
+        if last is not None and last[0] == version and last[1] == session:
+            return list(last[2])  # nothing changed since: the same rows
+        rows = [self._row(address, info, session) for address, info in sorted(workers.items())]
+        self._rows = (version, session, rows)
+        return list(rows)
+
+    def _row(self, address: str, info: dict[str, Any], session: str | None) -> WorkerRow:
+        """One worker's row. A row changes only with the worker's status, so it is made
+        once per status (and session): placing a cell over hundreds of workers then
+        costs the policy, not the parsing of their documents."""
+        metric = info.get("metrics", {}).get(_METRIC) or {}
+        status = metric.get("status")
+        cached = self._row_cache.get((address, session))
+        if cached is not None and cached[0] is metric:
+            return cached[1]
+        if not status:
+            problem = metric.get("problem") or (
+                "no lan2gpu status (yet): is the worker started with --preload "
+                "worker_kernel.dask_plugin?"
+            )
+            row = WorkerRow(address, DASK, None, None, str(problem), "no plugin")
+        else:
             mine = session or self.runner(address, str(status.get("worker", address))).session
             view = view_from_status(address, status, 0.0, mine)
             if not view.simulator and view.gpus:
                 self.real_gpu_workers.add(address)
-            rows.append(WorkerRow(address, DASK, view, status))
-        return rows
+            row = WorkerRow(address, DASK, view, status)
+        if len(self._row_cache) > _MAX_VIEWS:
+            self._row_cache.clear()
+        self._row_cache[address, session] = (metric, row)
+        return row
 
     def runner(self, address: str, name: str = "") -> DaskRunner:
         """The runner of ``address`` for this thread's cells (one per worker)."""

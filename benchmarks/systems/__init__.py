@@ -41,7 +41,7 @@ Starter = Callable[[Options], System]
 
 def starters() -> dict[str, Starter]:
     """``--only`` names, in the order they run and appear in the tables."""
-    from . import dask_distributed, ipp, lan2gpu, raw_zmq
+    from . import dask_distributed, ipp, lan2gpu, lan2gpu_dask, raw_zmq
 
     return {
         "raw-zmq": raw_zmq.start,
@@ -51,6 +51,7 @@ def starters() -> dict[str, Starter]:
         "ipyparallel": ipp.start,
         "dask": dask_distributed.start_submit,
         "dask-scatter": dask_distributed.start_scatter,
+        "lan2gpu-dask": lan2gpu_dask.start,
     }
 
 
@@ -62,4 +63,5 @@ NAMES = (
     "ipyparallel",
     "dask",
     "dask-scatter",
+    "lan2gpu-dask",
 )

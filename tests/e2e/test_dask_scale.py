@@ -15,34 +15,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from benchmarks.placement import GIB, fake_event
 from lan2gpu_magic.dask_backend import DaskCluster
 from lan2gpu_magic.placement import Requirements
 from worker_kernel.protocol.dask_tasks import STATUS_TOPIC
 
 from ..waiting import wait_until
-
-GIB = 1 << 30
-MODELS = [("NVIDIA A100-SXM4-80GB", 80, (8, 0)), ("Tesla V100-SXM2-16GB", 16, (7, 0)),
-          ("Tesla T4", 16, (7, 5)), ("NVIDIA GeForce RTX 4090", 24, (8, 9))]  # fmt: skip
-
-
-def fake_event(i: int, queue: int | None = None) -> dict:
-    """The event worker ``i``'s plugin would publish: mixed models, loads, free memory."""
-    name, total, cc = MODELS[i % len(MODELS)]
-    free = total * GIB * (10 + (i * 37) % 90) // 100
-    running = (i * 7) % 4 if queue is None else queue
-    status = {
-        "worker": f"gpu-node-{i:03d}",
-        "capabilities": {
-            "gpus": [{"index": 0, "name": name, "compute_capability": list(cc),
-                      "memory_total": total * GIB, "memory_free": free, "utilization": 50.0}],
-            "cpu_count": 16, "load_average": 1.0, "simulator": False,
-        },
-        "load": {"queues": {"gpu0": {"running": running, "waiting": 0}}},
-        "executors": [], "sessions": [], "running": [], "queued": [],
-    }  # fmt: skip
-    address = f"tcp://10.1.{i // 250}.{i % 250 + 1}:40000"
-    return {"worker": address, "status": status, "problem": "", "resources": {"GPU": 1}}
 
 
 @pytest.fixture(scope="module")
