@@ -7,6 +7,7 @@ A ``%%lan2gpu`` cell takes this trip (one module per step)::
                  as (py_func, options)
     place        choose a worker that fits                       placement.py, pool.py
     submit       signed ZeroMQ to the worker, live output back   client.py, transport.py
+                 (or a Dask task on a cluster's worker)          dask_backend.py
     apply        outputs into the notebook namespace             results.py
 
 The plain Python API is the same pipeline without IPython::

@@ -120,8 +120,13 @@ class _Requests:
     messages (signed on the worker, by its relay) and never measures the link (Dask's
     own transport compresses where that pays)."""
 
-    def __init__(self, info: WorkerInfo) -> None:
-        self.info = info
+    def __init__(self, runner: DaskRunner) -> None:
+        self.runner = runner
+        self.clock = time.monotonic
+
+    @property
+    def info(self) -> WorkerInfo:
+        return self.runner.info
 
     def message(self, kind: str, content: dict[str, Any] | None = None, **kw: Any) -> Message:
         return Message(kind, content or {}, **kw)
@@ -131,9 +136,6 @@ class _Requests:
 
     def request(self, msg: Message, reply_kinds: set[str], timeout: float) -> Message:
         raise ProtocolError("a Dask worker is not asked directly")
-
-    def clock(self) -> float:
-        return time.monotonic()
 
 
 @dataclass
@@ -152,7 +154,7 @@ class DaskRunner:
         self.address = address
         self.session = session
         self.info = worker_info(address, name, {})
-        self.uploads = Uploads(_Requests(self.info), cache=True, compress="off")  # type: ignore[arg-type]
+        self.uploads = Uploads(_Requests(self), cache=True, compress="off")
         self.uploads.link_bandwidth = float("inf")  # never worth compressing here
         self._used_default_session = False
         self.closed = False

@@ -10,8 +10,8 @@ and completes a result whose outputs refer to arrays this client has.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from worker_kernel.protocol import compress, refs
 from worker_kernel.protocol import messages as m
@@ -22,11 +22,28 @@ from worker_kernel.protocol.serialize import Payload
 
 from . import cache
 from .cache import HeldArrays
-from .connection import Connection
 from .results import RunResult
 
 if TYPE_CHECKING:
     from .client import ExecuteRequest
+    from .connection import WorkerInfo
+
+
+class Requests(Protocol):
+    """What :class:`Uploads` needs of a connection: a :class:`~.connection.Connection`
+    to a LAN worker, or a Dask worker's stand-in (:mod:`.dask_backend`)."""
+
+    clock: Callable[[], float]
+
+    @property
+    def info(self) -> WorkerInfo: ...
+
+    def message(self, kind: str, content: dict[str, Any] | None = None, **kw: Any) -> Message: ...
+
+    def ping(self, timeout: float = 5.0, expect_bytes: int = 0) -> float: ...
+
+    def request(self, msg: Message, reply_kinds: set[str], timeout: float) -> Message: ...
+
 
 _PROBE_BYTES = 1 << 20  # sent once to measure the link, when a large transfer comes
 
@@ -34,7 +51,7 @@ _PROBE_BYTES = 1 << 20  # sent once to measure the link, when a large transfer c
 class Uploads:
     """What one connection's requests carry (see the module docstring)."""
 
-    def __init__(self, connection: Connection, *, cache: bool, compress: str) -> None:
+    def __init__(self, connection: Requests, *, cache: bool, compress: str) -> None:
         self.connection = connection
         self.cache = cache  # send unchanged arrays as digests
         self.compress = compress

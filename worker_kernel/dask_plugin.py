@@ -11,7 +11,8 @@ its own. On every Dask worker this preload starts:
   in lan2gpu's executor subprocesses (crash, ``--timeout`` and CUDA-error isolation as
   on the LAN), enforces the memory budget and keeps compiled kernels. The Dask worker
   process never touches CUDA. Its settings come from the same ``LAN2GPU_*`` environment
-  variables as ``python -m worker_kernel``; ``--preload-argv`` adds flags.
+  variables as ``python -m worker_kernel``, and the flags that follow ``--preload
+  worker_kernel.dask_plugin`` on ``dask worker``'s command line.
 - **its status**, refreshed every half second: as a worker metric (``lan2gpu``, sent
   with Dask's heartbeats; a notebook reads them all once, when it connects), and as an
   event on ``lan2gpu-status`` whenever something placement looks at changes. Notebooks
@@ -91,10 +92,13 @@ class Lan2GPUWorker:
             extra=["--insecure-plaintext", *self.argv],
             parent=os.getpid(),
         )
+        log.info("starting lan2gpu's service with %s", " ".join(self.argv) or "no flags")
         try:
             self.service.start()
         except Exception as exc:
-            self.problem = f"the lan2gpu service did not start: {exc}"
+            # The end of its log says why (a bad flag, a missing GPU driver...).
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            self.problem = "the lan2gpu service did not start: " + " / ".join(lines[-2:])
             log.error("%s", self.problem)
             self.service.close()
             self.service = None
@@ -297,11 +301,62 @@ async def _setup(worker: Worker, argv: Sequence[str]) -> None:
     await asyncio.to_thread(plugin.start)
 
 
-@click.command(context_settings={"ignore_unknown_options": True})
-@click.argument("argv", nargs=-1, type=click.UNPROCESSED)
-def dask_setup(worker: Worker, argv: Sequence[str] = ()) -> Any:
-    """Dask's preload hook: ``--preload-argv`` flags go to the lan2gpu service."""
-    return _setup(worker, argv)
+# Set by the plugin itself: the service's socket, key, files, transport and name.
+_OWN = {"--bind", "--key-file", "--name", "--ready-file", "--parent-pid", "--cleanup-dir",
+        "--encrypt", "--authorized-keys", "--insecure-plaintext", "--advertise",
+        # dask worker's own (its worker's memory): set lan2gpu's with LAN2GPU_MEMORY_LIMIT.
+        "--memory-limit"}  # fmt: skip
+
+
+def _worker_flags() -> list[tuple[str, str]]:
+    """``(flag, kind)`` of each ``python -m worker_kernel`` option a Dask worker may pass."""
+    from .options import OPTIONS
+
+    return [(o.flag, o.kind) for o in OPTIONS if o.flag not in _OWN]
+
+
+def _click_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The worker's own options, as options of ``dask_setup``: ``dask worker ... --preload
+    worker_kernel.dask_plugin --session-idle 600`` (Dask parses them with this command)."""
+    for flag, kind in reversed(_worker_flags()):
+        name = flag.removeprefix("--").replace("-", "_")
+        if kind == "switch":
+            option = click.option(f"{flag}/--no-{flag[2:]}", name, default=None)
+        elif kind == "flag":
+            option = click.option(flag, name, is_flag=True, default=False)
+        elif kind == "append":
+            option = click.option(flag, name, multiple=True)
+        else:
+            option = click.option(flag, name, default=None)
+        command = option(command)
+    return command
+
+
+def service_argv(params: dict[str, Any]) -> list[str]:
+    """The parsed ``dask_setup`` options back as ``python -m worker_kernel`` flags."""
+    argv: list[str] = []
+    for flag, kind in _worker_flags():
+        value = params.get(flag.removeprefix("--").replace("-", "_"))
+        if value is None or value is False or value == ():
+            continue
+        if kind == "switch":
+            argv.append(flag if value else f"--no-{flag[2:]}")
+        elif kind == "flag":
+            argv.append(flag)
+        elif kind == "append":
+            argv += [f"{flag}={v}" for v in value]
+        else:
+            argv.append(f"{flag}={value}")
+    return argv
+
+
+@click.command()
+@_click_options
+def dask_setup(worker: Worker, **params: Any) -> Any:
+    """Dask's preload hook. Flags after ``--preload worker_kernel.dask_plugin`` (any
+    option of ``python -m worker_kernel`` but those the plugin sets itself) go to the
+    worker's lan2gpu service; its ``LAN2GPU_*`` environment variables apply too."""
+    return _setup(worker, service_argv(params))
 
 
 async def dask_teardown(worker: Worker) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -206,3 +207,24 @@ def test_a_dask_worker_killed_mid_cell_is_lost_then_retried(kernel: Kernel, tmp_
     os.kill(_parent_of(service), signal.SIGKILL)
     ok(kernel, "pass", timeout=120)
     assert int(value(kernel, "where")) != service
+
+
+def test_a_background_cell_runs_on_the_cluster_and_wait_assigns_it(kernel: Kernel) -> None:
+    started = kernel.run(
+        "%%lan2gpu --async job\nimport time\nprint('working', flush=True)\ntime.sleep(1)\nr = 5"
+    )
+    assert started.reply["status"] == "ok", started.error()
+    assert ok(kernel, "print(1 + 1)") == "2\n"  # the notebook is free meanwhile
+    waited = kernel.run("%lan2gpu wait job")
+    assert waited.reply["status"] == "ok", waited.error()
+    assert "working" in waited.stream()
+    assert value(kernel, "r") == "5"
+
+
+def test_the_dask_worker_process_itself_never_loads_cuda(kernel: Kernel, cluster: Cluster) -> None:
+    ok(kernel, "%%lan2gpu\nd = cuda.to_device(a)\nn = int(d.copy_to_host().sum())")  # CUDA used
+    from lan2gpu_magic.dask_backend import DaskCluster
+
+    with DaskCluster(cluster.address) as c:
+        loaded = c.dask.run(lambda: sorted(m for m in sys.modules if m.startswith("numba")))
+    assert len(loaded) == 2 and all(mods == [] for mods in loaded.values()), loaded
