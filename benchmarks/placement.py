@@ -27,8 +27,11 @@ def fake_event(i: int, queue: int | None = None) -> dict[str, Any]:
     name, total, cc = MODELS[i % len(MODELS)]
     free = total * GIB * (10 + (i * 37) % 90) // 100
     running = (i * 7) % 4 if queue is None else queue
+    from worker_kernel.protocol.versions import local_versions
+
     status = {
         "worker": f"gpu-node-{i:03d}",
+        "versions": local_versions(),
         "capabilities": {
             "gpus": [{"index": 0, "name": name, "compute_capability": list(cc),
                       "memory_total": total * GIB, "memory_free": free, "utilization": 50.0}],

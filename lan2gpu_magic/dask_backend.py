@@ -43,12 +43,14 @@ from worker_kernel.protocol.errors import (
     ConfigurationError,
     NoWorkerAvailable,
     ProtocolError,
+    VersionMismatch,
     WorkerLost,
     WorkerUnreachable,
 )
 from worker_kernel.protocol.messages import Message
 from worker_kernel.protocol.outcomes import CellStatus
 from worker_kernel.protocol.serialize import Payload
+from worker_kernel.protocol.versions import check_compatible, local_versions
 from worker_kernel.protocol.wire import digest
 
 from . import pipeline, results
@@ -72,6 +74,8 @@ _MAX_VIEWS = 10_000  # cached worker rows (per worker and session), then start o
 _DONE = "lan2gpu-task-done"  # put in a cell's output queue when its task ends
 _OUTPUT_GRACE = 5.0  # seconds to wait for output still in flight after the result
 _SCATTER_BYTES = 8 << 20  # inputs this large are scattered (below Dask's large-graph warning)
+_RESULT_WAIT = 30.0  # seconds to fetch a finished cell's result
+_DIED = "its connection to the scheduler dropped"
 _CANCEL_GRACE = 10.0  # seconds a cancelled cell gets to confirm before we stop waiting
 _SETTLING = 30.0  # seconds after a worker joined or left in which placement waits for more
 
@@ -202,7 +206,7 @@ class DaskRunner:
         return result
 
     def _run(self, msg: Message, request: ExecuteRequest, handlers: OutputHandlers) -> Message:
-        from worker_kernel.protocol.dask_tasks import cancel_cell, run_cell
+        from worker_kernel.protocol.dask_tasks import run_cell
 
         cluster = self.cluster
         spec = {
@@ -215,48 +219,61 @@ class DaskRunner:
             "topic": cluster.topic,
             "notebook": cluster.id,
         }
+        spec["worker_id"] = cluster.worker_id(self.address)  # not a restart at its address
+        resources = cluster.resources(self.address, request)
         output = cluster.listen(msg.id)
         shown = 0
         cancel_asked: float | None = None
         future: Any = None  # distributed.Future (distributed is not typed)
         data: Any = list(msg.buffers)
+        got: Any = None
         try:
             if msg.nbytes >= _SCATTER_BYTES:
-                # Large inputs straight to the worker as data, not inside the task (the
-                # scheduler warns about large graphs, and would hold a copy).
+                # Large inputs go to the worker as data, not inside the task (the
+                # scheduler warns about large graphs, and would keep them in the graph).
                 data = cluster.dask.scatter([data], workers=[self.address], hash=False)[0]
             future = cluster.dask.submit(
                 run_cell, spec, data,
                 key=f"lan2gpu-cell-{msg.id}",
                 workers=[self.address],
                 allow_other_workers=False,
-                resources=cluster.resources(self.address, request),
+                resources=resources,
                 pure=False,
                 retries=0,
             )  # fmt: skip
             # Wakes the wait below the moment the task ends (no polling delay).
             future.add_done_callback(lambda _: output.events.put((_DONE, [])))
             with InterruptFlag(request.cancel) as flag:
-                while not future.done():
+                # Until the result is here: a worker lost after its task ended would
+                # otherwise leave us waiting for a recomputation that never comes.
+                while got is None:
                     shown += _show(output, handlers, _POLL)
-                    if cluster.lost(self.address):
+                    lost = cluster.lost(self.address)
+                    if lost is not None:
                         raise WorkerLost(
                             f"Dask worker {self.name} ({self.address}) left the cluster while "
-                            "it ran the cell; its session's variables there are lost",
-                            gone=True,
+                            f"it ran the cell ({lost}); its session's variables there are lost",
+                            gone=lost == _DIED,
                         )
                     now = time.monotonic()
                     if flag.requested() and cancel_asked is None:
                         cancel_asked = now
-                        cluster.dask.run(cancel_cell, msg.id, workers=[self.address])
+                        cluster.cancel(msg.id, self.address)
                     elif cancel_asked is not None and now - cancel_asked > _CANCEL_GRACE:
                         raise KeyboardInterrupt  # stop waiting; the finally cancels the task
+                    if future.done():
+                        got = future.result(timeout=_RESULT_WAIT)
                 by_event = flag.by_event
-            header, buffers = future.result()
+            header, buffers = got
             deadline = time.monotonic() + _OUTPUT_GRACE
             while shown < int(header.get("events", 0)) and time.monotonic() < deadline:
                 shown += _show(output, handlers, _POLL)
             shown += _show(output, handlers, 0.0)
+        except BaseException:
+            # Leaving without a result: do not leave the cell running there.
+            if future is not None and got is None and cancel_asked is None:
+                cluster.cancel(msg.id, self.address)
+            raise
         finally:
             cluster.forget(msg.id)
             if future is not None and not future.done():
@@ -282,6 +299,18 @@ class DaskRunner:
             with contextlib.suppress(Exception):
                 self.close_session(self.session, timeout=2.0)
         self.closed = True
+
+
+def _incompatible(address: str, status: dict[str, Any]) -> str:
+    """Why this notebook cannot use a worker's lan2gpu (versions, as the LAN handshake
+    checks them), or ""."""
+    try:
+        check_compatible(
+            local_versions(), dict(status.get("versions", {})), f"Dask worker {address}"
+        )
+    except VersionMismatch as exc:
+        return str(exc)
+    return ""
 
 
 def _show(output: _Output, handlers: OutputHandlers, wait: float) -> int:
@@ -338,9 +367,11 @@ class DaskCluster:
                 "is the address right (dask://HOST:8786)?"
             ) from None
         self.id = uuid.uuid4().hex
-        self.topic = f"lan2gpu-output-{self.id}"
+        # The cells' output goes to the topic named after this Dask client: the
+        # scheduler drops its events once the client is gone (events-cleanup-delay).
+        self.topic = str(self.dask.id)
         self._outputs: dict[str, _Output] = {}
-        self._gone: set[str] = set()  # workers that left since we connected
+        self._gone: dict[str, str] = {}  # workers that left since we connected: why
         self._changed_at = float("-inf")  # when a worker last joined or left
         self.worker_wait = worker_wait
         self._lock = threading.Lock()
@@ -361,7 +392,11 @@ class DaskCluster:
         self.dask.subscribe_topic("all", self._on_cluster_event)
         self.dask.subscribe_topic(STATUS_TOPIC, self._on_status)
         self.dask.subscribe_topic(self.topic, self._on_output)
-        self._await_subscriptions(connect_timeout)
+        try:
+            self._await_subscriptions(connect_timeout)
+        except BaseException:
+            self.dask.close()
+            raise
 
     # -- events (on Dask's event loop thread) ----------------------------------------
 
@@ -392,14 +427,18 @@ class DaskCluster:
         msg = event[1]
         address = str(msg.get("worker"))
         if msg.get("action") == "remove-worker":
+            # Its connection dropped (killed, host down): nothing of it runs any more.
+            # Removed for missed heartbeats, it may still be running the cell.
+            stimulus = str(msg.get("stimulus_id", ""))
+            why = _DIED if stimulus.startswith("handle-worker-cleanup") else stimulus
             with self._lock:
-                self._gone.add(address)
+                self._gone[address] = why or "removed"
                 self._info.pop(address, None)
                 self._changed_at = time.monotonic()
                 self._version += 1
         elif msg.get("action") == "add-worker":
             with self._lock:  # its plugin publishes its status once its service is up
-                self._gone.discard(address)
+                self._gone.pop(address, None)
                 self._info.setdefault(address, {})
                 self._changed_at = time.monotonic()
                 self._version += 1
@@ -407,7 +446,12 @@ class DaskCluster:
     def _on_status(self, event: tuple[float, dict[str, Any]]) -> None:
         msg = event[1]
         address = str(msg.get("worker", ""))
-        metric = {"status": msg.get("status") or {}, "problem": str(msg.get("problem", ""))}
+        metric = {
+            "status": msg.get("status") or {},
+            "problem": str(msg.get("problem", "")),
+            "at": float(msg.get("at", 0.0)),
+            "server": str(msg.get("server", "")),
+        }
         with self._lock:
             self.status_events += 1
             if address in self._gone:
@@ -426,9 +470,30 @@ class DaskCluster:
         with self._lock:
             self._outputs.pop(cell, None)
 
-    def lost(self, address: str) -> bool:
+    def lost(self, address: str) -> str | None:
+        """Why ``address`` left the cluster (:data:`_DIED`: its connection dropped, so
+        nothing runs there any more), or None while it is a member."""
         with self._lock:
-            return address in self._gone
+            return self._gone.get(address)
+
+    def worker_id(self, address: str) -> str:
+        """The Dask worker's own id, so that a worker restarted at the same address
+        refuses a cell meant for the one that held its session."""
+        info = self._workers().get(address, {})
+        return str((info.get("metrics", {}).get(_METRIC) or {}).get("server", ""))
+
+    def cancel(self, cell: str, address: str) -> None:
+        """Ask the worker to cancel ``cell`` (running or queued), without waiting: the
+        request goes through the scheduler, and the cell's wait must stay responsive."""
+        from worker_kernel.protocol.dask_tasks import cancel_cell
+
+        def ask() -> None:
+            try:
+                self.dask.run(cancel_cell, cell, workers=[address])
+            except Exception as exc:  # the worker left, or the cluster closed: nothing to stop
+                log.info("could not cancel cell %s on %s: %s", cell[:8], address, exc)
+
+        threading.Thread(target=ask, name="lan2gpu-cancel", daemon=True).start()
 
     # -- workers -----------------------------------------------------------------------
 
@@ -441,6 +506,12 @@ class DaskCluster:
             fetched = dict(self.dask.scheduler_info(n_workers=-1).get("workers", {}))
             self.identity_calls += 1
             with self._lock:
+                for address, info in fetched.items():
+                    # A heartbeat's metric may be older than the last event: keep the newer.
+                    old = (self._info.get(address, {}).get("metrics", {})).get(_METRIC)
+                    new = info.get("metrics", {}).get(_METRIC)
+                    if old and (not new or old.get("at", 0) > new.get("at", 0)):
+                        info["metrics"] = {**info.get("metrics", {}), _METRIC: old}
                 self._info = fetched
                 self._info_at = now
                 self._version += 1
@@ -453,7 +524,15 @@ class DaskCluster:
         declared = self._workers().get(address, {}).get("resources", {})
         if request.cpu or "GPU" not in declared:
             return None
-        return {"GPU": float(max(1, len(request.gpus)))}
+        wanted = float(max(1, len(request.gpus)))
+        if wanted > float(declared["GPU"]):
+            # Dask would queue such a task forever.
+            raise NoWorkerAvailable(
+                f"the cell asks for {wanted:g} GPUs, and Dask worker {address} declares "
+                f"GPU={declared['GPU']:g}: start it with --resources GPU={wanted:g} (one "
+                "Dask worker per GPU cannot run a multi-GPU cell)"
+            )
+        return {"GPU": wanted}
 
     def rows(
         self, session: str | None = None, detail: bool = False, max_age: float | None = None
@@ -484,6 +563,10 @@ class DaskCluster:
                 "worker_kernel.dask_plugin?"
             )
             row = WorkerRow(address, DASK, None, None, str(problem), "no plugin")
+        elif metric.get("problem"):  # the service stopped answering: not a place for cells
+            row = WorkerRow(address, DASK, None, None, str(metric["problem"]), "no service")
+        elif problem := _incompatible(address, status):
+            row = WorkerRow(address, DASK, None, None, problem, "version mismatch")
         else:
             mine = session or self.runner(address, str(status.get("worker", address))).session
             view = view_from_status(address, status, 0.0, mine)
@@ -525,7 +608,7 @@ class DaskCluster:
                 # Workers still coming (a nanny restarting one, a service starting, a
                 # cluster scaling up) are waited for, a while; a cluster that is up
                 # but lacks what was asked answers at once.
-                starting = not views or any(r.view is None for r in rows) or changing
+                starting = not views or changing
                 if starting and time.monotonic() < deadline:
                     time.sleep(_POLL * 5)
                     if not rows:  # nothing heard of at all: ask the scheduler again

@@ -52,7 +52,10 @@ log = logging.getLogger(__name__)
 
 PLUGIN = "lan2gpu"  # the attribute on the Dask worker, and the metric's name
 STATUS_EVERY = 0.5  # seconds between status refreshes (the metric)
+GPU_EVERY = 5.0  # seconds between events for GPU memory and load alone
+RESTART_EVERY = 10.0  # seconds between tries to start an exited service again
 _SPARE = 4  # idle relay connections kept per notebook
+_NOTEBOOKS = 16  # notebooks whose idle relay connections are kept
 
 
 class Lan2GPUWorker:
@@ -71,11 +74,18 @@ class Lan2GPUWorker:
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._published = ""  # placement_key of the status last published
+        self._published_fast = ""  # ... without the GPUs' memory and load
+        self._published_at = float("-inf")
 
     # -- life ---------------------------------------------------------------------
 
     def start(self) -> None:
         """Start the service and the status poller (blocking: run it off the event loop)."""
+        self._start_service()
+        self._poller = threading.Thread(target=self._poll, name="lan2gpu-status", daemon=True)
+        self._poller.start()
+
+    def _start_service(self) -> bool:
         from lan2gpu_magic.embedded import EmbeddedWorker
 
         name = str(self.worker.name)
@@ -83,7 +93,7 @@ class Lan2GPUWorker:
             name = self.worker.address.split("://", 1)[-1]  # host:port
         elif name.isdigit():  # LocalCluster numbers its workers
             name = f"dask-worker-{name}"
-        self.service = EmbeddedWorker(
+        service = EmbeddedWorker(
             name=name,
             simulate=None,
             simulated_gpus=None,
@@ -94,23 +104,22 @@ class Lan2GPUWorker:
         )
         log.info("starting lan2gpu's service with %s", " ".join(self.argv) or "no flags")
         try:
-            self.service.start()
+            service.start()
         except Exception as exc:
             # The end of its log says why (a bad flag, a missing GPU driver...).
             lines = [line for line in str(exc).splitlines() if line.strip()]
             self.problem = "the lan2gpu service did not start: " + " / ".join(lines[-2:])
+            self.status = {}
             log.error("%s", self.problem)
-            self.service.close()
-            self.service = None
-            return
-        self._refresh(self._connect())
-        self._poller = threading.Thread(target=self._poll, name="lan2gpu-status", daemon=True)
-        self._poller.start()
+            service.close()
+            return False
+        self.service = service
+        return True
 
     def close(self) -> None:
         self._stop.set()
         if self._poller is not None:
-            self._poller.join(5.0)
+            self._poller.join(10.0)
         with self._lock:
             relays = [c for idle in self._relays.values() for c in idle]
             self._relays.clear()
@@ -137,18 +146,49 @@ class Lan2GPUWorker:
 
     def metric(self, worker: Worker) -> dict[str, Any]:
         """The ``lan2gpu`` worker metric: the service's status, or why there is none."""
-        return {"status": self.status, "problem": self.problem, "at": time.time()}
+        return {
+            "status": self.status,
+            "problem": self.problem,
+            "at": time.time(),
+            "server": worker.id,  # unique to this process: a restart at its address differs
+        }
 
-    def _refresh(self, client: Client) -> None:
-        try:
-            self.status = dict(client.status(timeout=5.0))
-            self.problem = ""
-        except Exception as exc:  # the service died or hangs: say so in the metric
-            self.problem = f"the lan2gpu service does not answer: {exc}"
+    def _refresh(self, client: Client | None) -> None:
+        if client is None:
+            pass  # self.problem says why
+        else:
+            try:
+                self.status = self._with_dask_queue(dict(client.status(timeout=5.0)))
+                self.problem = ""
+            except Exception as exc:  # the service hangs or died: not a place for cells
+                self.status = {}
+                self.problem = f"the lan2gpu service does not answer: {exc}"
         key = self.problem or placement_key(self.status)
-        if key != self._published:  # notebooks keep their views by these events
-            self._published = key
+        fast = self.problem or placement_key(self.status, gpus=False)
+        now = time.monotonic()
+        # Cells, sessions and queues at once; GPU memory and load at most every few
+        # seconds (they move all the time on a busy GPU, and every notebook hears them).
+        if fast != self._published_fast or (
+            key != self._published and now - self._published_at >= GPU_EVERY
+        ):
+            self._published, self._published_fast, self._published_at = key, fast, now
             self.worker.log_event(STATUS_TOPIC, self.event())
+
+    def _with_dask_queue(self, status: dict[str, Any]) -> dict[str, Any]:
+        """Cells still queued by Dask on this worker count as waiting on its GPUs, so
+        that placement does not pile cells onto a worker that looks idle."""
+        queued = sum(
+            1
+            for key, task in list(self.worker.state.tasks.items())
+            if str(key).startswith("lan2gpu-cell-")
+            and task.state in ("waiting", "ready", "constrained", "fetch", "flight")
+        )
+        if queued:
+            queues = status.setdefault("load", {}).setdefault("queues", {})
+            for gpu in status.get("capabilities", {}).get("gpus", []):
+                slot = queues.setdefault(f"gpu{gpu.get('index')}", {})
+                slot["waiting"] = int(slot.get("waiting", 0)) + queued
+        return status
 
     def event(self) -> dict[str, Any]:
         """This worker's status as published on :data:`STATUS_TOPIC`."""
@@ -159,12 +199,34 @@ class Lan2GPUWorker:
         }
 
     def _poll(self) -> None:
-        client = self._connect()
+        """Refresh the status every STATUS_EVERY seconds; start the service again (at
+        most every RESTART_EVERY seconds) if it exited."""
+        client: Client | None = None
+        restarted = time.monotonic()
         try:
-            while not self._stop.wait(STATUS_EVERY):
+            while not self._stop.is_set():
+                service = self.service
+                if service is not None and not service.running:
+                    log.error("lan2gpu's service exited; starting it again")
+                    if client is not None:
+                        client.close()
+                        client = None
+                    service.close()
+                    self.service = None
+                    self.problem, self.status = "the lan2gpu service exited", {}
+                if self.service is None and time.monotonic() - restarted >= RESTART_EVERY:
+                    restarted = time.monotonic()
+                    self._start_service()
+                if client is None and self.service is not None:
+                    try:
+                        client = self._connect()
+                    except Exception as exc:
+                        self.problem, self.status = f"cannot reach the lan2gpu service: {exc}", {}
                 self._refresh(client)
+                self._stop.wait(STATUS_EVERY)
         finally:
-            client.close()
+            if client is not None:
+                client.close()
 
     # -- cells --------------------------------------------------------------------
 
@@ -176,12 +238,17 @@ class Lan2GPUWorker:
         return self._connect()
 
     def give_back(self, notebook: str, client: Client, healthy: bool) -> None:
+        stale: list[Client] = []
         with self._lock:
-            idle = self._relays.setdefault(notebook, [])
-            if healthy and not self._stop.is_set() and len(idle) < _SPARE:
+            idle = self._relays.pop(notebook, [])
+            self._relays[notebook] = idle  # the most recent notebook last
+            keep = healthy and not self._stop.is_set() and len(idle) < _SPARE
+            if keep:
                 idle.append(client)
-                return
-        client.close()
+            while len(self._relays) > _NOTEBOOKS:  # notebooks long gone
+                stale += self._relays.pop(next(iter(self._relays)))
+        for old in stale if keep else [*stale, client]:
+            old.close()
 
     def cancel(self, cell: str) -> bool:
         """Cancel a cell: running here, or not started yet (it then does not run)."""
@@ -238,7 +305,7 @@ def run_cell(spec: dict[str, Any], buffers: list[Any]) -> tuple[dict[str, Any], 
 
     from lan2gpu_magic.request import OutputHandlers
     from worker_kernel.protocol import messages as m
-    from worker_kernel.protocol.errors import Lan2GPUError
+    from worker_kernel.protocol.errors import Lan2GPUError, WorkerLost
 
     worker = get_worker()
     plugin = plugin_of(worker)
@@ -252,6 +319,14 @@ def run_cell(spec: dict[str, Any], buffers: list[Any]) -> tuple[dict[str, Any], 
 
         return send
 
+    if spec.get("worker_id") and spec["worker_id"] != worker.id:
+        # Dask gave this worker, restarted at the address of the one that held the
+        # session, the task again after the first one was lost: it must not run twice.
+        raise WorkerLost(
+            f"Dask worker {worker.address} restarted while the cell was on it; the cell is "
+            "not run again here, and its session's variables are lost",
+            gone=True,
+        )
     cancel = plugin.begin(cell)
     try:
         if cancel.is_set():  # cancelled while Dask still queued it: it never ran
@@ -263,13 +338,14 @@ def run_cell(spec: dict[str, Any], buffers: list[Any]) -> tuple[dict[str, Any], 
         healthy = False
         try:
             conn = client.connection
+            # The notebook's own id: its request id (run at most once) and the results
+            # it acknowledges in later requests refer to it.
             msg = conn.message(
                 str(spec["kind"]), dict(spec["content"]), buffers=list(buffers),
-                session=str(spec["session"]),
+                session=str(spec["session"]), id=cell,
             )  # fmt: skip
             msg.digests = list(spec["digests"])
             msg.codecs = list(spec["codecs"])
-            msg.content["request"] = msg.id  # idempotent: the service runs it once
             conn.send(msg)
             handlers = OutputHandlers(
                 stream=forward(m.STREAM), display=forward(m.DISPLAY), status=forward("status")
@@ -305,7 +381,8 @@ async def _setup(worker: Worker, argv: Sequence[str]) -> None:
 _OWN = {"--bind", "--key-file", "--name", "--ready-file", "--parent-pid", "--cleanup-dir",
         "--encrypt", "--authorized-keys", "--insecure-plaintext", "--advertise",
         # dask worker's own (its worker's memory): set lan2gpu's with LAN2GPU_MEMORY_LIMIT.
-        "--memory-limit"}  # fmt: skip
+        "--memory-limit",
+        "--fault"}  # fault injection, for lan2gpu's own tests  # fmt: skip
 
 
 def _worker_flags() -> list[tuple[str, str]]:

@@ -31,7 +31,10 @@ EXTERNAL = {"--kernel": "jupyter console --kernel NAME", "--allow-root": "jupyte
             # argv of the worker's own executor subprocess (worker_kernel/executor.py)
             "--connect": "executor", "--identity": "executor", "--memory-budget": "executor",
             # Dask's own command lines (dask worker, dask scheduler)
-            "--preload": "dask worker", "--scheduler-file": "dask scheduler"}  # fmt: skip
+            "--preload": "dask worker", "--scheduler-file": "dask scheduler",
+            "--resources": "dask worker",
+            # the plugin turns each --x switch into click's --x/--no-x pair
+            "--no": "dask_plugin: --no-SWITCH"}  # fmt: skip
 # Placeholders in hints, and a value that parses where they stand.
 PLACEHOLDERS = {"ADDRESS": "tcp://10.0.0.7:7340", "S": "30", "N": "2", "NAME": "x", "X": "x",
                 "PATH": "/tmp/key", "SECONDS": "30"}  # fmt: skip

@@ -19,13 +19,14 @@ if TYPE_CHECKING:
     from distributed import Worker
 
 
-def placement_key(status: dict[str, Any]) -> str:
-    """What of a status document placement depends on; a change is published."""
+def placement_key(status: dict[str, Any], *, gpus: bool = True) -> str:
+    """What of a status document placement depends on; a change is published.
+    ``gpus=False``: without the GPUs' free memory and load (they change all the time)."""
     import json
 
     caps = status.get("capabilities", {})
     load = status.get("load", {})
-    gpus = []
+    gpu_state = []
     for gpu in load.get("gpus") or caps.get("gpus", []):
         total = next(
             (
@@ -36,7 +37,7 @@ def placement_key(status: dict[str, Any]) -> str:
             0,
         )
         free = int(gpu.get("memory_free", 0))
-        gpus.append(
+        gpu_state.append(
             (
                 gpu.get("index"),
                 free * 100 // total if total else free,
@@ -47,7 +48,7 @@ def placement_key(status: dict[str, Any]) -> str:
         (str(e.get("session")), tuple(e.get("resources", []))) for e in status.get("executors", [])
     )
     return json.dumps(
-        [load.get("queues", {}), gpus, executors, status.get("sessions", [])],
+        [load.get("queues", {}), gpu_state if gpus else [], executors, status.get("sessions", [])],
         sort_keys=True,
         default=str,
     )
@@ -67,11 +68,15 @@ def cancel_cell(cell: str, dask_worker: Worker) -> bool:
     return dask_plugin.plugin_of(dask_worker).cancel(cell)
 
 
-def close_session(session: str, dask_worker: Worker) -> int:
-    """``Client.run`` target: stop ``session``'s executors on this worker."""
+async def close_session(session: str, dask_worker: Worker) -> int:
+    """``Client.run`` target: stop ``session``'s executors on this worker (off the
+    worker's event loop: it talks to the service and waits for its answer)."""
+    import asyncio
+
     from worker_kernel import dask_plugin
 
-    return dask_plugin.plugin_of(dask_worker).close_session(session)
+    plugin = dask_plugin.plugin_of(dask_worker)
+    return await asyncio.to_thread(plugin.close_session, session)
 
 
 __all__ = ["STATUS_TOPIC", "cancel_cell", "close_session", "placement_key", "run_cell"]
