@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 SCHEMES = ("dask://", "dask+tcp://", "dask+tls://")
 DASK = "dask"  # the origin column of `%lan2gpu workers`
+STARTING = "starting"  # a worker's state while its plugin starts the lan2gpu service
 _METRIC = "lan2gpu"  # worker_kernel.dask_plugin.PLUGIN (the notebook side does not import it)
 _POLL = 0.05  # seconds between looks at a running cell's task and output
 _MAX_VIEWS = 10_000  # cached worker rows (per worker and session), then start over
@@ -557,14 +558,13 @@ class DaskCluster:
         cached = self._row_cache.get((address, session))
         if cached is not None and cached[0] is metric:
             return cached[1]
-        if not status:
-            problem = metric.get("problem") or (
-                "no lan2gpu status (yet): is the worker started with --preload "
-                "worker_kernel.dask_plugin?"
-            )
-            row = WorkerRow(address, DASK, None, None, str(problem), "no plugin")
+        if not metric:
+            problem = "no lan2gpu plugin: start the worker with --preload worker_kernel.dask_plugin"
+            row = WorkerRow(address, DASK, None, None, problem, "no plugin")
         elif metric.get("problem"):  # the service stopped answering: not a place for cells
             row = WorkerRow(address, DASK, None, None, str(metric["problem"]), "no service")
+        elif not status:
+            row = WorkerRow(address, DASK, None, None, "starting its lan2gpu service", STARTING)
         elif problem := _incompatible(address, status):
             row = WorkerRow(address, DASK, None, None, problem, "version mismatch")
         else:
@@ -608,7 +608,7 @@ class DaskCluster:
                 # Workers still coming (a nanny restarting one, a service starting, a
                 # cluster scaling up) are waited for, a while; a cluster that is up
                 # but lacks what was asked answers at once.
-                starting = not views or changing
+                starting = not rows or changing
                 if starting and time.monotonic() < deadline:
                     time.sleep(_POLL * 5)
                     if not rows:  # nothing heard of at all: ask the scheduler again
@@ -706,8 +706,18 @@ class DaskCluster:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def wait_for_probes(self, timeout: float = 0.0) -> None:
-        """Nothing to wait for: Dask's workers are known to the scheduler."""
+    def wait_for_probes(self, timeout: float = 30.0) -> None:
+        """Wait (up to ``timeout``) for workers whose plugin is still starting its lan2gpu
+        service, so a listing shows what they are rather than "starting"."""
+        deadline = time.monotonic() + timeout
+        asked = time.monotonic()
+        while time.monotonic() < deadline:
+            fresh = time.monotonic() - asked > 2.0  # now and then, read the heartbeats too
+            if fresh:
+                asked = time.monotonic()
+            if not any(r.state == STARTING for r in self.rows(max_age=0 if fresh else None)):
+                return
+            time.sleep(_POLL * 4)
 
     def dashboard_link(self) -> str:
         return str(self.dask.dashboard_link)

@@ -311,6 +311,7 @@ class Lan2GPUMagics(Magics):
         args = self._line_args.parse_args(shlex.split(line))
         if args.command == "connect" and is_cluster_address(args.address):
             cluster = self._use_cluster(args.address, args.timeout)
+            cluster.wait_for_probes()  # workers whose plugin is still starting its service
             rows = cluster.rows(max_age=0)
             ready = sum(r.view is not None for r in rows)
             self._say(

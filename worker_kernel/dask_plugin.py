@@ -231,11 +231,22 @@ class Lan2GPUWorker:
     # -- cells --------------------------------------------------------------------
 
     def lease(self, notebook: str) -> Client:
+        """A connection to the service for one of ``notebook``'s cells: an idle one to
+        the service running now (not to one that exited), or a new one."""
+        service = self.service.address if self.service is not None else ""
+        stale: list[Client] = []
+        found: Client | None = None
         with self._lock:
             idle = self._relays.get(notebook, [])
-            if idle:
-                return idle.pop()
-        return self._connect()
+            while idle and found is None:
+                client = idle.pop()
+                if client.address == service and not client.closed:
+                    found = client
+                else:
+                    stale.append(client)
+        for client in stale:
+            client.close()
+        return found if found is not None else self._connect()
 
     def give_back(self, notebook: str, client: Client, healthy: bool) -> None:
         stale: list[Client] = []

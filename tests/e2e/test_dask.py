@@ -240,3 +240,21 @@ def test_status_events_come_with_cells_not_with_time(kernel: Kernel, cluster: Cl
         # The executor and the cell starting and ending: a handful, from one worker.
         wait_until(lambda: c.status_events > before, 10, "the cell's status events")
         assert 1 <= c.status_events - before <= 8
+
+
+def test_a_cell_cancelled_while_dask_queues_it_never_runs(kernel: Kernel, tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    ok(
+        kernel,
+        "%%lan2gpu --async blocker --worker dask-worker-0\nimport time\ntime.sleep(5)\nz = 1",
+    )
+    # Queued by Dask behind the blocker (one thread per worker), then Ctrl-C.
+    run = kernel.run(
+        f"%%lan2gpu --worker dask-worker-0\nopen({str(marker)!r}, 'w').close()",
+        interrupt_after=1.5,
+    )
+    error = run.error()
+    assert error is not None and error["ename"] == "KeyboardInterrupt"
+    ok(kernel, "%lan2gpu wait blocker")
+    ok(kernel, "%%lan2gpu --worker dask-worker-0\nafter = 1")  # ran after the blocker
+    assert not marker.exists()

@@ -10,14 +10,17 @@ over these views is a benchmark figure: ``python -m benchmarks.run``.)
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from benchmarks.placement import GIB, fake_event
 from lan2gpu_magic.dask_backend import DaskCluster
+from lan2gpu_magic.errors import NoWorkerAvailable
 from lan2gpu_magic.placement import Requirements
 from worker_kernel.protocol.dask_tasks import STATUS_TOPIC
 
@@ -74,9 +77,20 @@ def test_placement_over_200_workers_asks_the_scheduler_nothing(scheduler: str) -
         assert cluster.identity_calls == 1
 
 
-def test_a_listing_reads_the_workers_afresh(scheduler: str) -> None:
-    with DaskCluster(scheduler) as cluster:
-        cluster.rows(max_age=0)
-        cluster.rows(max_age=0)
-        assert cluster.identity_calls == 2
-        assert json.dumps(cluster.rows()) == "[]"
+def test_a_worker_without_the_plugin_is_listed_with_what_to_do(scheduler: str) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAN2GPU_")}
+    address = json.loads(Path(scheduler).read_text())["address"]
+    plain = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1",
+         "--name", "plain", "--no-nanny"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        with DaskCluster(scheduler, worker_wait=2.0) as cluster:
+            (row,) = wait_until(lambda: cluster.rows(max_age=0), 60, "the plain worker")
+            assert row.view is None and "--preload worker_kernel.dask_plugin" in row.problem
+            with pytest.raises(NoWorkerAvailable, match=r"--preload worker_kernel\.dask_plugin"):
+                cluster.choose(Requirements(cpu=True))
+    finally:
+        plain.terminate()
+        plain.wait(30)
