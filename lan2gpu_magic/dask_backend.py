@@ -608,7 +608,7 @@ class DaskCluster:
                 # Workers still coming (a nanny restarting one, a service starting, a
                 # cluster scaling up) are waited for, a while; a cluster that is up
                 # but lacks what was asked answers at once.
-                starting = not rows or changing
+                starting = not rows or changing or any(r.state == STARTING for r in rows)
                 if starting and time.monotonic() < deadline:
                     time.sleep(_POLL * 5)
                     if not rows:  # nothing heard of at all: ask the scheduler again

@@ -43,9 +43,13 @@ class Lan2GPUDask:
         try:
             address = self.cluster.scheduler_address.replace("tcp://", "dask://")
             self.backend = DaskCluster(address)
-            self.backend.run("pass")  # waits for the worker's lan2gpu service
         except BaseException:
             self.cluster.close()
+            raise
+        try:
+            self.backend.run("pass")  # waits for the worker's lan2gpu service
+        except BaseException:
+            self.close()
             raise
 
     def trivial(self) -> None:
