@@ -1,6 +1,6 @@
 """Placing a cell on a Dask cluster of 200 GPU workers, without 200 workers.
 
-A real scheduler (a ``LocalCluster`` with no workers), and the status events that 200
+A real scheduler (``dask scheduler``, no workers), and the status events that 200
 lan2gpu plugins would publish (mixed models, queues and free memory) sent through it.
 Then ``DaskCluster.choose`` is timed: the notebook-side cost of placing one cell, and
 how many status requests and events that took.
@@ -8,8 +8,11 @@ how many status requests and events that took.
 
 from __future__ import annotations
 
-import logging
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from .measure import repeat
@@ -49,43 +52,56 @@ def measure_placement(calls: int) -> dict[str, Any] | Failed:
 
 
 def _measure(calls: int) -> dict[str, Any]:
-    from distributed import LocalCluster
+    # The scheduler in a process of its own, as a notebook sees a cluster's.
+    with tempfile.TemporaryDirectory() as tmp:
+        file = Path(tmp) / "scheduler.json"
+        scheduler = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+             "--port", "0", "--no-dashboard", "--scheduler-file", str(file)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 60
+            while not (file.exists() and file.stat().st_size) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            return _place_over(str(file), calls)
+        finally:
+            scheduler.terminate()
+            scheduler.wait(30)
 
+
+def _place_over(scheduler: str, calls: int) -> dict[str, Any]:
     from lan2gpu_magic.dask_backend import DaskCluster
     from lan2gpu_magic.placement import Requirements
     from worker_kernel.protocol.dask_tasks import STATUS_TOPIC
 
-    with LocalCluster(  # type: ignore[no-untyped-call]
-        n_workers=0, processes=True, dashboard_address=None, silence_logs=logging.ERROR
-    ) as local:
-        address = local.scheduler_address.replace("tcp://", "dask://")
-        with DaskCluster(address) as cluster:
-            cluster.rows()
-            for i in range(WORKERS):
-                cluster.dask.log_event(STATUS_TOPIC, fake_event(i))
-            deadline = time.monotonic() + 60
-            while cluster.status_events < WORKERS and time.monotonic() < deadline:
-                time.sleep(0.05)
-            asked, heard = cluster.identity_calls, cluster.status_events
-            req = Requirements(gpu="A100", min_memory=40 * GIB)
-            steady = repeat(lambda: cluster.choose(req), calls, warmup=3)
-            # After each change of one worker (one event), the next placement.
-            changed = []
-            for n in range(min(calls, 50)):
-                before = cluster.status_events
-                cluster.dask.log_event(STATUS_TOPIC, fake_event(n % WORKERS, queue=n % 5))
-                while cluster.status_events == before and time.monotonic() < deadline + 60:
-                    time.sleep(0.001)
-                t0 = time.perf_counter()
-                cluster.choose(req)
-                changed.append(time.perf_counter() - t0)
-            return {
-                "steady": steady,
-                "changed": sorted(changed),
-                "identity": cluster.identity_calls - asked,
-                "events": cluster.status_events - heard,
-                "calls": calls + 3 + len(changed),
-            }
+    with DaskCluster(scheduler) as cluster:
+        cluster.rows()
+        for i in range(WORKERS):
+            cluster.dask.log_event(STATUS_TOPIC, fake_event(i))
+        deadline = time.monotonic() + 60
+        while cluster.status_events < WORKERS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        asked, heard = cluster.identity_calls, cluster.status_events
+        req = Requirements(gpu="A100", min_memory=40 * GIB)
+        steady = repeat(lambda: cluster.choose(req), calls, warmup=3)
+        # After each change of one worker (one event), the next placement.
+        changed = []
+        for n in range(min(calls, 50)):
+            before = cluster.status_events
+            cluster.dask.log_event(STATUS_TOPIC, fake_event(n % WORKERS, queue=n % 5))
+            while cluster.status_events == before and time.monotonic() < deadline + 60:
+                time.sleep(0.001)
+            t0 = time.perf_counter()
+            cluster.choose(req)
+            changed.append(time.perf_counter() - t0)
+        return {
+            "steady": steady,
+            "changed": sorted(changed),
+            "identity": cluster.identity_calls - asked,
+            "events": cluster.status_events - heard,
+            "calls": calls + 3 + len(changed),
+        }
 
 
 def table_placement(result: dict[str, Any] | Failed) -> Table:

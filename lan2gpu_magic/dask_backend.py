@@ -383,6 +383,7 @@ class DaskCluster:
         self._row_cache: dict[tuple[str, str | None], tuple[Any, WorkerRow]] = {}
         self._version = 0  # counts changes to what this notebook knows of the workers
         self._rows: tuple[int, str | None, list[WorkerRow]] | None = None
+        self._chosen: tuple[tuple[Any, ...], Placement] | None = None  # the last choice
         self._cells = 0
         self._spare: dict[str, list[DaskRunner]] = {}
         self.real_gpu_workers: set[str] = set()
@@ -626,9 +627,18 @@ class DaskCluster:
         self, req: Requirements, exclude: Collection[str] = (), session: str | None = None
     ) -> tuple[DaskRunner, Placement]:
         """The runner of the best Dask worker for ``req``, and where on it to run."""
-        placement = self._place(
-            lambda views, real: choose_worker(req, views, real_gpus_known=real), exclude, session
-        )[0]
+        with self._lock:
+            version = self._version
+        key = (version, req, frozenset(exclude), session)
+        if self._chosen is not None and self._chosen[0] == key:
+            placement = self._chosen[1]  # nothing changed since: the same choice (pure policy)
+        else:
+            placement = self._place(
+                lambda views, real: choose_worker(req, views, real_gpus_known=real),
+                exclude,
+                session,
+            )[0]
+            self._chosen = (key, placement)
         return self.runner(placement.worker.address, placement.worker.name), placement
 
     def slots(
