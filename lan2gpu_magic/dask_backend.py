@@ -609,10 +609,13 @@ class DaskCluster:
                 # Workers still coming (a nanny restarting one, a service starting, a
                 # cluster scaling up) are waited for, a while; a cluster that is up
                 # but lacks what was asked answers at once.
-                starting = not rows or changing or any(r.state == STARTING for r in rows)
+                booting = any(r.state == STARTING for r in rows)
+                starting = not rows or changing or booting
                 if starting and time.monotonic() < deadline:
                     time.sleep(_POLL * 5)
-                    if not rows:  # nothing heard of at all: ask the scheduler again
+                    if not rows or booting:
+                        # Ask the scheduler again: a worker's first status event may have
+                        # gone out before we subscribed; its heartbeats carry it too.
                         self._info_at = float("-inf")
                     continue
                 problems = [f"{r.address}: {r.problem}" for r in rows if r.view is None]
