@@ -40,9 +40,7 @@ from worker_kernel.protocol.errors import (
 )
 from worker_kernel.protocol.keys import load_key
 from worker_kernel.protocol.messages import Message
-from worker_kernel.protocol.outcomes import CellStatus
 from worker_kernel.protocol.serialize import Payload
-from worker_kernel.protocol.wire import digest
 
 from . import pipeline, results
 from .connection import Connection, WorkerInfo, curve_keys
@@ -271,21 +269,12 @@ class Client:
             # Fail fast before uploading, re-handshake after a worker restart, and
             # tell the worker how much is coming so it keeps heartbeating us.
             self.ping(expect_bytes=payload.nbytes)
-        digests = [digest(f) for f in payload.frames]  # once: for the signature and the cache
-        local = self.uploads.local(request, payload, digests)
-        for _ in range(3):  # a cache miss costs one more round, with the data
-            msg = self.uploads.message(request, payload, digests, local)
+
+        def send(msg: Message) -> Message:
             self.connection.send(msg)
-            reply = self.wait(msg, handlers, request.timeout, request.cancel)
-            if reply.content.get("status") != CellStatus.CACHE_MISS:
-                break
-            self.uploads.missed(session, reply)
-        else:
-            raise ProtocolError(f"worker {self.info.name} keeps missing cached arrays")
-        self.uploads.received(reply, session, payload, digests, local)
-        result = results.parse_result(reply, request.plan, request.timeout, request.namespace)
-        self.uploads.kept(session, request.plan.inputs, result)
-        return result
+            return self.wait(msg, handlers, request.timeout, request.cancel)
+
+        return self.uploads.exchange(request, payload, send)
 
     def wait(
         self,

@@ -48,10 +48,8 @@ from worker_kernel.protocol.errors import (
     WorkerUnreachable,
 )
 from worker_kernel.protocol.messages import Message
-from worker_kernel.protocol.outcomes import CellStatus
 from worker_kernel.protocol.serialize import Payload
 from worker_kernel.protocol.versions import check_compatible, local_versions
-from worker_kernel.protocol.wire import digest
 
 from . import pipeline, results
 from .backend import Runner
@@ -188,23 +186,9 @@ class DaskRunner:
         self, request: ExecuteRequest, payload: Payload, handlers: OutputHandlers | None = None
     ) -> RunResult:
         """As :meth:`.client.Client.execute`, over Dask."""
-        handlers = handlers or OutputHandlers()
-        session = request.session
-        self._used_default_session |= session == self.session
-        digests = [digest(f) for f in payload.frames]
-        local = self.uploads.local(request, payload, digests)
-        for _ in range(3):  # a cache miss costs one more round, with the data
-            msg = self.uploads.message(request, payload, digests, local)
-            reply = self._run(msg, request, handlers)
-            if reply.content.get("status") != CellStatus.CACHE_MISS:
-                break
-            self.uploads.missed(session, reply)
-        else:
-            raise ProtocolError(f"worker {self.name} keeps missing cached arrays")
-        self.uploads.received(reply, session, payload, digests, local)
-        result = results.parse_result(reply, request.plan, request.timeout, request.namespace)
-        self.uploads.kept(session, request.plan.inputs, result)
-        return result
+        shown = handlers or OutputHandlers()
+        self._used_default_session |= request.session == self.session
+        return self.uploads.exchange(request, payload, lambda m: self._run(m, request, shown))
 
     def _run(self, msg: Message, request: ExecuteRequest, handlers: OutputHandlers) -> Message:
         from worker_kernel.protocol.dask_tasks import run_cell

@@ -18,9 +18,11 @@ from worker_kernel.protocol import messages as m
 from worker_kernel.protocol.contents import RECEIVED_MAX, ExecuteContent
 from worker_kernel.protocol.errors import ProtocolError
 from worker_kernel.protocol.messages import Message
+from worker_kernel.protocol.outcomes import CellStatus
 from worker_kernel.protocol.serialize import Payload
+from worker_kernel.protocol.wire import digest
 
-from . import cache
+from . import cache, results
 from .cache import HeldArrays
 from .results import RunResult
 
@@ -116,6 +118,26 @@ class Uploads:
         # The request id makes retries idempotent: the worker runs it at most once.
         msg.content["request"] = msg.id
         return msg
+
+    def exchange(
+        self, request: ExecuteRequest, payload: Payload, send: Callable[[Message], Message]
+    ) -> RunResult:
+        """One cell's request and result: ``send`` delivers a request and returns its
+        reply. A cache miss costs one more round, with the data."""
+        session = request.session
+        digests = [digest(f) for f in payload.frames]  # once: for the signature and the cache
+        local = self.local(request, payload, digests)
+        for _ in range(3):
+            reply = send(self.message(request, payload, digests, local))
+            if reply.content.get("status") != CellStatus.CACHE_MISS:
+                break
+            self.missed(session, reply)
+        else:
+            raise ProtocolError(f"worker {self.connection.info.name} keeps missing cached arrays")
+        self.received(reply, session, payload, digests, local)
+        result = results.parse_result(reply, request.plan, request.timeout, request.namespace)
+        self.kept(session, request.plan.inputs, result)
+        return result
 
     def missed(self, session: str, reply: Message) -> None:
         """The session lacked arrays sent by reference: send them in full next time."""
