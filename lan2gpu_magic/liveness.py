@@ -169,8 +169,10 @@ class CellWait:
             self._recovering = False
             if isinstance(msg.content.get("load"), dict):
                 self.load = dict(msg.content["load"])
-            cells = msg.content.get("cells")
+            cells, done = msg.content.get("cells"), msg.content.get("done")
             lost = self._acknowledged and isinstance(cells, list) and cell not in cells
+            # A quick cell is told no "started": its result is the first word of it.
+            lost |= isinstance(done, list) and cell in done
             if lost and now - self._last_fetch > self.timing.fetch_every:
                 # The worker is done with the cell, but no result came: ask again.
                 self._last_fetch = now

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 
 Send = Callable[[bytes, Message], Awaitable[None]]
 _BIG = 64 << 20  # a cell this large gets its freed memory returned to the system
+# A cell still running this long after it was handed over is told "started"; one
+# that is done by then (an empty cell takes ~0.5 ms) never is: its result says so.
+ANNOUNCE_AFTER = 0.005
 
 
 class Dispatcher:
@@ -183,7 +186,6 @@ class Dispatcher:
             return
         handle.cell = cell
         cell.started = time.monotonic()
-        await self._tell(cell, m.STARTED, {"gpus": cell.gpus, "pid": handle.pid})
         try:
             await self.pool.send_exec(handle, cell.client, cell.frames)
             cell.frames = []  # libzmq holds them until sent; the cell no longer needs them
@@ -194,9 +196,34 @@ class Dispatcher:
             why = f"executor unreachable: {exc}"
             await self.finish(cell, CellStatus.DIED, why, session_lost=True)
             return
+        if not cell.announced:
+            started = {"gpus": cell.gpus, "pid": handle.pid}
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(ANNOUNCE_AFTER, lambda: self._spawn(self.announce(cell)))
+            cell.announce = (started, timer)
         if cell.timeout:
             queued = (cell.dequeued or cell.received) - cell.received
             cell.timers.append(self._time_out_in(cell, max(0.0, cell.timeout - queued)))
+
+    async def announce(self, cell: Cell) -> None:
+        """Tell the client its cell started, unless it was told or needs not be: called
+        when the moment passed, and before each message of the cell's own."""
+        if cell.announced:
+            return
+        cell.announced = True
+        if cell.announce is not None:
+            started, timer = cell.announce
+            cell.announce = None
+            timer.cancel()
+            if cell.id in self.cells:
+                await self._tell(cell, m.STARTED, started)
+
+    def no_announce(self, cell: Cell) -> None:
+        """The cell's result is on its way: it says the cell ran."""
+        cell.announced = True
+        if cell.announce is not None:
+            cell.announce[1].cancel()
+            cell.announce = None
 
     def _time_out_in(self, cell: Cell, seconds: float) -> asyncio.TimerHandle:
         loop = asyncio.get_running_loop()
@@ -273,6 +300,7 @@ class Dispatcher:
         """Forget an answered cell and free its resources."""
         if cell.queue_timer is not None:
             cell.queue_timer.cancel()
+        self.no_announce(cell)
         for timer in cell.timers:
             timer.cancel()
         self.cells.pop(cell.id, None)

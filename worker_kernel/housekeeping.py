@@ -121,7 +121,11 @@ class Housekeeping:
         if sweep.beat:
             load = s.load()
             for client, cells in sweep.beat:
-                beat = {"load": load, "cells": [c.id for c in cells]}
+                # "done": answered cells whose results it has not acknowledged; a quick
+                # cell's result is the first it hears of it, so that one lost is
+                # noticed here, not by "cells" alone.
+                done = s.results.held_for(client.client)
+                beat = {"load": load, "cells": [c.id for c in cells], "done": done}
                 await s.send(client.rid, Message(kind=m.HEARTBEAT, content=beat, to=client.client))
 
     def stop_idle_sessions(self, now: float) -> None:

@@ -51,7 +51,10 @@ class Relay:
             kind = peek(body).kind
             is_result = kind == m.RESULT
             if is_result:
+                s.dispatcher.no_announce(cell)
                 s.results.put(cell.id, body, cell.client)
+            else:  # "started" goes before the cell's first output
+                await s.dispatcher.announce(cell)
             if is_result and "drop-first-result" in s.config.faults and not self._dropped:
                 self._dropped = True  # test hook: pretend the network lost it
                 log.warning("fault injection: dropped the result of cell %s", cell.id[:8])

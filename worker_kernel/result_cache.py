@@ -50,6 +50,12 @@ class ResultCache:
         entry = self._entries.get(cell_id)
         return entry[2] if entry is not None and entry[3] == owner else None
 
+    def held_for(self, owner: str, limit: int = 64) -> list[str]:
+        """The cells whose results ``owner`` has not said it got (the newest ``limit``)."""
+        self._expire()
+        held = [cell_id for cell_id, entry in self._entries.items() if entry[3] == owner]
+        return held[-limit:]
+
     def forget(self, cell_ids: Iterable[str], owner: str) -> None:
         """The client ``owner`` has these results: their memory can go."""
         for cell_id in cell_ids:

@@ -57,6 +57,10 @@ class Cell:
     timers: list[Any] = field(default_factory=list)
     position: int = -1  # last queue position reported to the client
     user: str = ""  # with per-user keys, whose key sent it
+    # "started" is told only if the cell is still running after a moment, or before
+    # its first output: a quick cell's result says it all, one message fewer.
+    announce: Any = None  # the "started" message still to send, and its timer
+    announced: bool = False  # "started" was sent, or is no longer needed
 
     @property
     def owner(self) -> str:

@@ -101,6 +101,25 @@ def test_output_streams_while_the_cell_runs(client: Client):
     assert rec.text() == "before\nafter\n"
 
 
+def test_started_is_told_before_output_and_only_to_cells_that_last(client: Client):
+    seen: list[str] = []
+    handlers = OutputHandlers(
+        stream=lambda name, text: seen.append(f"{name}:{text.strip()}"),
+        status=lambda kind, content: seen.append(kind),
+    )
+    client.run("print('hi')\nimport time\ntime.sleep(0.2)", {}, handlers=handlers)
+    assert seen[:2] == ["started", "stdout:hi"]  # before its first output
+    seen.clear()
+    client.run("import time\ntime.sleep(0.3)", {}, handlers=handlers)
+    assert seen == ["started"]  # silent, but it outlasted the moment
+    told = []
+    for _ in range(5):  # a loaded machine may make one of them outlast the moment
+        seen.clear()
+        client.run("x = 1", {}, handlers=handlers)
+        told.append("started" in seen)
+    assert not all(told)  # done at once: its result is all there is to say
+
+
 def test_last_expression_value_and_display(client: Client):
     rec = Recorder()
     code = "class H:\n    def _repr_html_(self):\n        return '<i>x</i>'\ndisplay(H())\n6 * 7"

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from worker_kernel.protocol.keys import generate_key_file
+from worker_kernel.protocol.messages import PROTOCOL_VERSION
 
 from .netns import Lan, on_client_host, start_worker
 
@@ -110,14 +111,14 @@ FAKES = textwrap.dedent(
         zc.register_service(ServiceInfo(
             "_lan2gpu._tcp.local.", f"{name}._lan2gpu._tcp.local.",
             addresses=[socket.inet_aton(ip)], port=port,
-            properties={"name": name, "address": f"tcp://{ip}:{port}", "protocol": "2",
+            properties={"name": name, "address": f"tcp://{ip}:{port}", "protocol": "@PROTOCOL@",
                         "instance": name, "encrypted": "0", "security": "shared-key"},
             server=f"{name}.local.",
         ))
     open(ready, "w").write("ok")
     time.sleep(3600)
     """
-)
+).replace("@PROTOCOL@", str(PROTOCOL_VERSION))  # announced as compatible
 
 CELLS = textwrap.dedent(
     """

@@ -70,10 +70,12 @@ class Run:
             else:
                 self.arrive(say, {"position": 3})
 
-    def beat(self, cells: list[str] | None = None) -> None:
+    def beat(self, cells: list[str] | None = None, done: list[str] | None = None) -> None:
         content: dict[str, Any] = {"load": {"queued": 0}}
         if cells is not None:
             content["cells"] = cells
+        if done is not None:
+            content["done"] = done
         self.arrive(m.HEARTBEAT, content, parent="-")
 
 
@@ -165,6 +167,18 @@ def test_a_lost_result_is_fetched_when_the_worker_says_the_cell_is_done():
     assert run.kinds().count(m.FETCH) == 2
     result = run.arrive(m.RESULT, {"status": "ok"})  # the fetched result
     assert result is not None
+
+
+def test_a_quick_cells_lost_result_is_fetched_though_no_started_came():
+    # A cell done within moments is never told "started": the worker's heartbeat
+    # lists its unacknowledged result as done, and the client asks for it.
+    run = Run()
+    run.beat([], done=["someone-else"])  # nothing about this cell yet: no fetch
+    assert m.FETCH not in run.kinds()
+    run.beat([], done=[run.request.id])
+    fetches = [msg for msg in run.sent if msg.kind == m.FETCH]
+    assert len(fetches) == 1 and fetches[0].content == {"cell": run.request.id}
+    assert run.arrive(m.RESULT, {"status": "ok"}) is not None
 
 
 def test_a_fetch_the_worker_cannot_serve_loses_an_acknowledged_cell():

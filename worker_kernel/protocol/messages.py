@@ -18,7 +18,9 @@ from typing import Any, Final
 
 MAGIC: Final = b"L2G"
 # 2: headers whose content would be large spill it into an extension (wire.py).
-PROTOCOL_VERSION: Final = 2
+# 3: a cell done within moments is told no "started"; heartbeats list the results a
+#    client has not acknowledged ("done"), so a lost one is still noticed.
+PROTOCOL_VERSION: Final = 3
 
 # Client -> worker.
 HELLO: Final = "hello"
