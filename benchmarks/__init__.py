@@ -6,7 +6,7 @@ markdown table per section; ``benchmarks/README.md`` says how to read them.
 Layout::
 
     run.py        options, the order of the sections
-    targets.py    what a run measured, and issue 5's targets next to it
+    targets.py    what a run measured, and the data path's targets next to it
     sections.py   trivial call, array round trip, second run, unchanged kernel
     limits.py     what the machine can do at all: copy, hash, loopback TCP
     memory.py     peak resident memory, in fresh processes
