@@ -172,7 +172,8 @@ class CellWait:
             cells, done = msg.content.get("cells"), msg.content.get("done")
             lost = self._acknowledged and isinstance(cells, list) and cell not in cells
             # A quick cell is told no "started": its result is the first word of it.
-            lost |= isinstance(done, list) and cell in done
+            if isinstance(done, list) and cell in done:
+                self._acknowledged = lost = True  # it ran: a failed fetch loses it
             if lost and now - self._last_fetch > self.timing.fetch_every:
                 # The worker is done with the cell, but no result came: ask again.
                 self._last_fetch = now

@@ -186,6 +186,11 @@ class Dispatcher:
             return
         handle.cell = cell
         cell.started = time.monotonic()
+        if not cell.announced:  # armed first: output may be relayed while this sends
+            started = {"gpus": cell.gpus, "pid": handle.pid}
+            loop = asyncio.get_running_loop()
+            timer = loop.call_later(ANNOUNCE_AFTER, lambda: self._spawn(self.announce(cell)))
+            cell.announce = (started, timer)
         try:
             await self.pool.send_exec(handle, cell.client, cell.frames)
             cell.frames = []  # libzmq holds them until sent; the cell no longer needs them
@@ -196,11 +201,6 @@ class Dispatcher:
             why = f"executor unreachable: {exc}"
             await self.finish(cell, CellStatus.DIED, why, session_lost=True)
             return
-        if not cell.announced:
-            started = {"gpus": cell.gpus, "pid": handle.pid}
-            loop = asyncio.get_running_loop()
-            timer = loop.call_later(ANNOUNCE_AFTER, lambda: self._spawn(self.announce(cell)))
-            cell.announce = (started, timer)
         if cell.timeout:
             queued = (cell.dequeued or cell.received) - cell.received
             cell.timers.append(self._time_out_in(cell, max(0.0, cell.timeout - queued)))
@@ -287,6 +287,7 @@ class Dispatcher:
         self, cell: Cell, status: str, why: str, *, session_lost: bool = False
     ) -> None:
         """Answer a cell the executor could not answer itself."""
+        self.no_announce(cell)
         content: dict[str, Any] = {
             "status": status,
             "worker": self.worker,

@@ -243,7 +243,9 @@ class Handlers:
         if cell.client != client.client:
             raise BadRequest(f"request id {cell_id[:8]} belongs to another client")
         cell.client_rid = rid  # the client may have reconnected with a new socket
-        if cell.started is not None:
+        if cell.announce is not None:  # "started" was still to come: it goes now, once
+            await self.s.dispatcher.announce(cell)
+        elif cell.started is not None:
             started = Message(
                 kind=m.STARTED,
                 content={"gpus": cell.gpus},

@@ -181,6 +181,15 @@ def test_a_quick_cells_lost_result_is_fetched_though_no_started_came():
     assert run.arrive(m.RESULT, {"status": "ok"}) is not None
 
 
+def test_a_quick_cell_answered_but_not_kept_is_lost_not_run_again():
+    run = Run()
+    run.beat([], done=[run.request.id])  # answered; the result did not come
+    fetch = next(msg for msg in run.sent if msg.kind == m.FETCH)
+    with pytest.raises(WorkerLost, match="no longer knows the cell"):
+        run.arrive(m.ERROR, {"code": "unknown-cell", "reason": "no such cell"}, parent=fetch.id)
+    assert run.kinds().count(m.EXECUTE) == 0  # never sent again: it ran there
+
+
 def test_a_fetch_the_worker_cannot_serve_loses_an_acknowledged_cell():
     run = Run()
     run.arrive(m.STARTED)
