@@ -144,13 +144,17 @@ def _aead_cases(octets: memoryview) -> list[tuple[str, Callable[[], object]]]:
         nonce, sealed = bytes(12), bytearray(_FRAME + 16)
         opened = bytearray(_FRAME)
 
-        def seal(cipher: Any = cipher, nonce: bytes = nonce, out: bytearray = sealed) -> None:
-            for chunk in chunks:
-                cipher.encrypt_into(nonce, chunk, None, out[: chunk.nbytes + 16])
+        one = cipher.encrypt(nonce, chunks[0], None)  # what unseal opens, every time
 
-        def unseal(cipher: Any = cipher, nonce: bytes = nonce, out: bytearray = opened) -> None:
-            one = cipher.encrypt(nonce, chunks[0], None)
-            view = memoryview(out)[: chunks[0].nbytes]
+        def seal(cipher: Any = cipher, nonce: bytes = nonce, out: bytearray = sealed) -> None:
+            view = memoryview(out)  # slices of a view: no copy of the buffer
+            for chunk in chunks:
+                cipher.encrypt_into(nonce, chunk, None, view[: chunk.nbytes + 16])
+
+        def unseal(
+            cipher: Any = cipher, nonce: bytes = nonce, one: bytes = one, out: bytearray = opened
+        ) -> None:
+            view = memoryview(out)[: len(one) - 16]
             for _ in chunks:
                 cipher.decrypt_into(nonce, one, None, view)
 

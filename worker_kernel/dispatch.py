@@ -186,11 +186,11 @@ class Dispatcher:
             return
         handle.cell = cell
         cell.started = time.monotonic()
-        if not cell.announced:  # armed first: output may be relayed while this sends
-            started = {"gpus": cell.gpus, "pid": handle.pid}
-            loop = asyncio.get_running_loop()
-            timer = loop.call_later(ANNOUNCE_AFTER, lambda: self._spawn(self.announce(cell)))
-            cell.announce = (started, timer)
+        # Armed before the send: output may be relayed while it is under way.
+        timer = asyncio.get_running_loop().call_later(
+            ANNOUNCE_AFTER, lambda: self._spawn(self.announce(cell))
+        )
+        cell.announce = ({"gpus": cell.gpus, "pid": handle.pid}, timer)
         try:
             await self.pool.send_exec(handle, cell.client, cell.frames)
             cell.frames = []  # libzmq holds them until sent; the cell no longer needs them
@@ -208,19 +208,16 @@ class Dispatcher:
     async def announce(self, cell: Cell) -> None:
         """Tell the client its cell started, unless it was told or needs not be: called
         when the moment passed, and before each message of the cell's own."""
-        if cell.announced:
+        if cell.announce is None:
             return
-        cell.announced = True
-        if cell.announce is not None:
-            started, timer = cell.announce
-            cell.announce = None
-            timer.cancel()
-            if cell.id in self.cells:
-                await self._tell(cell, m.STARTED, started)
+        started, timer = cell.announce
+        cell.announce = None
+        timer.cancel()
+        if cell.id in self.cells:
+            await self._tell(cell, m.STARTED, started)
 
     def no_announce(self, cell: Cell) -> None:
         """The cell's result is on its way: it says the cell ran."""
-        cell.announced = True
         if cell.announce is not None:
             cell.announce[1].cancel()
             cell.announce = None

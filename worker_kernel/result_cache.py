@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
-_ANSWERED_MAX = 10_000  # ids of answered cells remembered, all clients together
+LISTED = 64  # answered cells remembered per client, the newest (all a heartbeat lists)
 
 
 class ResultCache:
@@ -30,20 +30,21 @@ class ResultCache:
         # cell id -> (expires, bytes, frames, owner)
         self._entries: OrderedDict[str, tuple[float, int, list[Any], str]] = OrderedDict()
         self._bytes = 0
-        # cell id -> (expires, owner) of every result sent and not acknowledged, kept
-        # (frames or not) so a client can learn its quick cell was answered and that a
-        # result it did not get is gone, rather than wait for it.
-        self._answered: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        # owner -> cell id -> expires, for results sent and not acknowledged, kept (frames
+        # or not) so a client learns its quick cell was answered, and that a result it
+        # did not get is gone, rather than wait for it. Per owner: a heartbeat reads one.
+        self._answered: dict[str, OrderedDict[str, float]] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def put(self, cell_id: str, frames: list[Any], owner: str) -> None:
         """Keep the result of ``cell_id`` for the client ``owner``."""
-        self._answered.pop(cell_id, None)
-        self._answered[cell_id] = (self._clock() + self.ttl, owner)
-        while len(self._answered) > _ANSWERED_MAX:
-            self._answered.popitem(last=False)
+        answered = self._answered.setdefault(owner, OrderedDict())
+        answered.pop(cell_id, None)
+        answered[cell_id] = self._clock() + self.ttl
+        if len(answered) > LISTED:
+            answered.popitem(last=False)
         size = sum(memoryview(f).nbytes for f in frames)
         if size > self.max_bytes:
             return
@@ -60,12 +61,11 @@ class ResultCache:
         entry = self._entries.get(cell_id)
         return entry[2] if entry is not None and entry[3] == owner else None
 
-    def held_for(self, owner: str, limit: int = 64) -> list[str]:
+    def held_for(self, owner: str) -> list[str]:
         """The cells answered to ``owner`` that it has not said it got (the newest
-        ``limit``), whether their results are still kept or not."""
+        :data:`LISTED`), whether their results are still kept or not."""
         self._expire()
-        held = [cell_id for cell_id, entry in self._answered.items() if entry[1] == owner]
-        return held[-limit:]
+        return list(self._answered.get(owner, ()))
 
     def forget(self, cell_ids: Iterable[str], owner: str) -> None:
         """The client ``owner`` has these results: their memory can go."""
@@ -73,9 +73,9 @@ class ResultCache:
             entry = self._entries.get(cell_id)
             if entry is not None and entry[3] == owner:
                 self._drop(cell_id)
-            answered = self._answered.get(cell_id)
-            if answered is not None and answered[1] == owner:
-                del self._answered[cell_id]
+            answered = self._answered.get(owner)
+            if answered is not None:
+                answered.pop(cell_id, None)
 
     def _drop(self, cell_id: str) -> None:
         entry = self._entries.pop(cell_id, None)
@@ -84,8 +84,11 @@ class ResultCache:
 
     def _expire(self) -> None:
         now = self._clock()
-        while self._answered and next(iter(self._answered.values()))[0] <= now:
-            self._answered.popitem(last=False)
+        for owner, answered in list(self._answered.items()):
+            while answered and next(iter(answered.values())) <= now:
+                answered.popitem(last=False)
+            if not answered:
+                del self._answered[owner]
         while self._entries:
             cell_id, (expires, *_) = next(iter(self._entries.items()))
             if expires > now:

@@ -59,8 +59,7 @@ class Cell:
     user: str = ""  # with per-user keys, whose key sent it
     # "started" is told only if the cell is still running after a moment, or before
     # its first output: a quick cell's result says it all, one message fewer.
-    announce: Any = None  # the "started" message still to send, and its timer
-    announced: bool = False  # "started" was sent, or is no longer needed
+    announce: tuple[dict[str, Any], Any] | None = None  # "started" still to send; its timer
 
     @property
     def owner(self) -> str:

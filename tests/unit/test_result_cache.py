@@ -28,3 +28,13 @@ def test_results_pushed_out_by_others_are_still_known_as_answered():
     cache.put("second", [b"x" * 60], "bob")  # pushes alice's result out
     assert cache.get("first", "alice") is None
     assert cache.held_for("alice") == ["first"]
+
+
+def test_a_client_has_its_newest_answered_cells_listed_and_no_more():
+    from worker_kernel.result_cache import LISTED
+
+    cache = ResultCache(ttl=60, max_bytes=1 << 20)
+    ids = [f"cell{i:04d}" for i in range(LISTED + 10)]
+    for cell_id in ids:
+        cache.put(cell_id, [b"x"], "alice")
+    assert cache.held_for("alice") == ids[-LISTED:]
