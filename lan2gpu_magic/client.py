@@ -39,11 +39,12 @@ from worker_kernel.protocol.errors import (
     ProtocolError,
 )
 from worker_kernel.protocol.keys import load_key
-from worker_kernel.protocol.messages import Message
+from worker_kernel.protocol.messages import Buffer, Message
 from worker_kernel.protocol.serialize import Payload
 
 from . import pipeline, results
 from .connection import Connection, WorkerInfo, curve_keys
+from .data_link import DataLink
 from .liveness import ANSWERING, STALLED, CellWait, NotConfirmed, Step, Timing
 from .replies import error_of
 from .request import ExecuteRequest, OutputHandlers
@@ -271,8 +272,8 @@ class Client:
             self.ping(expect_bytes=payload.nbytes)
 
         def send(msg: Message) -> Message:
-            self.connection.send(msg)
-            return self.wait(msg, handlers, request.timeout, request.cancel)
+            data = self.connection.send(msg)
+            return self.wait(msg, handlers, request.timeout, request.cancel, data)
 
         return self.uploads.exchange(request, payload, send)
 
@@ -282,8 +283,10 @@ class Client:
         handlers: OutputHandlers,
         timeout: float | None = None,
         cancel: threading.Event | None = None,
+        data: list[Buffer] | None = None,
     ) -> Message:
         """Relay the live output of the cell ``request`` (sent) until its result arrives.
+        ``data``: its frames for the data connection, sent once the cell starts.
 
         Ctrl-C (SIGINT) only sets a flag here, checked between messages; the worker
         is then asked to cancel the cell and given a few seconds to confirm.
@@ -299,7 +302,7 @@ class Client:
         )
         with InterruptFlag(cancel) as interrupted:
             try:
-                reply = self._drive(wait, handlers, interrupted)
+                reply = self._drive(wait, handlers, interrupted, data or [])
             except BaseException as exc:
                 conn.last_heard = wait.heard
                 # Leaving without a result (an error, or a second Ctrl-C): do not
@@ -330,43 +333,62 @@ class Client:
             min_bandwidth=self.min_bandwidth,
         )
 
-    def _drive(self, wait: CellWait, handlers: OutputHandlers, flag: InterruptFlag) -> Message:
+    def _drive(
+        self, wait: CellWait, handlers: OutputHandlers, flag: InterruptFlag, data: list[Buffer]
+    ) -> Message:
         """Feed ``wait`` what arrives and what time it is; do what it says."""
         conn = self.connection
+        link: DataLink | None = None  # the cell's data connection, once it started
 
         def do(step: Step) -> None:
+            nonlocal link
             for msg in step.send:
-                conn.send(msg)
+                data[:] = conn.send(msg) or data  # a resent request: its own frames
             for kind, content in step.shown:
                 handlers.show(kind, content)
+            if step.upload is not None and data:
+                cell = str(wait.request.content.get("request") or wait.request.id)
+                if link is not None:
+                    link.close()
+                link = DataLink.open(self.info.name, self.address, conn.key, cell, step.upload)
+                link.send(data, flag.requested)
+                wait.sent_inputs(self._clock())
 
-        while True:
-            now = self._clock()
-            if flag.requested() and not wait.cancelled:
-                do(Step(send=wait.interrupt(now, by_event=flag.by_event)))
-            try:
-                reply = conn.recv(wait.wake(now))
-            except ProtocolError as exc:
-                # One bad message (tampered, or from a stranger) is dropped; the
-                # cell's own messages still count.
-                log.warning("%s", exc)
-                reply = None
-            now = self._clock()
-            if reply is not None and not reply.authenticated:
-                error = error_of(reply, self.info.name, self.address)
-                if wait.concerns(reply):  # the worker refused something this wait sent
-                    raise error
-                log.warning("%s", error)
-                reply = None
-            if reply is not None:
-                step = wait.received(reply, now)
-                conn.last_heard = wait.heard
-                if wait.load is not None:
-                    self.load = wait.load
-                do(step)
-                if step.result is not None:
-                    return step.result
-            do(wait.tick(now, conn.link_up))
+        try:
+            while True:
+                now = self._clock()
+                if flag.requested() and not wait.cancelled:
+                    do(Step(send=wait.interrupt(now, by_event=flag.by_event)))
+                try:
+                    reply = conn.recv(wait.wake(now))
+                except ProtocolError as exc:
+                    # One bad message (tampered, or from a stranger) is dropped; the
+                    # cell's own messages still count.
+                    log.warning("%s", exc)
+                    reply = None
+                now = self._clock()
+                if reply is not None and not reply.authenticated:
+                    error = error_of(reply, self.info.name, self.address)
+                    if wait.concerns(reply):  # the worker refused something this wait sent
+                        raise error
+                    log.warning("%s", error)
+                    reply = None
+                if reply is not None:
+                    step = wait.received(reply, now)
+                    conn.last_heard = wait.heard
+                    if wait.load is not None:
+                        self.load = wait.load
+                    do(step)
+                    if step.result is not None and step.result.arriving is not None:
+                        # Its buffers come on the data connection, right behind it.
+                        link = link or DataLink.gone()
+                        return link.receive(step.result, self.info.name)
+                    if step.result is not None:
+                        return step.result
+                do(wait.tick(now, conn.link_up))
+        finally:
+            if link is not None:
+                link.close()
 
     def run(
         self,

@@ -32,7 +32,7 @@ from worker_kernel.protocol.curve import (
 )
 from worker_kernel.protocol.errors import ConfigurationError, MessageRejected, WorkerUnreachable
 from worker_kernel.protocol.keys import default_key_file
-from worker_kernel.protocol.messages import Message, new_id
+from worker_kernel.protocol.messages import Buffer, Message, new_id
 from worker_kernel.protocol.versions import check_compatible, local_versions
 
 from .liveness import Worker
@@ -54,6 +54,7 @@ class WorkerInfo:
     heartbeat: float
     warnings: tuple[str, ...] = ()
     stall_grace: float = 60.0  # how long to wait for it while connected but silent
+    direct_data: bool = False  # large inputs may go straight to the executor
 
     @property
     def simulator(self) -> bool:
@@ -91,6 +92,7 @@ class Connection:
         self.id = new_id()  # this client, to the worker
         self.clock = clock
         self.last_heard = float("-inf")
+        self.key = key  # signs messages; derives each direct data connection's key
         # A fresh transport (also after an interrupt split a message): a ZeroMQ socket
         # with its own context unless one is given, or the caller's (tests: in memory).
         self._link = link or (lambda: Transport(address, key, context=context, curve=curve))
@@ -124,8 +126,9 @@ class Connection:
             to = self.info.instance if hasattr(self, "info") else ""
         return Message(kind=kind, content=content or {}, to=to, **kw)
 
-    def send(self, msg: Message) -> None:
-        self.transport.send(msg)
+    def send(self, msg: Message) -> list[Buffer]:
+        """Send ``msg``; the frames for its direct data connection, if it has one."""
+        return self.transport.send(msg)
 
     def recv(self, timeout: float) -> Message | None:
         """The next message for this client, or None (timeout, or one not for us).
@@ -187,6 +190,7 @@ class Connection:
             heartbeat=float(c.get("heartbeat", 1.0)),
             warnings=tuple(warnings) + tuple(c.get("warnings", [])),
             stall_grace=float(c.get("stall_grace", 60.0)),
+            direct_data=bool(c.get("direct_data")),
         )
         return self.info
 

@@ -76,6 +76,8 @@ class Step:
     shown: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     send: list[Message] = field(default_factory=list)
     result: Message | None = None
+    # The cell started: send its inputs on a data connection (endpoint, ticket).
+    upload: dict[str, str] | None = None
 
 
 class CellWait:
@@ -194,6 +196,9 @@ class CellWait:
                 buffers=self.request.buffers,
                 session=self.request.session,
                 to=w.instance,
+                digests=self.request.digests,
+                codecs=self.request.codecs,
+                direct=self.request.direct,
             )
             self._sent.add(again.id)
             step.send.append(again)
@@ -207,6 +212,9 @@ class CellWait:
                 raise error_of(msg, w.name, w.address)
             if msg.kind == m.STARTED:
                 self._started_by = float("inf")
+                data = msg.content.get("data")
+                if isinstance(data, dict) and self.request.direct:
+                    step.upload = {k: str(data.get(k, "")) for k in ("endpoint", "ticket")}
                 if self.timeout:
                     # The worker enforces --timeout; this only guards a worker that
                     # never reports back.
@@ -225,6 +233,11 @@ class CellWait:
             self._started_by += silent
             step.shown.append((ANSWERING, {"silent": silent}))
         return step
+
+    def sent_inputs(self, now: float) -> None:
+        """The inputs went on the data connection until ``now``, and nothing was read
+        meanwhile: the worker's silence counts from here."""
+        self._last = max(self._last, now)
 
     def tick(self, now: float, link_up: Callable[[], bool]) -> Step:
         """Time passed: send what is due, or raise if the wait is over.

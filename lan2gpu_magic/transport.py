@@ -23,9 +23,9 @@ from worker_kernel.protocol.errors import (
     ProtocolError,
     TransportError,
 )
-from worker_kernel.protocol.messages import Message
-from worker_kernel.protocol.receive import recv_message
-from worker_kernel.protocol.wire import Limits, Wire
+from worker_kernel.protocol.messages import Buffer, Message
+from worker_kernel.protocol.receive import recv_start
+from worker_kernel.protocol.wire import Incoming, Limits, Wire
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class Link(Protocol):
     @property
     def closed(self) -> bool: ...
 
-    def send(self, msg: Message, timeout: float = SEND_TIMEOUT) -> None: ...
+    def send(self, msg: Message, timeout: float = SEND_TIMEOUT) -> list[Buffer]: ...
 
     def recv(self, timeout: float) -> Message | None: ...
 
@@ -131,10 +131,11 @@ class Transport:
             raise ConnectionClosed(f"the connection to {self.address} was closed")
         return self.sock
 
-    def send(self, msg: Message, timeout: float = SEND_TIMEOUT) -> None:
+    def send(self, msg: Message, timeout: float = SEND_TIMEOUT) -> list[Buffer]:
         """Queue ``msg``; raise :class:`TransportError` if the worker takes none of our
-        messages for ``timeout`` seconds (a full queue: it stopped reading)."""
-        frames = self.wire.encode(msg)
+        messages for ``timeout`` seconds (a full queue: it stopped reading). Returns
+        the frames that go on the cell's data connection instead (``msg.direct``)."""
+        frames, data = self.wire.encode_parts(msg)
         sock = self._socket()
         deadline = time.monotonic() + timeout
         try:
@@ -142,7 +143,7 @@ class Transport:
                 try:
                     # The first frame decides; the rest of a message is queued with it.
                     sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
-                    return
+                    return data
                 except zmq.Again:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -170,7 +171,12 @@ class Transport:
             return None
         try:
             # Frame by frame into each buffer's final memory (no reassembly copy).
-            return recv_message(sock, self.wire)
+            got = recv_start(sock, self.wire)
+            if isinstance(got, Incoming):  # its buffers follow on the cell's data connection
+                msg = got.skeleton()
+                msg.arriving = got
+                return msg
+            return got
         except zmq.ZMQError as exc:
             raise TransportError(f"cannot receive from {self.address}: {exc}") from None
         except ProtocolError as exc:

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from worker_kernel.protocol import compress, refs
+from worker_kernel.protocol import compress, datapath, refs
 from worker_kernel.protocol import messages as m
 from worker_kernel.protocol.contents import RECEIVED_MAX, ExecuteContent
 from worker_kernel.protocol.errors import ProtocolError
@@ -61,6 +61,8 @@ class Uploads:
         self.link_bandwidth: float | None = None
         self._unloadable: dict[str, set[str]] = {}  # per session: kept on the worker
         self._arrived: list[str] = []  # results not yet acknowledged to the worker
+        # LAN2GPU_DIRECT_DATA=0: inputs always go through the worker's port (a firewall).
+        self.direct = os.environ.get("LAN2GPU_DIRECT_DATA", "1") not in ("0", "false", "no")
 
     def local(
         self, request: ExecuteRequest, payload: Payload, digests: list[str]
@@ -115,6 +117,11 @@ class Uploads:
         )
         msg.digests = sent_digests
         msg.codecs = compress.choose(frames, bandwidth, mode)
+        # Large inputs go straight to the executor once the cell starts (datapath.py).
+        bulk = sum(memoryview(f).nbytes for f in frames)
+        msg.direct = (
+            self.direct and self.connection.info.direct_data and bulk >= datapath.DIRECT_MIN
+        )
         # The request id makes retries idempotent: the worker runs it at most once.
         msg.content["request"] = msg.id
         return msg

@@ -10,6 +10,7 @@ error).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 
 from .protocol.buffer_pool import BufferPool
 from .protocol.messages import Buffer
@@ -22,6 +23,7 @@ class ArrayCache:
         self.budget = budget
         self._entries: OrderedDict[str, Buffer] = OrderedDict()
         self._bytes = 0
+        self._names: dict[str, set[str]] = {}  # what each name was last bound to
         self.hits = 0
         self.misses = 0
 
@@ -57,15 +59,32 @@ class ArrayCache:
         self.misses += 1
         return None
 
+    def bind(self, named: Mapping[str, Iterable[str]]) -> None:
+        """These names now hold these arrays (by digest): what a name held before and
+        no name holds now goes. A value its name no longer has seldom comes back (the
+        client sends it again if it does), and its memory is then free for the next
+        cell's arrays instead of fresh pages (buffer_pool.py)."""
+        before: set[str] = set()
+        for name, checksums in named.items():
+            before |= self._names.get(name, set())
+            self._names[name] = set(checksums)
+        held = set().union(*self._names.values()) if before else set()
+        for checksum in before - held:
+            buf = self._entries.pop(checksum, None)
+            if buf is not None:
+                self._bytes -= memoryview(buf).nbytes
+
     def shed(self, pool: BufferPool, nbytes: int) -> None:
         """Let go of the entries held in ``pool``, least recently used first, until it
-        has ``nbytes`` free in one piece: a new input needs the room more than an old
-        one that may never come back (the client sends it again if it does)."""
+        has ``nbytes`` free in one piece of pages touched before: a new input needs the
+        room more than an old one that may never come back (the client sends it again
+        if it does), and fresh pages cost more than the copy (buffer_pool.py)."""
         for checksum in [c for c, buf in self._entries.items() if pool.holds(buf)]:
-            if pool.largest_free() >= nbytes:
+            if pool.largest_free(resident=True) >= nbytes:
                 return
             self._bytes -= memoryview(self._entries.pop(checksum)).nbytes
 
     def clear(self) -> None:
         self._entries.clear()
+        self._names.clear()
         self._bytes = 0

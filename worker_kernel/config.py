@@ -45,6 +45,7 @@ class WorkerConfig:
     cache_memory: int = 0  # per executor: arrays kept by digest; 0: no cache
     pool_memory: int = 0  # per executor: kept memory arrays are received into
     pool_prefault: bool = False  # fault it in when the executor starts
+    direct_data: bool = True  # large inputs go straight to the executor (datapath.py)
     max_kernels: int = 8  # whole Jupyter kernels hosted for IDEs
     max_executors: int = 16  # session executors kept; the longest idle goes first
     kernel_grace: float = 30.0  # a kernel outlives its silent forwarder this long
@@ -117,6 +118,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         cache_memory=args.cache_memory,
         pool_memory=args.pool_memory,
         pool_prefault=args.pool_prefault,
+        direct_data=args.direct_data,
         max_kernels=args.max_kernels,
         max_executors=args.max_executors,
         kernel_grace=args.kernel_grace,

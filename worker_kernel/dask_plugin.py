@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .protocol.dask_tasks import STATUS_TOPIC, placement_key
+from .protocol.datapath import DIRECT_MIN
 
 if TYPE_CHECKING:
     from distributed import Worker
@@ -357,11 +358,13 @@ def run_cell(spec: dict[str, Any], buffers: list[Any]) -> tuple[dict[str, Any], 
             )  # fmt: skip
             msg.digests = list(spec["digests"])
             msg.codecs = list(spec["codecs"])
-            conn.send(msg)
+            # Large arrays straight to the executor, past the local service (datapath.py).
+            msg.direct = conn.info.direct_data and msg.nbytes >= DIRECT_MIN
+            data = conn.send(msg)
             handlers = OutputHandlers(
                 stream=forward(m.STREAM), display=forward(m.DISPLAY), status=forward("status")
             )
-            reply = client.wait(msg, handlers, spec["content"].get("timeout"), cancel)
+            reply = client.wait(msg, handlers, spec["content"].get("timeout"), cancel, data)
             healthy = True
         except Lan2GPUError:
             raise

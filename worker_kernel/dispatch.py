@@ -21,6 +21,7 @@ import zmq
 from .budget import SLACK
 from .executors import STARVED, ExecutorHandle, ExecutorPool, ExecutorStartError, Slot
 from .history import JobLog
+from .protocol import datapath
 from .protocol import messages as m
 from .protocol.messages import Message
 from .protocol.outcomes import CellStatus
@@ -184,17 +185,27 @@ class Dispatcher:
                 "(del, %lan2gpu close-session), or use another worker",
             )
             return
+        if cell.direct and not handle.data:
+            why = "the executor takes no direct data connection (see the worker log)"
+            await self.finish(cell, CellStatus.DIED, why)
+            return
         handle.cell = cell
         cell.started = time.monotonic()
         # Armed before the send: output may be relayed while it is under way.
         timer = asyncio.get_running_loop().call_later(
             ANNOUNCE_AFTER, lambda: self._spawn(self.announce(cell))
         )
-        cell.announce = ({"gpus": cell.gpus, "pid": handle.pid}, timer)
+        started: dict[str, Any] = {"gpus": cell.gpus, "pid": handle.pid}
+        ticket = ""
+        if cell.direct:
+            # Its notebook is told where to send the inputs, and with what ticket.
+            ticket = datapath.new_ticket().hex()
+            started["data"] = {"endpoint": handle.data, "ticket": ticket}
+        cell.announce = (started, timer)
         try:
-            await self.pool.send_exec(handle, cell.client, cell.frames)
+            await self.pool.send_exec(handle, cell.client, cell.frames, ticket)
             cell.frames = []  # libzmq holds them until sent; the cell no longer needs them
-            self.relayed_big |= cell.nbytes >= _BIG
+            self.relayed_big |= not cell.direct and cell.nbytes >= _BIG
         except zmq.ZMQError as exc:  # executor vanished between start and send
             handle.cell = None
             self.pool.kill(handle)
@@ -204,6 +215,8 @@ class Dispatcher:
         if cell.timeout:
             queued = (cell.dequeued or cell.received) - cell.received
             cell.timers.append(self._time_out_in(cell, max(0.0, cell.timeout - queued)))
+        if ticket:
+            await self.announce(cell)  # at once: the inputs come when it is told
 
     async def announce(self, cell: Cell) -> None:
         """Tell the client its cell started, unless it was told or needs not be: called

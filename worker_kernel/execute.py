@@ -29,7 +29,7 @@ import sys
 import time
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -214,6 +214,17 @@ class _Identity:
         return then is self.ns[name]
 
 
+def _named(entries: Iterable[Mapping[str, Any]], digests: Sequence[str]) -> dict[str, list[str]]:
+    """The digests of each named value's frames (``entries`` in frame order)."""
+    named: dict[str, list[str]] = {}
+    at = 0
+    for entry in entries:
+        count = int(entry["nframes"])
+        named[str(entry["name"])] = list(digests[at : at + count])
+        at += count
+    return named
+
+
 class CellRunner:
     """Runs cells of one session; owns its namespace."""
 
@@ -282,6 +293,10 @@ class CellRunner:
             "worker": self.worker,
             "error": RemoteTraceback(ename="WorkerError", evalue=reason).to_json(),
         }
+        self.answer(msg, client, content)
+
+    def answer(self, msg: Message, client: str, content: ResultContent) -> None:
+        """Send ``content`` as the result of the cell in ``msg``, which did not run."""
         parent = str(msg.content.get("request") or msg.id)
         reply = Message(
             kind=RESULT, content=dict(content), session=msg.session, parent=parent, to=client
@@ -303,6 +318,7 @@ class CellRunner:
             return {"status": CellStatus.CACHE_MISS}
         for frame, checksum in zip(frames, digests, strict=True):
             self.cache.put(checksum, frame)
+        self.cache.bind(_named(req.inputs, digests))
         self._current = req
         started = time.perf_counter()
         try:
@@ -313,6 +329,7 @@ class CellRunner:
         out_digests = [digest(f) for f in out]
         for frame, checksum in zip(out, out_digests, strict=True):
             self.cache.put(checksum, frame)
+        self.cache.bind(_named(content.get("outputs", []), out_digests))
         sent, sent_digests, out_refs = refs.split(out, out_digests, req.have.__contains__)
         content["refs"] = out_refs
         nbytes = sum(memoryview(f).nbytes for f in sent)

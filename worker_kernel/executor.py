@@ -10,6 +10,11 @@ Internal frames (service <-> executor)::
 
     service  -> executor   b"exec" control-json *message-frames | b"stop"
     executor -> service    b"ready" json | b"fwd" *message-frames
+
+With ``--data-bind`` it also listens for direct data connections (datapath.py): a
+cell whose ``execute`` is *direct* carries only its signed prelude on ``exec``; the
+control JSON then holds the cell's ticket, and the buffers are read from the notebook's
+data connection straight into this process's receive pool before the cell runs.
 """
 
 from __future__ import annotations
@@ -20,23 +25,28 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from types import FrameType
 from typing import Any
 
 import zmq
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import health, reaper
 from .execute import CellRunner, TimeoutInterrupt
-from .protocol import buffer_pool, heap
-from .protocol.messages import Message
-from .protocol.receive import drain, recv_message
-from .protocol.wire import Wire
+from .protocol import buffer_pool, datapath, heap
+from .protocol.errors import ProtocolError, TransportError
+from .protocol.messages import RESULT, Message
+from .protocol.outcomes import CellStatus
+from .protocol.receive import drain, recv_start
+from .protocol.wire import Incoming, Wire
 from .streams import OutputChannel
 
 EXIT_ORPHANED = 70
 IDLE_RELEASE = 60.0  # seconds without a cell before an executor gives back kept memory
+DATA_WAIT = 60.0  # seconds a started cell waits for its notebook's data connection
 log = logging.getLogger(__name__)  # unconfigured: warnings and errors go to stderr
 
 
@@ -88,7 +98,9 @@ class Executor:
         memory_limit: int = 0,
         session_memory: int = 0,
         cache_memory: int = 0,
+        data_bind: str = "",
     ) -> None:
+        self.listener = datapath.DataListener(data_bind) if data_bind else None
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 5000)  # let the last result go out
@@ -107,10 +119,16 @@ class Executor:
         )
         _route_display(self.runner.display)
         self._main_sending = False  # the main thread is inside send_multipart
+        self._receiving = False  # the main thread waits for a cell's direct data
+        # The running cell's data connection: its result's buffers go back on it.
+        self._data: tuple[str, socket.socket, AESGCM] | None = None
         self._deferred: type[BaseException] | None = None
 
     def send(self, msg: Message) -> None:
-        frames = self.wire.encode(msg)
+        data = self._data
+        if data is not None and msg.kind == RESULT and msg.parent == data[0]:
+            msg.direct = msg.nbytes >= datapath.DIRECT_MIN
+        frames, direct = self.wire.encode_parts(msg)
         main = threading.current_thread() is threading.main_thread()
         with self.lock:
             self._main_sending = main
@@ -118,13 +136,19 @@ class Executor:
                 self.sock.send_multipart([b"fwd", *frames], copy=False)
             finally:
                 self._main_sending = False
+        if direct and data is not None:  # the notebook reads them once it has the above
+            try:
+                datapath.send_frames(data[1], data[2], b"", direct, direction=datapath.DOWN)
+            except OSError as exc:
+                log.warning("cell %s: its result's buffers did not go back: %s", data[0][:8], exc)
         deferred, self._deferred = self._deferred, None
         if main and deferred is not None and self.runner.armed:
             raise deferred
 
     def _interrupt(self, signum: int, frame: FrameType | None) -> None:
-        # Only user code is interrupted; a late signal after the cell ended is dropped.
-        if not self.runner.armed:
+        # Only user code (or the wait for its inputs) is interrupted; a late signal
+        # after the cell ended is dropped.
+        if not (self.runner.armed or self._receiving):
             return
         exc = KeyboardInterrupt if signum == signal.SIGINT else TimeoutInterrupt
         if self._main_sending:
@@ -137,7 +161,8 @@ class Executor:
         signal.signal(signal.SIGINT, self._interrupt)
         signal.signal(signal.SIGUSR1, self._interrupt)
         with self.lock:
-            self.sock.send_multipart([b"ready", json.dumps({"pid": os.getpid()}).encode()])
+            ready = {"pid": os.getpid(), "data": self.listener.address if self.listener else ""}
+            self.sock.send_multipart([b"ready", json.dumps(ready).encode()])
         while True:
             if not self.sock.poll(int(IDLE_RELEASE * 1000)):
                 # Idle: the pool's free pieces and the freed heap go back to the system.
@@ -153,15 +178,58 @@ class Executor:
                 continue
             control: dict[str, Any] = json.loads(self.sock.recv())
             # Into each buffer's final memory: the cell's arrays are built on it.
-            msg = recv_message(self.sock, self.wire, trusted_hop=True)
+            got = recv_start(self.sock, self.wire, trusted_hop=True)
+            msg = self._receive_direct(got, control) if isinstance(got, Incoming) else got
+            if msg is None:
+                continue  # answered already
             try:
                 self.runner.run(msg, str(control["client"]))
             except Exception as exc:  # not the cell's own error: those are its result
                 log.exception("cannot finish cell %s", msg.id[:8])
                 self.runner.fail(msg, str(control["client"]), exc)
+            finally:
+                self._close_data()
             del msg  # its buffers go back to the pool while the executor waits
 
+    def _receive_direct(self, incoming: Incoming, control: dict[str, Any]) -> Message | None:
+        """The cell of ``incoming`` with its buffers read from the data connection, or
+        None when they did not come (the cell is answered with why)."""
+        skeleton = incoming.skeleton()
+        client = str(control["client"])
+        cell = str(skeleton.content.get("request") or skeleton.id)
+        try:
+            ticket = bytes.fromhex(str(control.get("ticket", "")))
+            if self.listener is None or len(ticket) != datapath.TICKET_BYTES:
+                raise TransportError("this executor has no data connection for the cell")
+            aead = datapath.cell_key(self.wire.key, cell, ticket)
+            self._receiving = True
+            try:
+                conn = self.listener.receive(cell, ticket, aead, incoming, wait=DATA_WAIT)
+            finally:
+                self._receiving = False
+            self._data = (cell, conn, aead)
+            return incoming.finish()
+        except (KeyboardInterrupt, TimeoutInterrupt) as exc:
+            timeout = isinstance(exc, TimeoutInterrupt)
+            status = CellStatus.TIMEOUT if timeout else CellStatus.CANCELLED
+            reason = "stopped while its inputs were arriving"
+            self.runner.answer(
+                skeleton, client, {"status": status, "worker": self.runner.worker, "reason": reason}
+            )
+        except (ProtocolError, TransportError, OSError) as exc:
+            log.warning("cell %s: its inputs did not arrive: %s", cell[:8], exc)
+            self.runner.fail(skeleton, client, exc)
+        return None
+
+    def _close_data(self) -> None:
+        if self._data is not None:
+            self._data[1].close()
+            self._data = None
+
     def close(self) -> None:
+        self._close_data()
+        if self.listener is not None:
+            self.listener.close()
         self.channel.close()
         self.sock.close()
         self.ctx.term()
@@ -179,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-memory", type=int, default=0)
     parser.add_argument("--pool-memory", type=int, default=0)
     parser.add_argument("--pool-prefault", action="store_true")
+    parser.add_argument("--data-bind", default="")  # tcp://host or ipc://path: direct data
     parser.add_argument("--fault", action="append", default=[])
     args = parser.parse_args(argv)
     key = bytes.fromhex(sys.stdin.readline().strip())
@@ -205,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         memory_limit=args.memory_budget,
         session_memory=args.session_memory,
         cache_memory=args.cache_memory,
+        data_bind=args.data_bind,
     )
     try:
         executor.serve()

@@ -50,6 +50,7 @@ class ExecutorHandle:
     last_used: float = field(default_factory=time.monotonic)
     stopping: bool = False
     output: child_output.ChildOutput | None = None  # its stdout/stderr, into the log
+    data: str = ""  # where it takes direct data connections (datapath.py), if it does
 
     @property
     def pid(self) -> int:
@@ -109,6 +110,9 @@ class ExecutorPool:
         self._spawning = 0  # executors being started, not registered yet
         self._by_slot: dict[tuple[str, tuple[str, ...]], ExecutorHandle] = {}
         self._watchers: set[asyncio.Task[None]] = set()
+        # Where executors listen for direct data: "tcp://host:0" (the service's
+        # interface), "ipc" (a socket in the private directory), or "" (they do not).
+        self.data_bind = ""
 
     def get(self, executor_id: str) -> ExecutorHandle | None:
         return self._by_id.get(executor_id)
@@ -237,6 +241,9 @@ class ExecutorPool:
         # The cell's GPUs in the host's (nvidia-smi) numbering, for the curious cell.
         env["LAN2GPU_CELL_GPUS"] = ",".join(map(str, gpus))
         executor_id = new_id()
+        data = self.data_bind
+        if data == "ipc":
+            data = f"ipc://{self._dir}/{executor_id[:12]}.data"
         process, output = await child_output.spawn(
             "executor",
             sys.executable,
@@ -251,6 +258,7 @@ class ExecutorPool:
             "--parent-pid",
             str(os.getpid()),
             *self._extra,
+            *([f"--data-bind={data}"] if data else []),
             stdin=asyncio.subprocess.PIPE,
             env=env,
             # Own process group: a Ctrl-C meant for the service must not hit cells.
@@ -296,10 +304,15 @@ class ExecutorPool:
     def on_ready(self, executor_id: str, info: bytes) -> None:
         handle = self._by_id.get(executor_id)
         if handle is not None and not handle.ready.done():
-            handle.ready.set_result(json.loads(info))
+            ready = json.loads(info)
+            handle.data = str(ready.get("data") or "")
+            handle.ready.set_result(ready)
 
-    async def send_exec(self, handle: ExecutorHandle, client: str, frames: list[Any]) -> None:
-        control = json.dumps({"client": client}).encode()
+    async def send_exec(
+        self, handle: ExecutorHandle, client: str, frames: list[Any], ticket: str = ""
+    ) -> None:
+        """Hand a cell to ``handle``; ``ticket`` (hex) admits its direct data connection."""
+        control = json.dumps({"client": client, "ticket": ticket}).encode()
         await self.sock.send_multipart([handle.id.encode(), b"exec", control, *frames], copy=False)
 
     def signal(self, handle: ExecutorHandle, signum: int) -> None:

@@ -188,6 +188,7 @@ class Handlers:
             "heartbeat": self.s.config.heartbeat,
             "stall_grace": self.s.config.stall_grace,
             "warnings": warnings,
+            "direct_data": bool(self.s.pool.data_bind),
         }
         await self.s.reply(msg, rid, m.WELCOME, dict(welcome))
 
@@ -281,6 +282,11 @@ class Handlers:
         timeout = number(msg.content, "timeout")
         if not isinstance(msg.content.get("code"), str):
             raise BadRequest("execute without code")
+        if msg.direct and not self.s.pool.data_bind:
+            raise BadRequest(
+                "this worker takes no direct data connections (--no-direct-data): "
+                "send the cell's buffers with the request"
+            )
         user = ""
         if self.s.users is not None:  # per-user keys: the user the handshake proved
             user = self.s.users.user(zap_user(frames[0])) if frames else ""
@@ -293,6 +299,7 @@ class Handlers:
             resources=resources,
             frames=list(frames),
             nbytes=msg.nbytes,
+            direct=msg.direct,
             timeout=timeout or None,
             received=time.monotonic(),
         )

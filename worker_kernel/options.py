@@ -155,6 +155,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("--pool-prefault", "fault each executor's pool in when it starts, so its first "
            "cell does not (the pool then counts as held from the start)",
            "LAN2GPU_POOL_PREFAULT", "0", shown="off", kind="flag"),
+    Option("--direct-data", "a large cell's arrays go on a connection of their own, straight "
+           "between the notebook and the executor that runs it, sealed with AES-256-GCM (on "
+           "a port the system picks, on the interface this worker listens on: a firewall "
+           "must let notebooks reach it). --no-direct-data sends everything through this "
+           "worker's own port", "LAN2GPU_DIRECT_DATA", "1", kind="switch"),
     Option("--max-executors", "most session executors kept at once (each holds its "
            "namespace, arrays and GPU memory). To start another, the one idle longest is "
            "stopped, but never one that is busy, was used in the last 5 s, or whose session "

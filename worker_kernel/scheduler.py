@@ -50,6 +50,7 @@ class Cell:
     nbytes: int
     timeout: float | None
     received: float
+    direct: bool = False  # its buffers come on a data connection once it starts
     started: float | None = None
     dequeued: float | None = None  # when it left the queue (its resources were free)
     queue_timer: Any = None  # its --timeout while it waits in the queue

@@ -170,6 +170,8 @@ class WorkerService:
             self.auth = encrypt_shared(self.ctx, self.sock, self._key)
         self.sock.bind(self.config.bind)
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        if self.config.direct_data:
+            self.pool.data_bind = data_bind(self.address)
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stop)
@@ -315,6 +317,15 @@ class WorkerService:
 
     def status(self, detail: bool = False) -> StatusDocument:
         return views.status(self, detail)
+
+
+def data_bind(address: str) -> str:
+    """Where executors listen for direct data, given where the service listens: the
+    same interface on a port the system picks, or a private socket next to an ipc one."""
+    if address.startswith("ipc://"):
+        return "ipc"
+    host = address.removeprefix("tcp://").rpartition(":")[0]
+    return f"tcp://{host}:0" if address.startswith("tcp://") and host else ""
 
 
 def _loopback(address: str) -> bool:

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXTERNAL = {"--kernel": "jupyter console --kernel NAME", "--allow-root": "jupyter server",
             # argv of the worker's own executor subprocess (worker_kernel/executor.py)
             "--connect": "executor", "--identity": "executor", "--memory-budget": "executor",
+            "--data-bind": "executor",
             # Dask's own command lines (dask worker, dask scheduler)
             "--preload": "dask worker", "--scheduler-file": "dask scheduler",
             "--resources": "dask worker",
@@ -196,6 +197,7 @@ SAMPLES = {
     "LAN2GPU_CACHE_MEMORY": "1G",
     "LAN2GPU_POOL_MEMORY": "256M",
     "LAN2GPU_POOL_PREFAULT": "1",
+    "LAN2GPU_DIRECT_DATA": "0",
     "LAN2GPU_MAX_EXECUTORS": "3",
     "LAN2GPU_MAX_KERNELS": "2",
     "LAN2GPU_KERNEL_GRACE": "5",

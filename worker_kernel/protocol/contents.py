@@ -31,6 +31,7 @@ class Welcome(TypedDict, total=False):
     heartbeat: float  # seconds between its heartbeats
     stall_grace: float  # how long a client waits for it while connected but silent
     warnings: list[str]
+    direct_data: bool  # large inputs may come on a direct data connection (datapath.py)
 
 
 class Link(TypedDict):

@@ -110,6 +110,10 @@ class Message:
     digests: list[str] = field(default_factory=list)  # of the buffers, as signed
     declared_bytes: int = 0  # the buffers' total, as signed (also when not assembled)
     codecs: list[str] = field(default_factory=list)  # per buffer, "" or "lz4" (sending)
+    # The buffers travel on a direct data connection, not the socket (datapath.py).
+    direct: bool = False
+    # Received direct: the wire.Incoming that takes its buffers from the connection.
+    arriving: Any = None
 
     @property
     def nbytes(self) -> int:

@@ -18,7 +18,7 @@ import zmq
 from . import buffer_pool, heap
 from .errors import MessageRejected
 from .messages import Message
-from .wire import Wire
+from .wire import Incoming, Wire
 
 _PRELUDE = 5  # magic, version, kind, header, signature
 _TRIM_FROM = 64 << 20  # messages this large return freed frames to the system...
@@ -31,6 +31,17 @@ def recv_message(sock: zmq.Socket[Any], wire: Wire, *, trusted_hop: bool = False
     The whole multipart message is consumed either way, so the socket stays in
     step after a rejection.
     """
+    got = recv_start(sock, wire, trusted_hop=trusted_hop)
+    if isinstance(got, Incoming):
+        raise MessageRejected("a message whose buffers come on a data connection, unasked")
+    return got
+
+
+def recv_start(
+    sock: zmq.Socket[Any], wire: Wire, *, trusted_hop: bool = False
+) -> Message | Incoming:
+    """Like :func:`recv_message`, but a direct message (its buffers declared, not
+    carried: datapath.py) comes back as the :class:`Incoming` that receives them."""
     try:
         prelude = [sock.recv(copy=False)]
         while len(prelude) < _PRELUDE and sock.getsockopt(zmq.RCVMORE):
@@ -42,6 +53,10 @@ def recv_message(sock: zmq.Socket[Any], wire: Wire, *, trusted_hop: bool = False
         if isinstance(incoming, Message):
             if sock.getsockopt(zmq.RCVMORE):
                 raise MessageRejected("an unsigned notice with buffer frames")
+            return incoming
+        if incoming.direct:
+            if sock.getsockopt(zmq.RCVMORE):
+                raise MessageRejected("a direct message carries buffer frames on the socket")
             return incoming
         # Frames are given back as they are copied (see below), unless the message
         # fits the pool: then the heap keeps them for the next one (buffer_pool.py).

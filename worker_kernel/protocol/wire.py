@@ -213,6 +213,15 @@ class Wire:
         """Frames for ``msg``, signature included (buffers are not copied unless
         compressed). ``msg.digests`` and ``msg.codecs``, if given, must match
         ``msg.buffers``: digests already computed are not computed again."""
+        signed, data = self.encode_parts(msg)
+        return signed + data
+
+    def encode_parts(self, msg: Message) -> tuple[list[Buffer], list[Buffer]]:
+        """The frames of ``msg`` for its socket, and those for its direct data
+        connection: none unless ``msg.direct``, and then all its buffer frames, which
+        the signed header declares (``"direct": true``) but the socket does not carry
+        (datapath.py). A header that spills to an extension sends everything on the
+        socket (the header then says nothing of a direct path)."""
         declared: list[list[Any]] = []
         frames: list[Buffer] = []
         given = len(msg.digests) == len(msg.buffers)
@@ -235,8 +244,13 @@ class Wire:
             "content": msg.content,
             "buffers": declared,
         }
+        if msg.direct:
+            header["direct"] = True
         encoded = json.dumps(header, separators=(",", ":")).encode()
+        direct = msg.direct
         if len(encoded) > SPILL_BYTES:
+            direct = False
+            header.pop("direct", None)
             extension = json.dumps(
                 {"content": msg.content, "buffers": declared}, separators=(",", ":")
             ).encode()
@@ -252,7 +266,10 @@ class Wire:
             encoded = json.dumps(header, separators=(",", ":")).encode()
             frames[:0] = ext_frames
         prelude: list[Buffer] = [MAGIC, _VERSION_FRAME, msg.kind.encode(), encoded]
-        return [*prelude, _mac(self.key, prelude), *frames]
+        signed = [*prelude, _mac(self.key, prelude)]
+        if direct:
+            return signed, frames
+        return signed + frames, []
 
     @staticmethod
     def encode_notice(
@@ -313,6 +330,10 @@ class Wire:
                 )
             declared = self._extend(header, b"".join(frames_in), verify=not trusted_hop)
             rest = rest[count:]
+        if header.get("direct"):  # the buffers come on the data connection
+            if rest:
+                raise MessageRejected("a direct message carries buffer frames on the socket")
+            return self._message(header, declared, total, [], trusted_hop)
         buffers = self._buffers(declared, rest, not trusted_hop, assemble)
         return self._message(header, declared, total, buffers, trusted_hop)
 
@@ -359,6 +380,7 @@ class Wire:
             sent=header["sent"],
             digests=[str(entry[1]) for entry in declared],
             declared_bytes=total,
+            direct=bool(header.get("direct")),
         )
 
     def begin(self, prelude: Sequence[Buffer], *, trusted_hop: bool = False) -> Incoming | Message:
@@ -524,6 +546,7 @@ class Incoming:
         else:
             self._plan()
         self.nbytes = total
+        self.direct = bool(header.get("direct"))  # the frames come on the data connection
         self._next = 0
 
     def _plan(self) -> None:
@@ -543,6 +566,11 @@ class Incoming:
             self._buffers.append(memory)
             view = memoryview(memory)
             self._targets += [view[k : k + CHUNK] for k in range(0, nbytes, CHUNK)] or [view]
+
+    def skeleton(self) -> Message:
+        """The message without its buffers: a direct one's, or to answer a cell whose
+        buffers never came. Its id counts as received (the signature checked out)."""
+        return self._wire._message(self._header, self._declared, self._total, [], self._trusted)
 
     def targets(self) -> Iterator[memoryview | None]:
         """Where each frame goes, in order; each must be passed to :meth:`received`
@@ -590,7 +618,9 @@ class Incoming:
             if sum(c.nbytes for c in chunks) != nbytes:
                 raise MessageRejected(f"buffer {i} does not match the {nbytes} bytes declared")
             self._buffers[i] = chunks[0] if len(chunks) == 1 else _join(chunks, nbytes)
-        if not self._trusted:
+        # A direct message's bytes came sealed (datapath.py): every one already
+        # authenticated, under a key only holders of the shared key derive.
+        if not (self._trusted or self.direct):
             for i, (buffer, entry) in enumerate(zip(self._buffers, self._declared, strict=True)):
                 nbytes = memoryview(buffer).nbytes
                 threads = blake3.blake3.AUTO if nbytes >= _PARALLEL_HASH_BYTES else 1
@@ -683,6 +713,8 @@ def _parse_header(frame: memoryview) -> dict[str, Any]:
             and not header["buffers"]
         ):
             raise MessageRejected("header extension entry is malformed")
+    if "direct" in header and (header["direct"] is not True or "ext" in header):
+        raise MessageRejected("header field 'direct' is malformed")
     return header
 
 

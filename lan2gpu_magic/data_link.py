@@ -1,0 +1,118 @@
+"""The notebook's end of a cell's direct data connection (worker_kernel/protocol/datapath.py).
+
+A large cell's request goes to the worker with its buffers declared, not carried. When
+the worker says the cell started, its ``started`` names the executor's data endpoint
+and a one-cell ticket: :meth:`DataLink.open` connects there, :meth:`DataLink.send`
+streams the inputs sealed, and when the result's signed prelude arrives with its
+buffers declared the same way, :meth:`DataLink.receive` reads them from the same
+connection into this process's receive pool. Whoever opens a link closes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable, Sequence
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from worker_kernel.protocol import datapath
+from worker_kernel.protocol.errors import (
+    AuthenticationError,
+    ProtocolError,
+    TransportError,
+    WorkerLost,
+)
+from worker_kernel.protocol.messages import Buffer, Message
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT = 10.0  # seconds to open a cell's data connection to its executor
+
+
+class DataLink:
+    """One cell's data connection: inputs out, the result's buffers in."""
+
+    def __init__(
+        self, sock: socket.socket | None, aead: AESGCM | None, ticket: bytes, where: str
+    ) -> None:
+        self.sock = sock
+        self._aead, self._ticket, self.where = aead, ticket, where
+
+    @classmethod
+    def gone(cls) -> DataLink:
+        """A link that never opened (a result refetched, or sent again after a reconnect)."""
+        return cls(None, None, b"", "")
+
+    @classmethod
+    def open(
+        cls, worker: str, address: str, key: bytes, cell: str, started: dict[str, str]
+    ) -> DataLink:
+        """Connect to the data endpoint ``started`` names, for ``cell`` of the worker
+        named ``worker`` that this client reaches at ``address``."""
+        endpoint = started.get("endpoint", "")
+        if endpoint.startswith("tcp://") and address.startswith("tcp://"):
+            # The executor listens on the interface the worker does: reach it the same way.
+            port = endpoint.rpartition(":")[2]
+            endpoint = f"{address.rpartition(':')[0]}:{port}"
+        try:
+            ticket = bytes.fromhex(started.get("ticket", ""))
+            target = datapath.Endpoint(endpoint)
+        except ValueError as exc:
+            raise ProtocolError(f"worker {worker} sent a bad data endpoint: {exc}") from None
+        try:
+            sock = target.connect(timeout=CONNECT_TIMEOUT)
+        except OSError as exc:
+            raise TransportError(
+                f"cannot open the data connection of the cell to worker {worker} at "
+                f"{endpoint}: {exc}. If a firewall blocks that port, start the worker with "
+                "--no-direct-data, or set LAN2GPU_DIRECT_DATA=0 in this notebook's "
+                "environment: the inputs then go through the worker's own port"
+            ) from None
+        sock.settimeout(datapath.IDLE)
+        return cls(sock, datapath.cell_key(key, cell, ticket), ticket, endpoint)
+
+    def send(self, frames: Sequence[Buffer], stop: Callable[[], bool]) -> None:
+        """Send the inputs. A broken connection is not raised: the executor answers
+        the cell (it died, or its inputs were cut short), and that answer says more."""
+        if self.sock is None or self._aead is None:
+            return
+        try:
+            if not datapath.send_frames(self.sock, self._aead, self._ticket, frames, stop=stop):
+                self.close()  # stopped (Ctrl-C): the cancel follows
+        except OSError as exc:
+            log.debug("the data connection %s broke while sending: %s", self.where, exc)
+            self.close()
+
+    def receive(self, reply: Message, worker: str) -> Message:
+        """``reply`` (a result whose buffers come on this connection) with its buffers."""
+        incoming = reply.arriving
+        if self.sock is None or self._aead is None or incoming is None:
+            raise WorkerLost(
+                f"the result's arrays were to come from worker {worker} on the cell's data "
+                "connection, which is closed; run the cell again",
+                gone=False,
+            )
+        try:
+            if not datapath.receive_frames(self.sock, self._aead, incoming, datapath.DOWN):
+                raise AuthenticationError(
+                    f"the result's arrays from worker {worker} failed authentication on "
+                    "the data connection"
+                )
+            return incoming.finish()  # type: ignore[no-any-return]
+        except (OSError, TransportError) as exc:
+            raise WorkerLost(
+                f"the data connection to worker {worker} broke while the result's arrays "
+                f"came ({exc}); run the cell again",
+                gone=False,
+            ) from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+__all__ = ["DataLink"]
