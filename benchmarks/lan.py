@@ -286,7 +286,10 @@ def table_lan(results: list[LanResult] | BaseException | str, nbytes: int) -> Ta
             faults = result.faults.get(key)
             fresh = "/".join(f"{f:.0f}" for f in faults) if faults else None
             if isinstance(stats, str):
-                table.add(result.rate, label, code, security, f"{floor:.2f}", f"error ({stats})")
+                table.add(
+                    result.rate, label, code, security, f"{floor:.2f}", f"error ({stats})",
+                    "", "", "",
+                )  # fmt: skip
                 continue
             table.add(
                 result.rate,

@@ -44,7 +44,7 @@ from worker_kernel.protocol.serialize import Payload
 
 from . import pipeline, results
 from .connection import Connection, WorkerInfo, curve_keys
-from .data_link import DataLink
+from .data_link import DataLink, DataPortUnreachable
 from .liveness import ANSWERING, STALLED, CellWait, NotConfirmed, Step, Timing
 from .replies import error_of
 from .request import ExecuteRequest, OutputHandlers
@@ -273,7 +273,21 @@ class Client:
 
         def send(msg: Message) -> Message:
             data = self.connection.send(msg)
-            return self.wait(msg, handlers, request.timeout, request.cancel, data)
+            try:
+                return self.wait(msg, handlers, request.timeout, request.cancel, data)
+            except DataPortUnreachable as exc:
+                # The cell was cancelled unrun (its inputs never left): send it again,
+                # everything through the worker's port, as every later cell on this link.
+                self.uploads.direct = False
+                handlers.stream(
+                    "stderr",
+                    f"lan2gpu: {exc}; sending arrays through the worker's own port from now "
+                    "on (open the worker's data ports in the firewall, or start it with "
+                    "--no-direct-data, to avoid this wait)\n",
+                )
+                again = self.uploads.relayed(msg)
+                self.connection.send(again)
+                return self.wait(again, handlers, request.timeout, request.cancel)
 
         return self.uploads.exchange(request, payload, send)
 
@@ -346,10 +360,8 @@ class Client:
                 data[:] = conn.send(msg) or data  # a resent request: its own frames
             for kind, content in step.shown:
                 handlers.show(kind, content)
-            if step.upload is not None and data:
+            if step.upload is not None and data and link is None:  # once: a resent "started"
                 cell = str(wait.request.content.get("request") or wait.request.id)
-                if link is not None:
-                    link.close()
                 link = DataLink.open(self.info.name, self.address, conn.key, cell, step.upload)
                 link.send(data, flag.requested)
                 wait.sent_inputs(self._clock())

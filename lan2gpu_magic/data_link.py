@@ -27,29 +27,32 @@ from worker_kernel.protocol.messages import Buffer, Message
 
 log = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 10.0  # seconds to open a cell's data connection to its executor
+CONNECT_TIMEOUT = 5.0  # seconds to open a cell's data connection and be admitted
+
+
+class DataPortUnreachable(Exception):
+    """The executor's data port cannot be reached (a firewall?). Internal: the client
+    resends the cell through the worker's own port and stops using direct data."""
 
 
 class DataLink:
     """One cell's data connection: inputs out, the result's buffers in."""
 
-    def __init__(
-        self, sock: socket.socket | None, aead: AESGCM | None, ticket: bytes, where: str
-    ) -> None:
+    def __init__(self, sock: socket.socket | None, aead: AESGCM | None, where: str) -> None:
         self.sock = sock
-        self._aead, self._ticket, self.where = aead, ticket, where
+        self._aead, self.where = aead, where
 
     @classmethod
     def gone(cls) -> DataLink:
         """A link that never opened (a result refetched, or sent again after a reconnect)."""
-        return cls(None, None, b"", "")
+        return cls(None, None, "")
 
     @classmethod
     def open(
         cls, worker: str, address: str, key: bytes, cell: str, started: dict[str, str]
     ) -> DataLink:
-        """Connect to the data endpoint ``started`` names, for ``cell`` of the worker
-        named ``worker`` that this client reaches at ``address``."""
+        """Connect to the data endpoint ``started`` names and be admitted, for ``cell``
+        of the worker named ``worker`` that this client reaches at ``address``."""
         endpoint = started.get("endpoint", "")
         if endpoint.startswith("tcp://") and address.startswith("tcp://"):
             # The executor listens on the interface the worker does: reach it the same way.
@@ -57,29 +60,36 @@ class DataLink:
             endpoint = f"{address.rpartition(':')[0]}:{port}"
         try:
             ticket = bytes.fromhex(started.get("ticket", ""))
+            if len(ticket) != datapath.TICKET_BYTES:
+                raise ValueError(f"a ticket of {len(ticket)} bytes")
             target = datapath.Endpoint(endpoint)
         except ValueError as exc:
             raise ProtocolError(f"worker {worker} sent a bad data endpoint: {exc}") from None
         try:
             sock = target.connect(timeout=CONNECT_TIMEOUT)
         except OSError as exc:
+            raise DataPortUnreachable(
+                f"cannot reach the data port of worker {worker} at {endpoint} ({exc})"
+            ) from None
+        try:
+            datapath.answer_challenge(sock, ticket)
+        except (OSError, TransportError) as exc:
+            sock.close()
             raise TransportError(
-                f"cannot open the data connection of the cell to worker {worker} at "
-                f"{endpoint}: {exc}. If a firewall blocks that port, start the worker with "
-                "--no-direct-data, or set LAN2GPU_DIRECT_DATA=0 in this notebook's "
-                "environment: the inputs then go through the worker's own port"
+                f"worker {worker} did not admit the cell's data connection at {endpoint}: {exc}"
             ) from None
         sock.settimeout(datapath.IDLE)
-        return cls(sock, datapath.cell_key(key, cell, ticket), ticket, endpoint)
+        return cls(sock, datapath.cell_key(key, cell, ticket), endpoint)
 
     def send(self, frames: Sequence[Buffer], stop: Callable[[], bool]) -> None:
         """Send the inputs. A broken connection is not raised: the executor answers
-        the cell (it died, or its inputs were cut short), and that answer says more."""
+        the cell (it died, or its inputs were cut short), and that answer says more.
+        ``stop()`` (a Ctrl-C) ends the stream early with the connection left open: the
+        cancel that follows is what the executor answers."""
         if self.sock is None or self._aead is None:
             return
         try:
-            if not datapath.send_frames(self.sock, self._aead, self._ticket, frames, stop=stop):
-                self.close()  # stopped (Ctrl-C): the cancel follows
+            datapath.send_frames(self.sock, self._aead, frames, stop=stop)
         except OSError as exc:
             log.debug("the data connection %s broke while sending: %s", self.where, exc)
             self.close()
@@ -94,12 +104,10 @@ class DataLink:
                 gone=False,
             )
         try:
-            if not datapath.receive_frames(self.sock, self._aead, incoming, datapath.DOWN):
-                raise AuthenticationError(
-                    f"the result's arrays from worker {worker} failed authentication on "
-                    "the data connection"
-                )
+            datapath.receive_frames(self.sock, self._aead, incoming, datapath.DOWN)
             return incoming.finish()  # type: ignore[no-any-return]
+        except AuthenticationError as exc:
+            raise AuthenticationError(f"the result's arrays from worker {worker}: {exc}") from None
         except (OSError, TransportError) as exc:
             raise WorkerLost(
                 f"the data connection to worker {worker} broke while the result's arrays "
@@ -115,4 +123,4 @@ class DataLink:
             self.sock = None
 
 
-__all__ = ["DataLink"]
+__all__ = ["DataLink", "DataPortUnreachable"]

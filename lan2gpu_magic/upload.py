@@ -126,6 +126,15 @@ class Uploads:
         msg.content["request"] = msg.id
         return msg
 
+    def relayed(self, msg: Message) -> Message:
+        """``msg`` again as a new request, its buffers carried on the socket."""
+        again = self.connection.message(
+            msg.kind, dict(msg.content), buffers=msg.buffers, session=msg.session
+        )
+        again.digests, again.codecs = msg.digests, msg.codecs
+        again.content["request"] = again.id
+        return again
+
     def exchange(
         self, request: ExecuteRequest, payload: Payload, send: Callable[[Message], Message]
     ) -> RunResult:

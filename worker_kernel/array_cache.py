@@ -76,11 +76,10 @@ class ArrayCache:
 
     def shed(self, pool: BufferPool, nbytes: int) -> None:
         """Let go of the entries held in ``pool``, least recently used first, until it
-        has ``nbytes`` free in one piece of pages touched before: a new input needs the
-        room more than an old one that may never come back (the client sends it again
-        if it does), and fresh pages cost more than the copy (buffer_pool.py)."""
+        has ``nbytes`` free in one piece: a new input needs the room more than an old
+        one that may never come back (the client sends it again if it does)."""
         for checksum in [c for c, buf in self._entries.items() if pool.holds(buf)]:
-            if pool.largest_free(resident=True) >= nbytes:
+            if pool.largest_free() >= nbytes:
                 return
             self._bytes -= memoryview(self._entries.pop(checksum)).nbytes
 

@@ -15,6 +15,8 @@ from .protocol.units import memory_size
 
 FAULTS = {
     "drop-first-result": "the first result is not sent (the client must fetch it again)",
+    "closed-data-port": "executors name a closed port as their data endpoint (as behind "
+    "a firewall: the client must send the arrays through the worker's port)",
     "poison-hook": "cells get lan2gpu_poison_context(), which acts like a CUDA error "
     "that leaves the GPU context unusable",
 }

@@ -200,7 +200,7 @@ class Dispatcher:
         if cell.direct:
             # Its notebook is told where to send the inputs, and with what ticket.
             ticket = datapath.new_ticket().hex()
-            started["data"] = {"endpoint": handle.data, "ticket": ticket}
+            cell.data = started["data"] = {"endpoint": handle.data, "ticket": ticket}
         cell.announce = (started, timer)
         try:
             await self.pool.send_exec(handle, cell.client, cell.frames, ticket)

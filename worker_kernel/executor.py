@@ -123,6 +123,7 @@ class Executor:
         # The running cell's data connection: its result's buffers go back on it.
         self._data: tuple[str, socket.socket, AESGCM] | None = None
         self._deferred: type[BaseException] | None = None
+        self.closed_data_port = False  # the closed-data-port test fault
 
     def send(self, msg: Message) -> None:
         data = self._data
@@ -137,8 +138,10 @@ class Executor:
             finally:
                 self._main_sending = False
         if direct and data is not None:  # the notebook reads them once it has the above
+            self._data = None  # one result per connection: its nonces are used up
             try:
-                datapath.send_frames(data[1], data[2], b"", direct, direction=datapath.DOWN)
+                with data[1]:
+                    datapath.send_frames(data[1], data[2], direct, direction=datapath.DOWN)
             except OSError as exc:
                 log.warning("cell %s: its result's buffers did not go back: %s", data[0][:8], exc)
         deferred, self._deferred = self._deferred, None
@@ -161,9 +164,13 @@ class Executor:
         signal.signal(signal.SIGINT, self._interrupt)
         signal.signal(signal.SIGUSR1, self._interrupt)
         with self.lock:
-            ready = {"pid": os.getpid(), "data": self.listener.address if self.listener else ""}
+            data = self.listener.address if self.listener else ""
+            if data.startswith("tcp://") and self.closed_data_port:  # test fault: a firewall
+                data = data.rpartition(":")[0] + ":1"
+            ready = {"pid": os.getpid(), "data": data}
             self.sock.send_multipart([b"ready", json.dumps(ready).encode()])
         while True:
+            self._receiving = False  # also after a signal that cut its reset short
             if not self.sock.poll(int(IDLE_RELEASE * 1000)):
                 # Idle: the pool's free pieces and the freed heap go back to the system.
                 buffer_pool.current().release_free()
@@ -207,8 +214,13 @@ class Executor:
                 conn = self.listener.receive(cell, ticket, aead, incoming, wait=DATA_WAIT)
             finally:
                 self._receiving = False
+            try:
+                msg = incoming.finish()
+            except BaseException:
+                conn.close()
+                raise
             self._data = (cell, conn, aead)
-            return incoming.finish()
+            return msg
         except (KeyboardInterrupt, TimeoutInterrupt) as exc:
             timeout = isinstance(exc, TimeoutInterrupt)
             status = CellStatus.TIMEOUT if timeout else CellStatus.CANCELLED
@@ -276,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         cache_memory=args.cache_memory,
         data_bind=args.data_bind,
     )
+    executor.closed_data_port = "closed-data-port" in args.fault
     try:
         executor.serve()
     finally:

@@ -247,9 +247,12 @@ class Handlers:
         if cell.announce is not None:  # "started" was still to come: it goes now, once
             await self.s.dispatcher.announce(cell)
         elif cell.started is not None:
+            content: dict[str, Any] = {"gpus": cell.gpus}
+            if cell.data:  # where its inputs go, should the first word have been lost
+                content["data"] = cell.data
             started = Message(
                 kind=m.STARTED,
-                content={"gpus": cell.gpus},
+                content=content,
                 session=cell.session,
                 parent=cell.id,  # the request's id, not this retry's
                 to=cell.client,

@@ -51,6 +51,7 @@ class Cell:
     timeout: float | None
     received: float
     direct: bool = False  # its buffers come on a data connection once it starts
+    data: dict[str, str] | None = None  # that connection's endpoint and ticket, once started
     started: float | None = None
     dequeued: float | None = None  # when it left the queue (its resources were free)
     queue_timer: Any = None  # its --timeout while it waits in the queue

@@ -321,7 +321,8 @@ class WorkerService:
 
 def data_bind(address: str) -> str:
     """Where executors listen for direct data, given where the service listens: the
-    same interface on a port the system picks, or a private socket next to an ipc one."""
+    same interface on a port the system picks, or, for an ``ipc://`` service (this user
+    on this host only), a socket in the executors' private directory."""
     if address.startswith("ipc://"):
         return "ipc"
     host = address.removeprefix("tcp://").rpartition(":")[0]

@@ -24,6 +24,7 @@ import pytest
 
 from lan2gpu_magic import connect
 from lan2gpu_magic.client import Client
+from lan2gpu_magic.request import OutputHandlers
 from worker_kernel.protocol import datapath
 from worker_kernel.protocol import messages as m
 from worker_kernel.protocol.errors import ExecutorDied
@@ -90,6 +91,12 @@ class Cell:
     def connect(self) -> socket.socket:
         return self.endpoint.connect(10)
 
+    def admitted(self) -> socket.socket:
+        """A connection that answered its challenge, as the notebook does."""
+        sock = self.connect()
+        datapath.answer_challenge(sock, self.ticket)
+        return sock
+
 
 @pytest.fixture
 def peer(shared_worker) -> Iterator[RawPeer]:
@@ -102,9 +109,13 @@ def _shut_out(sock: socket.socket, timeout: float = 10.0) -> bool:
     """Whether the worker closed ``sock`` (without waiting for what we would send)."""
     sock.settimeout(timeout)
     try:
-        return sock.recv(1) == b""
+        while sock.recv(4096):  # its challenge, perhaps: then the end
+            pass
     except ConnectionResetError:  # closed with our bytes unread
-        return True
+        pass
+    except TimeoutError:
+        return False
+    return True
 
 
 def _sent(sock: socket.socket, records: list[bytes]) -> bool:
@@ -124,7 +135,7 @@ def test_large_arrays_go_straight_to_the_executor_and_back(client: Client, monke
     send, receive = datapath.send_frames, datapath.receive_frames
 
     def counting_send(*args: Any, **kw: Any) -> bool:
-        sent.append(len(args[3]))
+        sent.append(len(args[2]))
         return send(*args, **kw)
 
     def counting_receive(*args: Any, **kw: Any) -> bool:
@@ -184,49 +195,56 @@ def test_a_queued_cell_holds_no_input_memory_on_the_worker(worker_factory) -> No
     assert peak[0] - baseline < 24 * MiB, f"service grew by {(peak[0] - baseline) >> 20} MiB"
 
 
-def test_a_peer_without_the_ticket_is_shut_out_and_the_cell_still_runs(
+def test_peers_without_the_ticket_are_shut_out_and_the_cell_still_runs(
     shared_worker, peer, tmp_path
 ) -> None:
     marker = tmp_path / "ran"
     cell = Cell(shared_worker, peer, marker)
-    with cell.connect() as stranger:  # no ticket: closed after its first 36 bytes
+    with cell.connect() as stranger:  # garbage for an answer: closed at once
         stranger.sendall(os.urandom(4096))
         assert _shut_out(stranger)
-    with cell.connect() as idle:  # says nothing: closed after the ticket's wait
-        assert _shut_out(idle, timeout=3 * datapath.TICKET_WAIT)
-    with cell.connect() as notebook:
-        notebook.sendall(datapath.TICKET_MAGIC + cell.ticket + b"".join(cell.records()))
+    idle = cell.connect()  # connects and says nothing: holds up nobody
+    with cell.connect() as replay:  # an answer to another connection's challenge
+        replay.recv(datapath.CHALLENGE_BYTES)
+        replay.sendall(datapath.hello(cell.ticket, bytes(datapath.CHALLENGE_BYTES)))
+        assert _shut_out(replay)
+    assert not marker.exists()
+    with cell.admitted() as notebook:
+        notebook.sendall(b"".join(cell.records()))
         assert cell.until(m.RESULT)["status"] == "ok"
     assert marker.exists()  # the real stream arrived and ran
+    assert _shut_out(idle)
+    idle.close()
 
 
-def test_another_cells_ticket_or_stream_is_refused(shared_worker, peer, tmp_path) -> None:
+def test_a_recorded_connection_does_not_get_in_again(shared_worker, peer, tmp_path) -> None:
     first = Cell(shared_worker, peer, tmp_path / "first")
-    recorded = datapath.TICKET_MAGIC + first.ticket + b"".join(first.records())
     with first.connect() as notebook:
-        notebook.sendall(recorded)
+        challenge = notebook.recv(datapath.CHALLENGE_BYTES)
+        answer = datapath.hello(first.ticket, challenge)
+        notebook.sendall(answer + b"".join(first.records()))
         assert first.until(m.RESULT)["status"] == "ok"
     marker = tmp_path / "second"
     second = Cell(shared_worker, peer, marker)
-    with second.connect() as replay:  # the first cell's stream, ticket and all
-        replay.sendall(recorded[:4096])
-        assert _shut_out(replay)
-    with second.connect() as spliced:  # the right ticket, the first cell's records
-        spliced.sendall(datapath.TICKET_MAGIC + second.ticket + first.records()[0])
-        assert _shut_out(spliced)
+    for recorded in (answer, datapath.hello(second.ticket, challenge)):
+        with second.connect() as replay:  # what went on the wire, sent again
+            replay.sendall(recorded + first.records()[0])
+            assert _shut_out(replay)
     assert not marker.exists()
-    with second.connect() as notebook:
-        notebook.sendall(datapath.TICKET_MAGIC + second.ticket + b"".join(second.records()))
+    with second.admitted() as notebook:
+        notebook.sendall(b"".join(second.records()))
         assert second.until(m.RESULT)["status"] == "ok"
     assert marker.exists()
 
 
-@pytest.mark.parametrize("spoil", ["flip", "swap", "drop", "cut"])
+@pytest.mark.parametrize("spoil", ["flip", "swap", "drop", "cut", "other-cell"])
 def test_a_spoiled_stream_fails_the_cell_unpickled(shared_worker, peer, tmp_path, spoil) -> None:
     marker = tmp_path / "unpickled"
     cell = Cell(shared_worker, peer, marker)
     records = cell.records()
-    if spoil == "flip":
+    if spoil == "other-cell":  # the right bytes, sealed under another cell's key
+        records = cell.records(datapath.cell_key(shared_worker.key, "other", cell.ticket))
+    elif spoil == "flip":
         spoiled = bytearray(records[-1])
         spoiled[len(spoiled) // 2] ^= 0x10
         records[-1] = bytes(spoiled)
@@ -236,14 +254,14 @@ def test_a_spoiled_stream_fails_the_cell_unpickled(shared_worker, peer, tmp_path
         del records[-2]
     else:
         records[-1] = records[-1][: len(records[-1]) // 2]
-    with cell.connect() as notebook:
-        notebook.sendall(datapath.TICKET_MAGIC + cell.ticket + b"".join(records))
+    with cell.admitted() as notebook:
+        notebook.sendall(b"".join(records))
         if spoil in ("cut", "drop"):
             notebook.shutdown(socket.SHUT_WR)  # then nothing more comes
         result = cell.until(m.RESULT)
     assert result["status"] == "error"
     evalue = result["error"]["evalue"]
-    why = "closed after" if spoil in ("cut", "drop") else "failed authentication"
+    why = "closed after" if spoil == "cut" else "failed authentication"
     assert why in evalue, evalue
     assert not marker.exists(), "a spoiled stream was unpickled"
     assert "inputs did not arrive" in shared_worker.log()
@@ -255,8 +273,8 @@ def test_an_executor_killed_mid_transfer_is_reported_and_the_worker_serves(
 ) -> None:
     cell = Cell(shared_worker, peer, tmp_path / "never", nbytes=16 * MiB)
     records = cell.records()
-    with cell.connect() as notebook:
-        notebook.sendall(datapath.TICKET_MAGIC + cell.ticket + b"".join(records[:4]))
+    with cell.admitted() as notebook:
+        notebook.sendall(b"".join(records[:4]))
         os.kill(cell.pid, signal.SIGKILL)
         assert not _sent(notebook, records[4:])  # the executor's end is gone
         result = cell.until(m.RESULT)
@@ -315,3 +333,18 @@ def test_a_lost_direct_result_is_fetched_again_not_rerun(worker_factory, tmp_pat
         assert time.monotonic() - t0 < 15
     assert ran.read_text() == "x"  # once
     assert "fault injection: dropped the result" in worker.log()
+
+
+def test_a_data_port_behind_a_firewall_falls_back_to_the_workers_port(worker_factory) -> None:
+    worker = worker_factory("walled", "--fault", "closed-data-port")
+    told: list[str] = []
+    handlers = OutputHandlers(stream=lambda name, text: told.append(text))
+    with connect(worker.address, key_file=worker.key_file) as c:
+        for i in range(2):
+            a = np.random.default_rng(i).random(2 * MiB // 8)
+            ns = {"a": a}
+            c.run("b = a * 3", ns, handlers=handlers)
+            assert np.array_equal(ns["b"], a * 3)
+    # Said once, with what to do; the second cell went through the port at once.
+    assert len(told) == 1 and "through the worker's own port" in told[0], told
+    assert "--no-direct-data" in told[0]

@@ -77,10 +77,10 @@ def test_sealed_frames_land_in_their_buffers_raw_and_compressed(pair) -> None:
     signed, frames = _direct([raw, squeezable], codecs=["", "lz4"])
     assert len(signed) == 5 and len(frames) == 4 + 4  # the socket carries the prelude only
     aead = datapath.cell_key(KEY, "cell", b"t" * 32)
-    sender = threading.Thread(target=datapath.send_frames, args=(pair[0], aead, b"", frames))
+    sender = threading.Thread(target=datapath.send_frames, args=(pair[0], aead, frames))
     sender.start()
     incoming = _incoming(signed)
-    assert datapath.receive_frames(pair[1], aead, incoming)
+    datapath.receive_frames(pair[1], aead, incoming)
     sender.join()
     msg = incoming.finish()
     assert [bytes(b) for b in msg.buffers] == [raw, squeezable]
@@ -110,15 +110,15 @@ def test_a_record_that_does_not_open_fails_the_stream(pair, spoil) -> None:
         datapath.receive_frames(pair[1], aead, _incoming(signed))
 
 
-def test_a_first_record_that_does_not_open_admits_nothing(pair) -> None:
+def test_a_first_record_under_another_key_is_refused(pair) -> None:
     data = np.random.default_rng(2).bytes(2 * CHUNK)
     signed, frames = _direct([data])
     wrong = datapath.cell_key(secrets.token_bytes(32), "cell", b"t" * 32)  # another key
     _send_later(pair[0], _records(wrong, frames))
-    incoming = _incoming(signed)
-    assert not datapath.receive_frames(pair[1], datapath.cell_key(KEY, "cell", b"t" * 32), incoming)
-    with pytest.raises(MessageRejected):  # nothing was taken as received
-        incoming.finish()
+    with pytest.raises(AuthenticationError, match="record 0"):
+        datapath.receive_frames(
+            pair[1], datapath.cell_key(KEY, "cell", b"t" * 32), _incoming(signed)
+        )
 
 
 def test_a_record_of_another_length_than_declared_is_refused(pair) -> None:
@@ -150,34 +150,41 @@ def test_each_cell_and_ticket_has_its_own_key() -> None:
     assert one != datapath.cell_key(secrets.token_bytes(32), "a", ticket).encrypt(nonce, data, b"")
 
 
-def test_the_listener_admits_only_its_ticket_and_a_stream_that_opens() -> None:
+def test_the_listener_admits_only_who_answers_its_challenge() -> None:
     data = np.random.default_rng(5).bytes(2 * CHUNK)
     signed, frames = _direct([data])
     ticket = datapath.new_ticket()
     aead = datapath.cell_key(KEY, "cell", ticket)
     listener = datapath.DataListener("tcp://127.0.0.1:0")
     endpoint = datapath.Endpoint(listener.address)
-    closed: list[bool] = []
+    verdicts: list[bool] = []
 
     def shut_out(sock: socket.socket) -> bool:
         try:
-            return sock.recv(1) == b""
+            while sock.recv(4096):  # the challenge, then nothing: closed
+                pass
         except ConnectionResetError:  # closed with our bytes unread
-            return True
+            pass
+        return True
 
     def peers() -> None:
-        # No ticket: closed after its first bytes, before any record is read.
+        # Connects and idles: it holds up nobody, and is closed after HELLO_WAIT.
+        idle = endpoint.connect(5)
+        # Garbage instead of an answer: closed at once.
         with endpoint.connect(5) as stranger:
             stranger.sendall(b"GET / HTTP/1.1\r\n\r\n" * 3)
-            closed.append(shut_out(stranger))
-        # The ticket, but not the key: closed after its first record.
-        with endpoint.connect(5) as sniffer:
-            wrong = datapath.cell_key(secrets.token_bytes(32), "cell", ticket)
-            sniffer.sendall(datapath.TICKET_MAGIC + ticket + _records(wrong, frames)[0])
-            closed.append(shut_out(sniffer))
+            verdicts.append(shut_out(stranger))
+        # An answer recorded from another connection (another challenge): closed.
+        with endpoint.connect(5) as replay:
+            replay.recv(datapath.CHALLENGE_BYTES)
+            replay.sendall(datapath.hello(ticket, bytes(datapath.CHALLENGE_BYTES)))
+            verdicts.append(shut_out(replay))
         with endpoint.connect(5) as notebook:
-            datapath.send_frames(notebook, aead, ticket, frames)
-            closed.append(shut_out(notebook))  # closed by the test when done
+            datapath.answer_challenge(notebook, ticket)
+            datapath.send_frames(notebook, aead, frames)
+            verdicts.append(shut_out(notebook))  # closed by the test when done
+        verdicts.append(shut_out(idle))
+        idle.close()
 
     thread = threading.Thread(target=peers, daemon=True)
     thread.start()
@@ -187,8 +194,8 @@ def test_the_listener_admits_only_its_ticket_and_a_stream_that_opens() -> None:
         conn.close()
     finally:
         listener.close()
-    thread.join(10)
-    assert closed == [True, True, True]
+    thread.join(20)
+    assert verdicts == [True, True, True, True]
     assert bytes(incoming.finish().buffers[0]) == data
 
 
@@ -222,21 +229,21 @@ def test_a_header_that_spills_sends_everything_on_the_socket() -> None:
     assert not Wire(KEY).decode(signed).direct
 
 
-def test_the_pool_reuses_touched_pages_before_fresh_ones() -> None:
+def test_a_superseded_value_gives_its_pool_piece_back() -> None:
     pool = BufferPool(16 * MiB)
     cache = ArrayCache(1 << 30)
-    pool.reclaimers.append(lambda nbytes: cache.shed(pool, nbytes))
-    first = pool.take(4 * MiB)
-    assert first is not None
-    first[:] = b"x" * first.nbytes
-    cache.put(digest(first), first)
-    address = np.frombuffer(first, np.uint8).ctypes.data
-    del first
-    # Room is free further on, but a cached array that may never come back goes
-    # instead, and its (resident) pages take the next buffer.
-    again = pool.take(4 * MiB)
-    assert again is not None and len(cache) == 0
-    assert np.frombuffer(again, np.uint8).ctypes.data == address
+    old = pool.take(4 * MiB)
+    assert old is not None
+    old[:] = b"x" * old.nbytes
+    cache.put(digest(old), old)
+    cache.bind({"a": [digest(old)]})
+    address = np.frombuffer(old, np.uint8).ctypes.data
+    del old
+    assert pool.leased == 4 * MiB  # the cache keeps it for an unchanged `a`
+    cache.bind({"a": ["another value"]})  # `a` changed: the old one goes...
+    assert pool.leased == 0
+    again = pool.take(4 * MiB)  # ...and its resident pages take the next array
+    assert again is not None and np.frombuffer(again, np.uint8).ctypes.data == address
 
 
 def test_a_value_its_name_no_longer_holds_leaves_the_cache() -> None:

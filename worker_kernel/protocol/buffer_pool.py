@@ -69,7 +69,6 @@ class BufferPool:
         self._free: list[tuple[int, int]] = [(0, self.budget)] if self.budget else []
         self._returned: deque[tuple[int, int]] = deque()  # appended by finalizers only
         self._leased = 0
-        self._touched = 0  # the arena below this offset was handed out before: resident
         # Called with the bytes wanted when the pool has no room: each may let go of
         # pieces it keeps (the executor's array cache), and the pool tries again.
         self.reclaimers: list[Callable[[int], None]] = []
@@ -119,16 +118,11 @@ class BufferPool:
         size = _round(nbytes)
         if size > self.budget:
             return None
-        # Pages touched before first, even if a cached array must go for them: in a
-        # VM a fresh page costs more than the copy (and a first one, far more: the
-        # host backs it then), and the cache's arrays come back if asked for.
-        start = self._carve(size, resident=True)
+        start = self._carve(size)
         for reclaim in self.reclaimers:
             if start is not None:
                 break
             reclaim(size)
-            start = self._carve(size, resident=True)
-        if start is None:
             start = self._carve(size)
         if start is None:
             return None
@@ -138,20 +132,11 @@ class BufferPool:
         weakref.finalize(lease, self._returned.append, (start, size)).atexit = False
         return memoryview(lease).cast("B")
 
-    def _carve(self, size: int, *, resident: bool = False) -> int | None:
-        """The start of a piece of ``size`` (``resident``: in pages touched before)."""
+    def _carve(self, size: int) -> int | None:
         with self._lock:
             self._take_returned()
             # First fit: the lowest free piece that is large enough.
-            limit = self._touched if resident else self.budget
-            i = next(
-                (
-                    i
-                    for i, (at, length) in enumerate(self._free)
-                    if length >= size and at + size <= limit
-                ),
-                -1,
-            )
+            i = next((i for i, (_, length) in enumerate(self._free) if length >= size), -1)
             if i < 0:
                 return None
             start, length = self._free[i]
@@ -160,7 +145,6 @@ class BufferPool:
             else:
                 self._free[i] = (start + size, length - size)
             self._leased += size
-            self._touched = max(self._touched, start + size)
             return start
 
     def _take_returned(self) -> None:
@@ -188,13 +172,11 @@ class BufferPool:
             return False
         return self._base <= address < self._base + self.budget
 
-    def largest_free(self, *, resident: bool = False) -> int:
-        """The largest buffer :meth:`take` can give now (``resident``: in pages
-        touched before)."""
+    def largest_free(self) -> int:
+        """The largest buffer :meth:`take` can give now."""
         with self._lock:
             self._take_returned()
-            limit = self._touched if resident else self.budget
-            return max((min(length, limit - at) for at, length in self._free), default=0)
+            return max((length for _, length in self._free), default=0)
 
     def release_free(self) -> int:
         """Give the pages of every free piece back to the system (an idle process);

@@ -6,28 +6,32 @@ does everything else: the handshake, the signature, the queue, the memory check,
 executor runs it. When the cell starts, the service draws a fresh 256-bit *ticket* and
 hands it to the executor (over the private ``ipc://`` socket) and to the notebook (in
 the signed ``started``, inside CurveZMQ unless ``--insecure-plaintext``), with where the
-executor listens. The notebook connects there, sends the ticket, then the buffer frames,
-each sealed with AES-256-GCM::
+executor listens. The ticket itself never crosses the data connection::
 
-    key     = HMAC-SHA256(shared key, "lan2gpu data 1" | cell id | ticket)
-    ticket  = b"L2GD" | 32 random bytes                  (first, in clear)
-    record  = length (4 bytes, big-endian) | ciphertext | tag (16 bytes)
-    nonce   = direction (4 bytes) | record number (8 bytes, big-endian)
+    executor -> notebook   challenge: 32 random bytes, fresh for every connection
+    notebook -> executor   b"L2GD" | HMAC-SHA256(ticket, "lan2gpu hello 1" | challenge)
+    then, both ways        records: length (4 bytes, big-endian) | ciphertext | tag (16)
+
+    key     = HMAC-SHA256(shared key, "lan2gpu data 1" | cell id | ticket)  (AES-256-GCM)
+    nonce   = direction ("up" inputs, "down" the result) | record number (8 bytes)
     AAD     = the length field
 
-The key never travels: it is derived on both ends from the shared key, so a peer that
-sniffs the ticket still cannot make a record that opens. A flipped bit, a reordered,
-dropped or replayed record (another cell's stream is under another key), a stream cut
-short: each fails its tag or its count, and the cell is answered with an error; nothing
-is unpickled. A peer that connects without the ticket is closed after reading its
-36 bytes; one with the ticket but not the key, after its first record (into a reused
-buffer of at most :data:`MAX_RECORD` bytes), and the listener goes on waiting for the
-real notebook. Queued cells hold no bulk memory on the worker: it comes once the cell
-runs, straight into the executor's pre-faulted receive pool.
+Only who holds the ticket answers a challenge, so a peer that recorded another
+connection cannot replay its way in; only who holds the shared key and the ticket
+derives the key, so no record opens for anyone else, and under per-user keys
+(``--encrypt``) another user's holder of the shared key cannot read a cell's arrays
+either. A flipped bit, a reordered, dropped or replayed record (another cell's stream is
+under another key), a stream cut short: each fails its tag or its count, and the cell is
+answered with an error; nothing is unpickled. While a cell waits for its notebook the
+executor takes every connection at once: each gets its challenge and
+:data:`HELLO_WAIT` seconds to answer, at most :data:`PENDING` of them are kept, and each
+costs 36 bytes, so a peer that connects and idles (or floods) delays nobody for long and
+makes the executor hold nothing. Queued cells hold no bulk memory on the worker: it
+comes once the cell runs, straight into the executor's pre-faulted receive pool.
 
-The bytes are not hashed again on arrival: every byte is authenticated by the tag, under
-a key only holders of the shared key can derive, and the sender's BLAKE3 digests stay
-the cache key. (Re-hashing 64 MiB costs ~10 ms here; opening it ~8 ms.)
+The bytes are not hashed again on arrival: every byte is authenticated by the tag, and
+the sender's BLAKE3 digests stay the cache key. (Re-hashing 64 MiB costs ~10 ms here;
+opening it ~8 ms.)
 
 Sealing and sending run on two threads (both release the GIL), as do receiving and
 opening, so the cipher overlaps the socket copy.
@@ -37,7 +41,9 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import logging
 import os
+import selectors
 import socket
 import struct
 import threading
@@ -53,19 +59,23 @@ from .errors import AuthenticationError, MessageRejected, TransportError
 from .messages import Buffer
 from .wire import CHUNK, Incoming
 
+log = logging.getLogger(__name__)
+
 # Messages whose buffers add up to this go on the data connection: it costs the wait
 # for "started" and a connect (~0.3 ms here), far less than the hop it saves.
 DIRECT_MIN: Final = 1 << 20
 TICKET_MAGIC: Final = b"L2GD"
 TICKET_BYTES: Final = 32
+CHALLENGE_BYTES: Final = 32
+HELLO_WAIT: Final = 5.0  # seconds a new connection has to answer its challenge
+PENDING: Final = 16  # connections answering a challenge at once; the oldest goes first
 _TAG: Final = 16
 _LENGTH: Final = struct.Struct(">I")
 # Raw chunks are CHUNK bytes; an LZ4 chunk of incompressible data is a little more.
 MAX_RECORD: Final = CHUNK + CHUNK // 100 + 4096
 UP: Final = b"up\x00\x00"  # notebook -> executor: the inputs
 DOWN: Final = b"down"  # executor -> notebook: the result, on the same connection
-IDLE: Final = 60.0  # seconds a connected peer may send nothing before it is dropped
-TICKET_WAIT: Final = 2.0  # ...before its ticket is in (the notebook sends it at once)
+IDLE: Final = 60.0  # seconds an admitted peer may send nothing before it is dropped
 _SOCKET_BUFFER: Final = 4 << 20
 
 
@@ -76,6 +86,18 @@ def new_ticket() -> bytes:
 def cell_key(key: bytes, cell: str, ticket: bytes) -> AESGCM:
     """The AES-256-GCM key of one cell's stream (derived, never sent)."""
     return AESGCM(hmac.digest(key, b"lan2gpu data 1" + cell.encode() + ticket, "sha256"))
+
+
+def hello(ticket: bytes, challenge: bytes) -> bytes:
+    """The notebook's answer to a connection's challenge: it holds the ticket."""
+    return TICKET_MAGIC + hmac.digest(ticket, b"lan2gpu hello 1" + challenge, "sha256")
+
+
+def answer_challenge(sock: socket.socket, ticket: bytes) -> None:
+    """The notebook's side of admission, on a connection just opened."""
+    challenge = memoryview(bytearray(CHALLENGE_BYTES))
+    _recv_exactly(sock, challenge)
+    sock.sendall(hello(ticket, bytes(challenge)))
 
 
 def _nonce(direction: bytes, n: int) -> bytes:
@@ -115,8 +137,13 @@ def _tune(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SOCKET_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _SOCKET_BUFFER)
     if sock.family != socket.AF_UNIX:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # Idle while its cell runs: kept alive through NAT and stateful firewalls.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
 
 
 def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
@@ -136,18 +163,14 @@ def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
 def send_frames(
     sock: socket.socket,
     aead: AESGCM,
-    ticket: bytes,
     frames: Sequence[Buffer],
     *,
     direction: bytes = UP,
     stop: Callable[[], bool] = lambda: False,
 ) -> bool:
-    """Send ``ticket`` (unless empty: the result, on a connection already admitted),
-    then ``frames`` sealed, in order; whether all went. Sealing runs on a helper thread
-    one record ahead of the socket. ``stop()`` is asked between records: true ends
-    the stream short (the receiver then answers the cell with an error)."""
-    if ticket:
-        sock.sendall(TICKET_MAGIC + ticket)
+    """Send ``frames`` sealed, in order, on an admitted connection; whether all went.
+    Sealing runs on a helper thread one record ahead of the socket. ``stop()`` is asked
+    between records: true ends the stream there (the connection stays open)."""
     sealed: Queue[memoryview | BaseException | None] = Queue(maxsize=2)
     spare: Queue[bytearray] = Queue()
     for _ in range(3):
@@ -194,36 +217,17 @@ def send_frames(
 # -- receiving (the executor) ------------------------------------------------------
 
 
-_END: Final = object()
-
-
 def receive_frames(
     sock: socket.socket, aead: AESGCM, incoming: Incoming, direction: bytes = UP
-) -> bool:
-    """Read sealed records into ``incoming``'s targets (its final buffers), in order.
-
-    The first record is opened before anything is given to ``incoming``: a peer that
-    cannot seal one (it lacks the key) leaves it untouched, and False comes back.
-    The rest are opened on a helper thread one record behind the socket; any that
-    fails raises :class:`AuthenticationError`."""
-    targets = incoming.targets()
-    first = next(targets, _END)
-    if first is _END:
-        return True
-    scratch = memoryview(bytearray(MAX_RECORD + _TAG))
-    try:
-        sealed, plain = _read_record(sock, scratch, first, 0)  # type: ignore[arg-type]
-    except MessageRejected:  # not even the length of what is due: not a notebook
-        return False
-    try:
-        _open(aead, direction, 0, sealed, plain)
-    except InvalidTag:
-        return False
-    _hand_over(incoming, plain, first is None)
-    opened: Queue[tuple[int, memoryview, memoryview, memoryview] | None] = Queue(maxsize=2)
+) -> None:
+    """Read sealed records into ``incoming``'s targets (its final buffers), in order;
+    any that does not open raises :class:`AuthenticationError`. Opening runs on a
+    helper thread one record behind the socket; only this thread touches ``incoming``."""
+    # Two record buffers: one filling from the socket while the other opens.
     spare: Queue[memoryview] = Queue()
-    for buf in (scratch, memoryview(bytearray(MAX_RECORD + _TAG))):
-        spare.put(buf)
+    for _ in range(2):
+        spare.put(memoryview(bytearray(4 + MAX_RECORD + _TAG)))
+    opened: Queue[tuple[int, memoryview, memoryview, memoryview] | None] = Queue()
     failure: list[BaseException] = []
 
     def open_records() -> None:
@@ -247,24 +251,26 @@ def receive_frames(
             spare.put(buf)
 
     opener = threading.Thread(target=open_records, name="lan2gpu-open", daemon=True)
-    opener.start()
+    broke: BaseException | None = None
     try:
-        for n, target in enumerate(targets, 1):
+        opener.start()
+        for n, target in enumerate(incoming.targets()):
             buf = spare.get()
             if failure:
                 break
             sealed, plain = _read_record(sock, buf, target, n)
             _hand_over(incoming, plain, target is None)
             opened.put((n, buf, sealed, plain))
-    except (TransportError, OSError):
-        if not failure:
-            raise
+    except (TransportError, OSError) as exc:
+        broke = exc  # raised below, unless a record before the break did not open
     finally:
-        opened.put(None)
-        opener.join()
+        opened.put(None)  # never blocks: the queue is unbounded, the buffers bound it
+        if opener.is_alive():
+            opener.join()
     if failure:
         raise failure[0]
-    return True
+    if broke is not None:
+        raise broke
 
 
 def _read_record(
@@ -299,15 +305,32 @@ def _hand_over(incoming: Incoming, plain: memoryview, compressed: bool) -> None:
         incoming.received(plain.nbytes)
 
 
-def _has_ticket(conn: socket.socket, expected: bytes) -> bool:
-    """Whether the peer's first bytes, in within :data:`TICKET_WAIT`, are ``expected``."""
-    got = bytearray(len(expected))
-    conn.settimeout(TICKET_WAIT)
-    try:
-        _recv_exactly(conn, memoryview(got))
-    except (TimeoutError, TransportError, OSError):
-        return False
-    return hmac.compare_digest(bytes(got), expected)
+class _Candidate:
+    """A connection that has its challenge and has not answered yet."""
+
+    def __init__(self, conn: socket.socket, ticket: bytes) -> None:
+        self.conn = conn
+        self.deadline = time.monotonic() + HELLO_WAIT
+        challenge = os.urandom(CHALLENGE_BYTES)
+        self.expected = hello(ticket, challenge)
+        self.got = bytearray()
+        conn.setblocking(False)
+        conn.send(challenge)  # 32 bytes into an empty send buffer: never short
+
+    def read(self) -> bool | None:
+        """True: it answered; False: it answered wrong or went; None: not yet."""
+        try:
+            chunk = self.conn.recv(len(self.expected) - len(self.got))
+        except BlockingIOError:
+            return None
+        except OSError:
+            return False
+        if not chunk:
+            return False
+        self.got += chunk
+        if len(self.got) < len(self.expected):
+            return None
+        return hmac.compare_digest(bytes(self.got), self.expected)
 
 
 class DataListener:
@@ -335,40 +358,89 @@ class DataListener:
     def receive(
         self, cell: str, ticket: bytes, aead: AESGCM, incoming: Incoming, *, wait: float
     ) -> socket.socket:
-        """Accept connections until one brings ``ticket`` and a stream that opens with
-        ``aead``; read it into ``incoming``; return that connection (the caller's to
-        close: the result goes back on it). Raises :class:`TransportError` when no such
-        peer came within ``wait`` seconds or its stream broke off."""
+        """Admit the notebook that holds ``ticket`` (within ``wait`` seconds), read the
+        cell's records from it into ``incoming``, and return the connection (the
+        caller's to close: the result goes back on it). Raises
+        :class:`TransportError` when no notebook came or its stream broke off, and
+        :class:`AuthenticationError` when a record does not open."""
+        conn = self._admit(cell, ticket, wait)
+        try:
+            conn.settimeout(IDLE)
+            _tune(conn)
+            receive_frames(conn, aead, incoming)
+        except TimeoutError:
+            conn.close()
+            raise TransportError(
+                f"the inputs of cell {cell[:8]} stopped arriving (nothing for {IDLE:g} s "
+                "on the data connection)"
+            ) from None
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _admit(self, cell: str, ticket: bytes, wait: float) -> socket.socket:
+        """The first connection that answers its challenge; every other one is closed.
+        All are taken as they come, so one that idles holds up nobody."""
         deadline = time.monotonic() + wait
-        expected = TICKET_MAGIC + ticket
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TransportError(
-                    f"the notebook did not send the inputs of cell {cell[:8]} within "
-                    f"{wait:g} s of its start (it could not reach this worker's data port?)"
-                )
-            self.sock.settimeout(left)
+        pending: dict[int, _Candidate] = {}
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.sock, selectors.EVENT_READ)
+            self.sock.setblocking(False)
             try:
-                conn, _ = self.sock.accept()
-            except TimeoutError:
-                continue
-            try:
-                if _has_ticket(conn, expected):
-                    conn.settimeout(IDLE)
-                    _tune(conn)
-                    if receive_frames(conn, aead, incoming):
-                        return conn
-            except TimeoutError:
-                conn.close()
-                raise TransportError(
-                    f"the inputs of cell {cell[:8]} stopped arriving (nothing for "
-                    f"{IDLE:g} s on the data connection)"
-                ) from None
-            except BaseException:
-                conn.close()
-                raise
-            conn.close()  # not the notebook this cell is for: the next one may be
+                while (left := deadline - time.monotonic()) > 0:
+                    soonest = min((c.deadline for c in pending.values()), default=deadline)
+                    for key, _ in selector.select(max(0.0, min(left, soonest - time.monotonic()))):
+                        if key.fileobj is self.sock:
+                            self._take(selector, pending, ticket)
+                            continue
+                        candidate = pending[key.fd]
+                        verdict = candidate.read()
+                        if verdict is None:
+                            continue
+                        selector.unregister(candidate.conn)
+                        del pending[key.fd]
+                        if verdict:
+                            candidate.conn.setblocking(True)
+                            return candidate.conn
+                        candidate.conn.close()
+                    now = time.monotonic()
+                    for fd, candidate in list(pending.items()):
+                        if candidate.deadline <= now:  # too slow to answer: not the notebook
+                            selector.unregister(candidate.conn)
+                            candidate.conn.close()
+                            del pending[fd]
+            finally:
+                for candidate in pending.values():
+                    candidate.conn.close()
+                self.sock.setblocking(True)
+        raise TransportError(
+            f"the notebook did not send the inputs of cell {cell[:8]} within {wait:g} s of "
+            "its start (it could not reach this worker's data port?)"
+        )
+
+    def _take(
+        self, selector: selectors.BaseSelector, pending: dict[int, _Candidate], ticket: bytes
+    ) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # e.g. out of file descriptors: the notebook may come next
+            log.warning("data connection not accepted: %s", exc)
+            return
+        try:
+            candidate = _Candidate(conn, ticket)
+        except OSError:
+            conn.close()
+            return
+        if len(pending) >= PENDING:  # the oldest gives way
+            fd, oldest = next(iter(pending.items()))
+            selector.unregister(oldest.conn)
+            oldest.conn.close()
+            del pending[fd]
+        pending[conn.fileno()] = candidate
+        selector.register(conn, selectors.EVENT_READ)
 
     def close(self) -> None:
         self.sock.close()

@@ -17,6 +17,12 @@ frame of one never-ending message, which libzmq holds until the last one: the
 CurveZMQ handshake, on by default, shuts such a peer out before its first
 frame; ``--insecure-plaintext`` gives that up.)
 
+A *direct* message (``"direct": true`` in the signed header: a large cell's request,
+and its result) declares its buffers but does not carry them: its frames travel on the
+cell's data connection, each sealed with AES-256-GCM (datapath.py), and are not hashed
+again on arrival (the tag authenticates every byte). A direct message with buffer frames
+on the socket is rejected, so no buffer ever skips both checks.
+
 The header stays small whatever a message carries. When its content and buffer
 list would pass :data:`SPILL_BYTES` (a cell that binds ten thousand names, or
 returns thirty thousand arrays, or has megabytes of source), they travel in an
