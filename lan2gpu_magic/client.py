@@ -327,6 +327,8 @@ class Client:
                     # The second Ctrl-C may have landed inside a multipart receive.
                     with contextlib.suppress(Lan2GPUError):
                         conn.reset()
+                if isinstance(exc, DataPortUnreachable) and interrupted.requested():
+                    raise Interrupted(False) from None  # not sent again: Ctrl-C meant stop
                 raise
         if wait.cancelled:
             if reply.content.get("session_lost"):

@@ -120,6 +120,8 @@ class Executor:
         _route_display(self.runner.display)
         self._main_sending = False  # the main thread is inside send_multipart
         self._receiving = False  # the main thread waits for a cell's direct data
+        self._expecting = False  # a direct cell was handed over: its wait is about to begin
+        self._early: type[BaseException] | None = None  # a signal for it, meanwhile
         # The running cell's data connection: its result's buffers go back on it.
         self._data: tuple[str, socket.socket, AESGCM] | None = None
         self._deferred: type[BaseException] | None = None
@@ -151,9 +153,13 @@ class Executor:
     def _interrupt(self, signum: int, frame: FrameType | None) -> None:
         # Only user code (or the wait for its inputs) is interrupted; a late signal
         # after the cell ended is dropped.
+        exc = KeyboardInterrupt if signum == signal.SIGINT else TimeoutInterrupt
+        if self._expecting and not self._receiving:
+            # A direct cell's, before its wait began (reading its request): kept for it.
+            self._early = exc
+            return
         if not (self.runner.armed or self._receiving):
             return
-        exc = KeyboardInterrupt if signum == signal.SIGINT else TimeoutInterrupt
         if self._main_sending:
             # Raising here would cut a multipart message in two: raise after it.
             self._deferred = exc
@@ -170,7 +176,8 @@ class Executor:
             ready = {"pid": os.getpid(), "data": data}
             self.sock.send_multipart([b"ready", json.dumps(ready).encode()])
         while True:
-            self._receiving = False  # also after a signal that cut its reset short
+            self._receiving = self._expecting = False  # also after a signal cut a reset short
+            self._early = None
             if not self.sock.poll(int(IDLE_RELEASE * 1000)):
                 # Idle: the pool's free pieces and the freed heap go back to the system.
                 buffer_pool.current().release_free()
@@ -184,6 +191,7 @@ class Executor:
                 drain(self.sock)
                 continue
             control: dict[str, Any] = json.loads(self.sock.recv())
+            self._expecting = bool(control.get("ticket"))
             # Into each buffer's final memory: the cell's arrays are built on it.
             got = recv_start(self.sock, self.wire, trusted_hop=True)
             msg = self._receive_direct(got, control) if isinstance(got, Incoming) else got
@@ -204,6 +212,7 @@ class Executor:
         skeleton = incoming.skeleton()
         client = str(control["client"])
         cell = str(skeleton.content.get("request") or skeleton.id)
+        conn: socket.socket | None = None
         try:
             ticket = bytes.fromhex(str(control.get("ticket", "")))
             if self.listener is None or len(ticket) != datapath.TICKET_BYTES:
@@ -211,15 +220,13 @@ class Executor:
             aead = datapath.cell_key(self.wire.key, cell, ticket)
             self._receiving = True
             try:
+                if self._early is not None:  # cancelled while its request was read
+                    raise self._early
                 conn = self.listener.receive(cell, ticket, aead, incoming, wait=DATA_WAIT)
             finally:
-                self._receiving = False
-            try:
-                msg = incoming.finish()
-            except BaseException:
-                conn.close()
-                raise
-            self._data = (cell, conn, aead)
+                self._receiving = self._expecting = False
+            msg = incoming.finish()
+            self._data, conn = (cell, conn, aead), None
             return msg
         except (KeyboardInterrupt, TimeoutInterrupt) as exc:
             timeout = isinstance(exc, TimeoutInterrupt)
@@ -231,6 +238,12 @@ class Executor:
         except (ProtocolError, TransportError, OSError) as exc:
             log.warning("cell %s: its inputs did not arrive: %s", cell[:8], exc)
             self.runner.fail(skeleton, client, exc)
+        except Exception as exc:  # a bug here must answer the cell, not end the session
+            log.exception("cell %s: cannot receive its inputs", cell[:8])
+            self.runner.fail(skeleton, client, exc)
+        finally:
+            if conn is not None:  # not handed over: nobody else will close it
+                conn.close()
         return None
 
     def _close_data(self) -> None:

@@ -55,7 +55,7 @@ from typing import Final
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .errors import AuthenticationError, MessageRejected, TransportError
+from .errors import AuthenticationError, MessageRejected, ProtocolError, TransportError
 from .messages import Buffer
 from .wire import CHUNK, Incoming
 
@@ -140,10 +140,12 @@ def _tune(sock: socket.socket) -> None:
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # Idle while its cell runs: kept alive through NAT and stateful firewalls.
+            # Probes from 60 s idle, given up after 3 more minutes of silence: longer
+            # than a worker's --stall-grace, as a laptop that sleeps a moment needs.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 60)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 30)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 6)
 
 
 def _recv_exactly(sock: socket.socket, view: memoryview) -> None:
@@ -261,7 +263,7 @@ def receive_frames(
             sealed, plain = _read_record(sock, buf, target, n)
             _hand_over(incoming, plain, target is None)
             opened.put((n, buf, sealed, plain))
-    except (TransportError, OSError) as exc:
+    except (TransportError, ProtocolError, OSError) as exc:
         broke = exc  # raised below, unless a record before the break did not open
     finally:
         opened.put(None)  # never blocks: the queue is unbounded, the buffers bound it
@@ -363,21 +365,22 @@ class DataListener:
         caller's to close: the result goes back on it). Raises
         :class:`TransportError` when no notebook came or its stream broke off, and
         :class:`AuthenticationError` when a record does not open."""
-        conn = self._admit(cell, ticket, wait)
+        conn: socket.socket | None = None
         try:
+            conn = self._admit(cell, ticket, wait)
             conn.settimeout(IDLE)
             _tune(conn)
             receive_frames(conn, aead, incoming)
+            admitted, conn = conn, None
+            return admitted
         except TimeoutError:
-            conn.close()
             raise TransportError(
                 f"the inputs of cell {cell[:8]} stopped arriving (nothing for {IDLE:g} s "
                 "on the data connection)"
             ) from None
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        finally:
+            if conn is not None:
+                conn.close()
 
     def _admit(self, cell: str, ticket: bytes, wait: float) -> socket.socket:
         """The first connection that answers its challenge; every other one is closed.
@@ -394,15 +397,19 @@ class DataListener:
                         if key.fileobj is self.sock:
                             self._take(selector, pending, ticket)
                             continue
-                        candidate = pending[key.fd]
+                        candidate = pending.get(key.fd)
+                        if candidate is None or candidate.conn is not key.fileobj:
+                            continue  # closed by an earlier event of this same batch
                         verdict = candidate.read()
                         if verdict is None:
                             continue
+                        if verdict:  # left in pending until returned: closed if not
+                            candidate.conn.setblocking(True)
+                            winner = pending.pop(key.fd)
+                            selector.unregister(winner.conn)
+                            return winner.conn
                         selector.unregister(candidate.conn)
                         del pending[key.fd]
-                        if verdict:
-                            candidate.conn.setblocking(True)
-                            return candidate.conn
                         candidate.conn.close()
                     now = time.monotonic()
                     for fd, candidate in list(pending.items()):
@@ -428,19 +435,22 @@ class DataListener:
             return
         except OSError as exc:  # e.g. out of file descriptors: the notebook may come next
             log.warning("data connection not accepted: %s", exc)
+            time.sleep(0.1)  # the listener stays readable meanwhile: no busy loop
             return
         try:
+            if len(pending) >= PENDING:  # the oldest gives way
+                fd, oldest = next(iter(pending.items()))
+                selector.unregister(oldest.conn)
+                oldest.conn.close()
+                del pending[fd]
             candidate = _Candidate(conn, ticket)
+            selector.register(conn, selectors.EVENT_READ)
+            pending[conn.fileno()] = candidate
         except OSError:
             conn.close()
-            return
-        if len(pending) >= PENDING:  # the oldest gives way
-            fd, oldest = next(iter(pending.items()))
-            selector.unregister(oldest.conn)
-            oldest.conn.close()
-            del pending[fd]
-        pending[conn.fileno()] = candidate
-        selector.register(conn, selectors.EVENT_READ)
+        except BaseException:
+            conn.close()
+            raise
 
     def close(self) -> None:
         self.sock.close()
