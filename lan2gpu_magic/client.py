@@ -363,7 +363,7 @@ class Client:
             for kind, content in step.shown:
                 handlers.show(kind, content)
             if step.upload is not None and data and link is None:  # once: a resent "started"
-                cell = str(wait.request.content.get("request") or wait.request.id)
+                cell = wait.request.request
                 link = DataLink.open(self.info.name, self.address, conn.key, cell, step.upload)
                 link.send(data, flag.requested)
                 wait.sent_inputs(self._clock())
@@ -395,8 +395,7 @@ class Client:
                     do(step)
                     if step.result is not None and step.result.arriving is not None:
                         # Its buffers come on the data connection, right behind it.
-                        link = link or DataLink.gone()
-                        return link.receive(step.result, self.info.name)
+                        return DataLink.receive_on(link, step.result, self.info.name)
                     if step.result is not None:
                         return step.result
                 do(wait.tick(now, conn.link_up))

@@ -38,14 +38,9 @@ class DataPortUnreachable(Exception):
 class DataLink:
     """One cell's data connection: inputs out, the result's buffers in."""
 
-    def __init__(self, sock: socket.socket | None, aead: AESGCM | None, where: str) -> None:
-        self.sock = sock
+    def __init__(self, sock: socket.socket, aead: AESGCM, where: str) -> None:
+        self.sock: socket.socket | None = sock  # None once closed
         self._aead, self.where = aead, where
-
-    @classmethod
-    def gone(cls) -> DataLink:
-        """A link that never opened (a result refetched, or sent again after a reconnect)."""
-        return cls(None, None, "")
 
     @classmethod
     def open(
@@ -86,7 +81,7 @@ class DataLink:
         the cell (it died, or its inputs were cut short), and that answer says more.
         ``stop()`` (a Ctrl-C) ends the stream early with the connection left open: the
         cancel that follows is what the executor answers."""
-        if self.sock is None or self._aead is None:
+        if self.sock is None:
             return
         try:
             datapath.send_frames(self.sock, self._aead, frames, stop=stop)
@@ -94,17 +89,19 @@ class DataLink:
             log.debug("the data connection %s broke while sending: %s", self.where, exc)
             self.close()
 
-    def receive(self, reply: Message, worker: str) -> Message:
-        """``reply`` (a result whose buffers come on this connection) with its buffers."""
+    @staticmethod
+    def receive_on(link: DataLink | None, reply: Message, worker: str) -> Message:
+        """``reply`` (a result whose buffers come on the cell's data connection) with its
+        buffers, read from ``link`` (None: it never opened, e.g. a cell sent again)."""
         incoming = reply.arriving
-        if self.sock is None or self._aead is None or incoming is None:
+        if link is None or link.sock is None or incoming is None:
             raise WorkerLost(
                 f"the result's arrays were to come from worker {worker} on the cell's data "
                 "connection, which is closed; run the cell again",
                 gone=False,
             )
         try:
-            datapath.receive_frames(self.sock, self._aead, incoming, datapath.DOWN)
+            datapath.receive_frames(link.sock, link._aead, incoming, datapath.DOWN)
             return incoming.finish()  # type: ignore[no-any-return]
         except AuthenticationError as exc:
             raise AuthenticationError(f"the result's arrays from worker {worker}: {exc}") from None
@@ -115,7 +112,7 @@ class DataLink:
                 gone=False,
             ) from None
         finally:
-            self.close()
+            link.close()
 
     def close(self) -> None:
         if self.sock is not None:

@@ -196,13 +196,13 @@ class Dispatcher:
             ANNOUNCE_AFTER, lambda: self._spawn(self.announce(cell))
         )
         started: dict[str, Any] = {"gpus": cell.gpus, "pid": handle.pid}
-        ticket = ""
         if cell.direct:
             # Its notebook is told where to send the inputs, and with what ticket.
-            ticket = datapath.new_ticket().hex()
-            cell.data = started["data"] = {"endpoint": handle.data, "ticket": ticket}
+            data = {"endpoint": handle.data, "ticket": datapath.new_ticket().hex()}
+            cell.data = started["data"] = data
         cell.announce = (started, timer)
         try:
+            ticket = cell.data["ticket"] if cell.data else ""
             await self.pool.send_exec(handle, cell.client, cell.frames, ticket)
             cell.frames = []  # libzmq holds them until sent; the cell no longer needs them
             self.relayed_big |= not cell.direct and cell.nbytes >= _BIG
@@ -215,7 +215,7 @@ class Dispatcher:
         if cell.timeout:
             queued = (cell.dequeued or cell.received) - cell.received
             cell.timers.append(self._time_out_in(cell, max(0.0, cell.timeout - queued)))
-        if ticket:
+        if cell.data:
             await self.announce(cell)  # at once: the inputs come when it is told
 
     async def announce(self, cell: Cell) -> None:

@@ -297,9 +297,8 @@ class CellRunner:
 
     def answer(self, msg: Message, client: str, content: ResultContent) -> None:
         """Send ``content`` as the result of the cell in ``msg``, which did not run."""
-        parent = str(msg.content.get("request") or msg.id)
         reply = Message(
-            kind=RESULT, content=dict(content), session=msg.session, parent=parent, to=client
+            kind=RESULT, content=dict(content), session=msg.session, parent=msg.request, to=client
         )
         self.send(reply)
 

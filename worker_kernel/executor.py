@@ -211,7 +211,7 @@ class Executor:
         None when they did not come (the cell is answered with why)."""
         skeleton = incoming.skeleton()
         client = str(control["client"])
-        cell = str(skeleton.content.get("request") or skeleton.id)
+        cell = skeleton.request
         conn: socket.socket | None = None
         try:
             ticket = bytes.fromhex(str(control.get("ticket", "")))

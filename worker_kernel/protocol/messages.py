@@ -116,6 +116,11 @@ class Message:
     arriving: Any = None
 
     @property
+    def request(self) -> str:
+        """The cell an ``execute`` asks for: its request id (kept by a retry), or its id."""
+        return str(self.content.get("request") or self.id)
+
+    @property
     def nbytes(self) -> int:
         """Total size of the buffers."""
         return sum(memoryview(b).nbytes for b in self.buffers) or self.declared_bytes
