@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from worker_kernel.protocol import buffer_pool
 from worker_kernel.protocol.messages import Buffer
 from worker_kernel.protocol.refs import MIN_BYTES
 from worker_kernel.protocol.wire import digest
@@ -57,10 +58,20 @@ def local_buffers(names: Iterable[str], namespace: Mapping[str, Any]) -> dict[st
 
 
 def copy_of(buffers: Mapping[str, Buffer]) -> Callable[[str], Buffer | None]:
-    """Resolve a reference to a fresh, writable copy of a local buffer."""
+    """Resolve a reference to a writable copy of a local buffer, made in this
+    process's buffer pool where it has room: a 512 MiB ``bytearray`` faulted in
+    131,000 fresh pages on every unchanged run (0.5 s here), the pool's pages are
+    resident from the cell before."""
 
     def resolve(checksum: str) -> Buffer | None:
         found = buffers.get(checksum)
-        return bytearray(found) if found is not None else None
+        if found is None:
+            return None
+        source = memoryview(found).cast("B")
+        piece = buffer_pool.take(source.nbytes)
+        if piece is None:
+            return bytearray(source)
+        piece[:] = source
+        return piece
 
     return resolve

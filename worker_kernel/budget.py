@@ -21,14 +21,14 @@ budget).
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import resource
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 SLACK = 64 << 20  # an executor may always allocate this much (to answer its cell)
-_FIELD = re.compile(r"^(VmData|RssAnon|RssShmem):\s+(\d+) kB", re.MULTILINE)
+_FIELD = re.compile(rb"^(VmData|RssAnon|RssShmem):\s+(\d+) kB", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -38,11 +38,18 @@ class Usage:
 
 
 def usage(pid: int) -> Usage | None:
+    # Read after every cell: os.read, not Path.read_text (5x slower, measured).
     try:
-        text = Path(f"/proc/{pid}/status").read_text()
+        fd = os.open(f"/proc/{pid}/status", os.O_RDONLY)
     except OSError:
         return None  # ended, or no /proc
-    fields = {name: int(kb) * 1024 for name, kb in _FIELD.findall(text)}
+    try:
+        text = os.read(fd, 16384)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    fields = {name.decode(): int(kb) * 1024 for name, kb in _FIELD.findall(text)}
     if "VmData" not in fields or "RssAnon" not in fields:
         return None
     return Usage(fields["VmData"], fields["RssAnon"] + fields.get("RssShmem", 0))

@@ -83,7 +83,8 @@ class Dispatcher:
             self.busy |= set(cell.resources)
             self.running[cell.id] = cell
             self._spawn(self._start(cell))
-        self._spawn(self.report_positions())
+        if self.queue.cells():  # positions are only ever those of waiting cells
+            self._spawn(self.report_positions())
 
     def _slots_in_use(self) -> set[Slot]:
         """(session, resources) of every waiting and running cell: their executors stay."""
@@ -316,17 +317,18 @@ class Dispatcher:
             timer.cancel()
         self.cells.pop(cell.id, None)
         self.journal.record(cell, status, stats)
-        log.info(
-            "cell %s session %s client %s on %s: %s, %s in, %s out, %.2f s",
-            cell.id[:8],
-            cell.session[:24],
-            cell.client[:8],
-            "+".join(cell.resources),
-            status,
-            binary_size(cell.nbytes),
-            binary_size(float(stats.get("bytes_out", 0))),
-            time.monotonic() - (cell.started or cell.received),
-        )
+        if log.isEnabledFor(logging.INFO):  # its arguments cost more than the rest of done()
+            log.info(
+                "cell %s session %s client %s on %s: %s, %s in, %s out, %.2f s",
+                cell.id[:8],
+                cell.session[:24],
+                cell.client[:8],
+                "+".join(cell.resources),
+                status,
+                binary_size(cell.nbytes),
+                binary_size(float(stats.get("bytes_out", 0))),
+                time.monotonic() - (cell.started or cell.received),
+            )
         if self.running.pop(cell.id, None) is not None:
             self.busy -= set(cell.resources)
         self.pool.rebudget()  # what the cell left behind moves every cap (budget.py)

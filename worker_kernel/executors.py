@@ -134,6 +134,9 @@ class ExecutorPool:
         ``keep`` and ``starved`` say which one may be stopped to make room (:meth:`evictable`)."""
         while True:
             handle = self._by_slot.get((session, resources))
+            if handle is not None and _started(handle):  # the hot path: no wait, no task
+                handle.last_used = time.monotonic()
+                return handle
             if handle is None or handle.stopping:
                 handle = await self._spawn(session, resources, keep, starved)
             try:
@@ -353,3 +356,9 @@ class ExecutorPool:
             await asyncio.gather(*self._watchers, return_exceptions=True)
         self.sock.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _started(handle: ExecutorHandle) -> bool:
+    """Started and serving: a cell can be handed to it without waiting."""
+    ready = handle.ready
+    return not handle.stopping and ready.done() and not ready.cancelled() and not ready.exception()

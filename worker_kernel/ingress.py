@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from typing import Any
+from typing import Any, cast
 
 import zmq.asyncio
 
@@ -28,6 +28,7 @@ from .protocol.wire import Wire, peek
 log = logging.getLogger(__name__)
 
 _THREAD_DECODE_FRAMES = 8  # hash messages with several 1 MiB frames off the event loop
+_YIELD_EVERY = 4  # messages in a row without giving the event loop's other tasks a turn
 _TRIM_AFTER = 64 << 20  # a rejected message this large: give its memory back at once
 
 
@@ -47,11 +48,15 @@ class Ingress:
         self.wire = wire
         self.rejections = rejections
         self.worker = worker
+        self._unyielded = 0  # messages taken in a row without yielding to the loop
 
     async def next(self) -> tuple[bytes, Message, list[Any]]:
         """The next verified message: its sender's routing id, the message, its frames."""
         while True:
-            frames = await self.sock.recv_multipart(copy=False)
+            pending = cast("asyncio.Future[list[zmq.Frame]]", self.sock.recv_multipart(copy=False))
+            if not pending.done():
+                self._unyielded = 0  # this await yields: the others get their turn
+            frames = await pending
             rid, body = frames[0].bytes, [f.buffer for f in frames[1:]]
             # Verify only: the buffers are relayed to the executor as they came.
             if len(body) > _THREAD_DECODE_FRAMES:
@@ -59,8 +64,12 @@ class Ingress:
             else:
                 verified = verify(self.wire, body)
             # Fair to the other tasks (heartbeats, timers, executors) even when a
-            # flood keeps this socket always readable.
-            await asyncio.sleep(0)
+            # flood keeps this socket always readable: a message that was already
+            # there when asked for did not yield to them, so every few such, yield.
+            self._unyielded += 1
+            if self._unyielded >= _YIELD_EVERY:
+                self._unyielded = 0
+                await asyncio.sleep(0)
             if isinstance(verified, ProtocolError):
                 peer = f"{peer_address(frames[0])} ({rid.hex()[:8]})"
                 if self.rejections.note(peer, str(verified)):

@@ -92,3 +92,23 @@ def test_incompressible_chunks_still_fit_under_the_frame_cap():
     frames = Wire(KEY).encode(Message(kind=m.PING, buffers=[noise], codecs=["lz4"]))
     limit = Wire(KEY).limits.max_frame_bytes
     assert all(memoryview(f).nbytes <= limit for f in frames)
+
+
+def test_copies_of_unchanged_outputs_land_in_the_pool(monkeypatch):
+    # An unchanged 512 MiB output used to be copied into a fresh bytearray: 131,000
+    # page faults on every run. The copy goes to the pool's resident pages instead.
+    from worker_kernel.protocol import buffer_pool
+
+    pool = buffer_pool.BufferPool(4 * max(BIG, buffer_pool.POOLED_FROM))
+    monkeypatch.setattr(buffer_pool._Installed, "pool", pool)
+    a = np.random.default_rng(1).random(max(BIG, buffer_pool.POOLED_FROM) // 8)
+    found = local_buffers(["a"], {"a": a})
+    (checksum,) = found
+    copy = copy_of(found)(checksum)
+    assert copy is not None and pool.holds(copy) and bytes(copy) == a.tobytes()
+    copy[0] ^= 0xFF  # a copy, not a view of the notebook's array
+    assert bytes(copy) != a.tobytes()
+    held = [copy_of(found)(checksum) for _ in range(3)]  # the pool is full after these
+    assert all(c is not None and pool.holds(c) for c in held)
+    spill = copy_of(found)(checksum)
+    assert isinstance(spill, bytearray) and bytes(spill) == a.tobytes()
